@@ -45,7 +45,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     single = model_dir / SINGLE_FILE
     if single.is_file():
         return [single]
-    raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (not a safetensors checkpoint)")
+    raise CheckpointError(
+        f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (not a safetensors checkpoint)"
+    )
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from jlserve import __version__
-from jlserve.commands import delta_cmd, model_cmd
+from jlserve.commands import admin_cmd, delta_cmd, model_cmd, serve_cmd
 from jlserve.errors import JlserveError
 
-BUILTIN_COMMANDS = (model_cmd, delta_cmd)
+BUILTIN_COMMANDS = (model_cmd, delta_cmd, serve_cmd, admin_cmd)
 PLUGIN_GROUP = "jlserve.commands"
 
 
@@ -29,7 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     for module in BUILTIN_COMMANDS:
         module.register(subparsers)
     for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
-        entry_point.load()(subparsers)
+        try:
+            register = entry_point.load()
+        except ImportError as exc:  # a broken plug-in must not take the other commands down
+            print(
+                f"jlserve: warning: command {entry_point.name!r} unavailable ({exc})",
+                file=sys.stderr,
+            )
+            continue
+        register(subparsers)
     return parser
 
 

@@ -120,6 +120,14 @@ class SparseDelta:
     def nnz(self) -> int:
         return sum(c.nnz for c in self.changes.values())
 
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of tensor data (indices + old + new values), without the header."""
+        return sum(
+            (c.index.element_size() + c.old.element_size() + c.new.element_size()) * c.nnz
+            for c in self.changes.values()
+        )
+
     def to_bytes(self) -> bytes:
         tensors: dict[str, torch.Tensor] = {}
         for name, change in self.changes.items():
@@ -149,7 +157,9 @@ def read_delta(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Sparse
     return parse_delta(path.read_bytes(), source=str(path), max_bytes=max_bytes)
 
 
-def parse_delta(data: bytes, *, source: str = "<upload>", max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> SparseDelta:
+def parse_delta(
+    data: bytes, *, source: str = "<upload>", max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> SparseDelta:
     """Parse and fully validate delta bytes; every problem is a one-line DeltaFormatError."""
 
     def fail(problem: str) -> DeltaFormatError:
@@ -166,7 +176,9 @@ def parse_delta(data: bytes, *, source: str = "<upload>", max_bytes: int = DEFAU
         raise fail(f"not a valid safetensors file ({exc})") from None
 
     expected = {
-        name + suffix for name in metadata.params for suffix in (INDEX_SUFFIX, OLD_SUFFIX, NEW_SUFFIX)
+        name + suffix
+        for name in metadata.params
+        for suffix in (INDEX_SUFFIX, OLD_SUFFIX, NEW_SUFFIX)
     }
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
@@ -176,7 +188,8 @@ def parse_delta(data: bytes, *, source: str = "<upload>", max_bytes: int = DEFAU
         raise fail(f"tensor {missing[0]!r} declared in the metadata is missing")
 
     changes = {
-        name: _validated_change(name, spec, tensors, fail) for name, spec in sorted(metadata.params.items())
+        name: _validated_change(name, spec, tensors, fail)
+        for name, spec in sorted(metadata.params.items())
     }
     return SparseDelta(metadata=metadata, changes=changes)
 
@@ -195,6 +208,20 @@ def _read_header(data: bytes, fail) -> dict:
         raise fail("not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise fail("not a safetensors file (header is not a JSON object)")
+    try:
+        data_end = max(
+            (
+                int(entry["data_offsets"][1])
+                for key, entry in header.items()
+                if key != "__metadata__"
+            ),
+            default=0,
+        )
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise fail("not a safetensors file (tensor entries lack data_offsets)") from None
+    available = len(data) - 8 - header_len
+    if data_end > available:
+        raise fail(f"truncated file: tensors need {data_end} data bytes, file has {available}")
     return header
 
 
@@ -210,14 +237,18 @@ def _parse_metadata(header: dict, fail) -> DeltaMetadata:
         raise fail(f"bad metadata field '{where}': {err['msg']}") from None
 
 
-def _validated_change(name: str, spec: ParamSpec, tensors: dict[str, torch.Tensor], fail) -> ParamChange:
+def _validated_change(
+    name: str, spec: ParamSpec, tensors: dict[str, torch.Tensor], fail
+) -> ParamChange:
     index, old, new = (tensors[name + s] for s in (INDEX_SUFFIX, OLD_SUFFIX, NEW_SUFFIX))
     value_dtype = VALUE_DTYPES[spec.dtype]
     if index.dtype not in INDEX_DTYPES:
         raise fail(f"{name}: index dtype {dtype_name(index.dtype)}, expected int32 or int64")
     for role, values in (("old", old), ("new", new)):
         if values.dtype != value_dtype:
-            raise fail(f"{name}: {role} values are {dtype_name(values.dtype)}, metadata says {spec.dtype}")
+            raise fail(
+                f"{name}: {role} values are {dtype_name(values.dtype)}, metadata says {spec.dtype}"
+            )
     for role, t in (("index", index), ("old", old), ("new", new)):
         if t.dim() != 1 or t.numel() != spec.nnz:
             raise fail(f"{name}: {role} has shape {list(t.shape)}, expected [{spec.nnz}]")

@@ -61,7 +61,9 @@ def diff_tensors(
         if torch.equal(_bits(b), _bits(t)) if b.dtype in _BITS_DTYPE else torch.equal(b, t):
             continue
         if b.dtype not in _BITS_DTYPE:
-            raise DeltaMismatchError(f"{name}: changed, but dtype {dtype_name(b.dtype)} is not supported")
+            raise DeltaMismatchError(
+                f"{name}: changed, but dtype {dtype_name(b.dtype)} is not supported"
+            )
         flat_b, flat_t = b.reshape(-1), t.reshape(-1)
         index = (_bits(flat_b) != _bits(flat_t)).nonzero().squeeze(1)  # (nnz,) ascending
         changes[name] = ParamChange(
@@ -70,7 +72,9 @@ def diff_tensors(
             old=flat_b[index].clone(),
             new=flat_t[index].clone(),
         )
-        specs[name] = ParamSpec(shape=list(b.shape), dtype=dtype_name(b.dtype), nnz=int(index.numel()))
+        specs[name] = ParamSpec(
+            shape=list(b.shape), dtype=dtype_name(b.dtype), nnz=int(index.numel())
+        )
     metadata = DeltaMetadata(
         task=task,
         version=version,
@@ -135,7 +139,9 @@ def plan_update(
         index = change.index.long()
         flat = tensors[name].reshape(-1)
         if not torch.equal(_bits(flat[index]), _bits(values_from)):
-            raise DeltaMismatchError(f"{source}: {name}: values at the changed coordinates differ from the delta's")
+            raise DeltaMismatchError(
+                f"{source}: {name}: values at the changed coordinates differ from the delta's"
+            )
         updated = flat.clone()
         updated[index] = values_to
         changed[name] = updated.view(change.shape)

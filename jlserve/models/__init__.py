@@ -1,0 +1,1 @@
+"""Model checkpoints jlserve can build offline: the SmolLM2 default and tiny test models."""

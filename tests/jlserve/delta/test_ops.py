@@ -1,0 +1,84 @@
+"""diff / plan_update: exact, lineage-checked, reversible, non-mutating."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
+from jlserve.delta import diff_tensors, plan_update
+from jlserve.errors import DeltaMismatchError
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return load_tensors(tiny_model_dir)
+
+
+def perturbed(tensors, seed: int, density: float = 0.02):
+    """A 'task update': a sparse random change to every 2-D weight."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if t.dim() == 2:
+            mask = torch.rand(t.shape, generator=gen) < density
+            out[name] = torch.where(mask, t + torch.randn(t.shape, generator=gen).to(t.dtype), t)
+    return out
+
+
+def test_chain_of_deltas_reproduces_every_checkpoint_bit_for_bit(base):
+    versions = [base]
+    for seed in range(3):
+        versions.append(perturbed(versions[-1], seed))
+    deltas = [
+        diff_tensors(versions[k], versions[k + 1], task=f"t{k + 1}", version=k + 1)
+        for k in range(3)
+    ]
+    model, digests = dict(base), TensorDigests(base)
+    for k, delta in enumerate(deltas, start=1):
+        planned = plan_update(model, digests, delta)
+        model, digests = {**model, **planned.changed}, planned.digests
+        assert planned.fingerprint == fingerprint(versions[k]) == delta.metadata.child_fingerprint
+        assert all(torch.equal(model[n], versions[k][n]) for n in base)
+    for k in range(3, 0, -1):  # and back down to the base
+        planned = plan_update(model, digests, deltas[k - 1], reverse=True)
+        model, digests = {**model, **planned.changed}, planned.digests
+        assert all(torch.equal(model[n], versions[k - 1][n]) for n in base)
+
+
+def test_diff_is_exact_at_bit_level():
+    base = {"w": torch.tensor([0.0, 1.0, 2.0, -3.0], dtype=torch.bfloat16)}
+    target = {"w": torch.tensor([-0.0, 1.0, 2.015625, -3.0], dtype=torch.bfloat16)}
+    delta = diff_tensors(base, target, task="t", version=1)
+    assert delta.changes["w"].index.tolist() == [0, 2]  # -0.0 differs from 0.0 in bits
+
+
+def test_identical_checkpoints_give_an_empty_delta(base):
+    delta = diff_tensors(base, base, task="noop", version=1)
+    assert delta.nnz == 0
+    assert delta.metadata.parent_fingerprint == delta.metadata.child_fingerprint
+
+
+def test_diff_refuses_mismatched_checkpoints(base):
+    other = dict(base)
+    name = next(iter(other))
+    other[name] = other[name].float()
+    with pytest.raises(DeltaMismatchError, match="base is bfloat16"):
+        diff_tensors(base, other, task="t", version=1)
+    with pytest.raises(DeltaMismatchError, match="different parameters"):
+        diff_tensors(base, {k: v for k, v in base.items() if k != name}, task="t", version=1)
+
+
+def test_lineage_error_names_both_fingerprints(base):
+    v1 = perturbed(base, 1)
+    delta = diff_tensors(v1, perturbed(v1, 2), task="t2", version=2)
+    with pytest.raises(DeltaMismatchError) as info:
+        plan_update(base, TensorDigests(base), delta, source="t2.safetensors")
+    assert fingerprint(base) in str(info.value)
+    assert delta.metadata.parent_fingerprint in str(info.value)
+
+
+def test_reverting_requires_the_child(base):
+    delta = diff_tensors(base, perturbed(base, 3), task="t", version=1)
+    with pytest.raises(DeltaMismatchError, match="child"):
+        plan_update(base, TensorDigests(base), delta, reverse=True)
