@@ -1,0 +1,182 @@
+"""JumpLoRA wrapper: exact forward at f=1, exact merge/unload, re-init counts, targets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.adapter import Adapter
+from trainer.config import AdapterConfig
+from trainer.errors import TrainerError
+from trainer.gate import signed_jump
+from trainer.schedule import SparsitySchedule, order_log_threshold
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(48, 32, bias=True)
+        self.v_proj = nn.Linear(48, 16, bias=False)
+        self.up_proj = nn.Linear(48, 40, bias=False)
+
+
+class Toy(nn.Module):
+    """Same module names as an HF decoder (model.layers.<i>.<proj>)."""
+
+    def __init__(self, n_blocks: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(n_blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [torch.cat([b.q_proj(x), b.v_proj(x), b.up_proj(x)], -1) for b in self.layers], -1
+        )
+
+
+def _trained_adapter(model: nn.Module, **cfg) -> Adapter:
+    torch.manual_seed(0)
+    adapter = Adapter(model, AdapterConfig(**cfg))
+    with torch.no_grad():
+        for m in adapter.modules.values():
+            m.lora_B.normal_(std=0.05)  # B = 0 at init would make every test trivial
+    return adapter
+
+
+def test_f1_output_is_exactly_x_times_w0_plus_s_gated_delta() -> None:
+    torch.manual_seed(0)
+    model = Toy()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter = _trained_adapter(model, targets=["q_proj"], r=4, alpha=8)
+    adapter.reinit_thresholds()
+    adapter.set_f(1.0)
+    m = adapter.modules["layers.0.q_proj"]
+    x = torch.randn(5, 7, 48)
+    theta = m.theta()
+    j = signed_jump(m.lora_B @ m.lora_A, theta)
+    expected = F.linear(x, w0["layers.0.q_proj.weight"] + 2.0 * j, w0["layers.0.q_proj.bias"])
+    assert torch.equal(m(x), expected)
+    assert 0 < int((j != 0).sum()) < j.numel()  # the gate really dropped entries
+
+
+@pytest.mark.parametrize("gate", ["jump", "none"])
+def test_merge_then_unload_leaves_outputs_unchanged(gate: str) -> None:
+    model = Toy()
+    adapter = _trained_adapter(model, targets=["q_proj", "v_proj"], gate=gate)
+    adapter.reinit_thresholds()
+    adapter.set_f(1.0)
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        before = model(x)
+    merged = adapter.merged_weights()
+    adapter.commit(merged)
+    assert not any(isinstance(m, type(adapter)) for m in model.modules())
+    assert isinstance(model.layers[0].q_proj, nn.Linear)
+    with torch.no_grad():
+        after = model(x)
+    if gate == "jump":
+        assert torch.equal(before, after)
+    else:  # the factored path x@A.T@B.T rounds differently from the merged matmul
+        torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged["layers.0.q_proj.weight"], Toy().layers[0].q_proj.weight)
+
+
+def test_non_finite_merge_raises_and_changes_nothing() -> None:
+    model = Toy()
+    adapter = _trained_adapter(model, targets=["q_proj"])
+    with torch.no_grad():
+        adapter.modules["layers.1.q_proj"].lora_B[0, 0] = math.inf
+    w_before = model.layers[1].q_proj.base.weight.clone()
+    with pytest.raises(TrainerError, match="non-finite"):
+        adapter.merged_weights()
+    assert torch.equal(model.layers[1].q_proj.base.weight, w_before)
+
+
+def test_targets_select_modules_by_name_and_per_block_groups() -> None:
+    model = Toy(n_blocks=3)
+    adapter = Adapter(model, AdapterConfig(targets=["q_proj", "up_proj"], granularity="per_block"))
+    assert sorted(adapter.modules) == sorted(
+        f"layers.{i}.{p}" for i in range(3) for p in ("q_proj", "up_proj")
+    )
+    assert adapter.thresholds.phi.numel() == 3
+    assert adapter.modules["layers.2.up_proj"].group == 2
+    assert math.isclose(adapter.thresholds.phi[0].item(), -4.7, rel_tol=1e-6)
+    with pytest.raises(TrainerError, match="no nn\\.Linear"):
+        Adapter(Toy(), AdapterConfig(targets=["k_proj"]))
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_block"])
+def test_reinit_keeps_exactly_the_adapter_parameter_count(granularity: str) -> None:
+    model = Toy()
+    adapter = _trained_adapter(
+        model, targets=["q_proj", "v_proj", "up_proj"], granularity=granularity
+    )
+    adapter.reinit_thresholds()
+    for group in range(adapter.thresholds.phi.numel()):
+        members = [m for m in adapter.modules.values() if m.group == group]
+        kept = sum(int((m.delta().abs() > m.theta()).sum()) for m in members)
+        budget = sum(m.lora_A.numel() + m.lora_B.numel() for m in members)
+        assert kept == budget
+
+
+def test_order_threshold_counts_with_ties() -> None:
+    # Ties away from the boundary: the count is exact.
+    v = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0])
+    assert int((v > order_log_threshold(v, 3).exp()).sum()) == 3
+    assert int((v > order_log_threshold(v, 5).exp()).sum()) == 5
+    # A tie across the boundary cannot be split: every tied entry is dropped, never kept.
+    assert int((v > order_log_threshold(v, 4).exp()).sum()) == 3
+    # Values 2e-6 apart at the boundary still give the exact count (phi is nudged).
+    close = torch.tensor([0.0123, 0.0123 * (1 + 2e-6), 0.5])
+    assert int((close > order_log_threshold(close, 2).exp()).sum()) == 2
+    # Closer than float32 log-theta can resolve: dropped like a tie, never kept extra.
+    a = torch.tensor(0.0123)
+    adjacent = torch.stack([a, torch.nextafter(a, torch.tensor(1.0)), torch.tensor(0.5)])
+    assert int((adjacent > order_log_threshold(adjacent, 2).exp()).sum()) == 1
+    # Degenerate budgets.
+    assert int((v > order_log_threshold(v, 100).exp()).sum()) == 8
+    assert int((v > order_log_threshold(v, 0).exp()).sum()) == 0
+
+
+def test_schedule_is_dense_then_blended_then_sparse() -> None:
+    s = SparsitySchedule(16)
+    assert (s.t1, s.t2) == (3, 12)
+    assert [s.f(t) for t in (0, 3)] == [0.0, 0.0]
+    assert s.f(12) == 1.0 and s.f(15) == 1.0
+    assert 0 < s.f(7) < 1
+    short = SparsitySchedule(1)  # t1 == t2 == 0: a hard switch
+    assert short.f(0) == 1.0
+
+
+def test_budget_floor_caps_density_and_phi_below_it_gets_no_gradient() -> None:
+    model = Toy()
+    adapter = _trained_adapter(model, targets=["q_proj"], threshold_floor="budget")
+    adapter.reinit_thresholds()
+    with torch.no_grad():
+        adapter.thresholds.phi.fill_(-20.0)  # a learned theta far below the budget
+        for m in adapter.modules.values():
+            m.lora_B.mul_(3.0)  # the update grows after re-init
+    adapter.update_floor()
+    budget = sum(m.lora_A.numel() + m.lora_B.numel() for m in adapter.modules.values())
+    kept = sum(int((m.delta().abs() > m.theta()).sum()) for m in adapter.modules.values())
+    assert kept == budget
+    adapter.set_f(1.0)
+    model(torch.randn(3, 48)).sum().backward()
+    assert adapter.thresholds.phi.grad is None or adapter.thresholds.phi.grad.abs().sum() == 0
+
+
+def test_injects_into_hf_model_and_trains_theta(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = _trained_adapter(model, targets=targets, threshold_floor="none")
+    assert len(adapter.modules) == 7 * model.config.num_hidden_layers
+    adapter.reinit_thresholds()
+    adapter.set_f(0.5)
+    ids = torch.randint(0, 300, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert adapter.thresholds.phi.grad is not None and adapter.thresholds.phi.grad.abs().sum() > 0
+    assert all(m.lora_A.grad is not None for m in adapter.modules.values())

@@ -1,0 +1,39 @@
+"""OA / BWT / FWT by hand, density and Jaccard overlap on real delta objects."""
+
+import torch
+
+from jlserve.delta import diff_tensors
+from trainer.metrics import AccuracyMatrix, DeltaDensity, SupportOverlap
+
+
+def test_oa_bwt_fwt_by_hand() -> None:
+    acc = AccuracyMatrix(["a", "b", "c"])
+    rows = [[0.8], [0.6, 0.9], [0.5, 0.7, 1.0]]
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            acc.update(i, j, v, v)
+    r = acc.result({"a": 0.9, "b": 0.9, "c": 0.9})
+    assert abs(r["OA"] - (0.5 + 0.7 + 1.0) / 3) < 1e-12
+    assert abs(r["BWT"] - ((0.5 - 0.8) + (0.7 - 0.9)) / 2) < 1e-12
+    assert abs(r["FWT"] - ((0.8 - 0.9) + (0.9 - 0.9) + (1.0 - 0.9)) / 3) < 1e-12
+    assert "FWT" not in acc.result()
+    acc.reset()
+    assert "OA" not in acc.result()
+
+
+def test_density_and_jaccard_overlap() -> None:
+    base = {"w": torch.zeros(10), "other": torch.zeros(3)}
+    one = {"w": base["w"].clone(), "other": base["other"]}
+    one["w"][[0, 1, 2, 3]] = 1.0
+    two = {"w": one["w"].clone(), "other": base["other"]}
+    two["w"][[2, 3, 4, 5]] = 2.0
+    d1 = diff_tensors(base, one, task="a", version=1)
+    d2 = diff_tensors(one, two, task="b", version=2)
+    density = DeltaDensity({"w": 10})
+    density.update("a", d1)
+    assert density.result()["a"]["density"] == 0.4
+    overlap = SupportOverlap()
+    overlap.update("a", d1)
+    overlap.update("b", d2)
+    j = overlap.result()["jaccard"]
+    assert j[0][1] == j[1][0] == 2 / 6 and j[0][0] == 1.0

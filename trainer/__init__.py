@@ -1,0 +1,1 @@
+"""The JumpLoRA continual-learning trainer: adapters, CL methods, task loop, deltas, reports."""

@@ -1,0 +1,74 @@
+"""`jlserve train` (registered via the `jlserve.commands` entry point) and `python -m trainer`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jlserve.errors import JlserveError
+from trainer.config import load_config
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=5e-4 (repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    parser.add_argument(
+        "--keep-all-merged", action="store_true", help="keep every merged checkpoint"
+    )
+    parser.add_argument("--stop-after", type=int, metavar="N", help="stop after N completed tasks")
+
+
+def command_line(prog: str, args: argparse.Namespace) -> str:
+    """The command that reproduces this run (without --resume/--stop-after)."""
+    words = [*shlex.split(prog)]
+    if args.config is not None:
+        words += ["--config", str(args.config)]
+    words += ["--out", str(args.out)]
+    for assignment in args.overrides:
+        words += ["--set", assignment]
+    if args.keep_all_merged:
+        words.append("--keep-all-merged")
+    return shlex.join(words)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from trainer.loop import train  # heavy imports only when the command runs
+
+    cfg = load_config(args.config, args.overrides)
+    if args.keep_all_merged:
+        cfg = cfg.model_copy(update={"keep_all_merged": True})
+    command = command_line(args.prog, args)
+    train(cfg, args.out, command=command, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a continual-learning stream, export sparse deltas per task"
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run_train, prog="jlserve train")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.prog = "python -m trainer"
+    try:
+        return run_train(args)
+    except JlserveError as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return 2

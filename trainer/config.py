@@ -1,0 +1,128 @@
+"""One pydantic model for a training run: a YAML file plus `--set key=value` overrides.
+
+The validated config is saved in the run directory (config.yaml, with the command that
+produced it as a header comment) and inside run.json; `--resume` refuses a different one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import TrainerError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    root: Path = Path("../shared/data/cl_benchmark")
+    order: str | None = "short_order_1"  # a key of tasks.json "orders"
+    tasks: list[str] | None = None  # a custom stream; overrides `order`
+    train_rows: int | None = Field(None, ge=1)  # cap per task (a seeded random subset)
+    eval_rows: int | None = Field(None, ge=1)  # cap of dev rows per task
+    max_length: int = Field(256, ge=8)  # prompt + target tokens
+
+    @model_validator(mode="after")
+    def _stream_given(self) -> DataConfig:
+        if not self.order and not self.tasks:
+            raise ValueError("give data.order or data.tasks")
+        return self
+
+
+class AdapterConfig(_Strict):
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    r: int = Field(8, ge=1)
+    alpha: float = 32.0
+    gate: Literal["jump", "none"] = "jump"
+    granularity: Literal["global", "per_block"] = "global"
+    init_log_threshold: float = -4.7  # theta ~ 9.1e-3 (ref)
+    eps: float = Field(1e-3, gt=0)  # STE kernel bandwidth (ref)
+    threshold_lr: float | None = Field(None, gt=0)  # learning rate of phi; None: train.lr
+    l0_weight: float = Field(0.0, ge=0)  # weight of the L0 (surviving fraction) term
+    # "budget": from t1 on, theta never drops below the order statistic that keeps as many
+    # entries as the adapter has parameters (the re-init rule, re-applied every step);
+    # the learned theta still acts above it. "none": the reference behaviour.
+    threshold_floor: Literal["none", "budget"] = "budget"
+
+
+class MethodConfig(_Strict):
+    name: Literal["incLoRA", "seqLoRA", "ella", "olora"] = "incLoRA"
+    ella_lambda: float | list[float] = 3e4  # one value, or one per task of the stream
+    olora_lambda: float = 0.5  # O-LoRA's lamda_1
+
+    def ella_lambda_for(self, task_index: int) -> float:
+        if isinstance(self.ella_lambda, list):
+            if task_index >= len(self.ella_lambda):
+                raise TrainerError(f"method.ella_lambda has no value for task {task_index + 1}")
+            return self.ella_lambda[task_index]
+        return self.ella_lambda
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(1, ge=1)
+    seed: int = 42
+    device: str = "auto"  # auto: cuda when present, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    eval_batch_size: int = Field(32, ge=1)
+
+
+class RunConfig(_Strict):
+    model: Path  # an HF safetensors checkpoint directory (version 0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    keep_all_merged: bool = False
+    # Accuracy of a from-scratch single-task model per task, for FWT.
+    fwt_baseline: dict[str, float] | None = None
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict, in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise TrainerError(f"--set expects key=value, got {assignment!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise TrainerError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start empty), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise TrainerError(f"{path}: cannot read config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise TrainerError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise TrainerError(f"{path}: a config must be a YAML mapping")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise TrainerError(f"invalid config: {problems}") from None
+
+
+def config_yaml(cfg: RunConfig, command: str) -> str:
+    """The config as YAML, headed by the command that reproduces the run."""
+    body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return f"# {command}\n{body}"

@@ -1,0 +1,130 @@
+"""report.md and PNG plots of a run: accuracy heatmap, density per layer per task,
+support-overlap matrix. Written after every task, so a partial run has a report too."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from trainer.config import RunConfig
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:+.3f}"
+
+
+def _heatmap(matrix: list[list[float | None]], labels: list[str], title: str, path: Path) -> None:
+    n = len(labels)
+    data = [[float("nan") if v is None else v for v in row] for row in matrix]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
+    im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    for i in range(n):
+        for j in range(n):
+            if matrix[i][j] is not None:
+                ax.text(
+                    j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8
+                )
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _density_plot(density: dict[str, dict], path: Path) -> None:
+    """Density of each task's delta per transformer block (adapted matrices pooled)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for task, d in density.items():
+        per_layer: dict[int, list[float]] = {}
+        for name, value in d["per_matrix"].items():
+            match = _LAYER.search(name)
+            per_layer.setdefault(int(match.group(1)) if match else -1, []).append(value)
+        layers = sorted(per_layer)
+        ax.plot(
+            layers,
+            [100 * sum(per_layer[k]) / len(per_layer[k]) for k in layers],
+            marker="o",
+            label=task,
+        )
+    ax.set_xlabel("block")
+    ax.set_ylabel("delta density (%)")
+    ax.set_title("Density of each task's delta per block")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, metrics: dict[str, Any], cfg: RunConfig, command: str) -> None:
+    acc = metrics["accuracy"]
+    tasks = acc["tasks"]
+    done = [t["task"] for t in metrics["tasks"]]
+    _heatmap(
+        acc["matrix"],
+        tasks,
+        "a[i][j]: exact match on task j after task i",
+        run_dir / "accuracy.png",
+    )
+    if metrics["density"]:
+        _density_plot(metrics["density"], run_dir / "density.png")
+    overlap = metrics["support_overlap"]
+    if overlap["tasks"]:
+        _heatmap(
+            overlap["jaccard"],
+            overlap["tasks"],
+            "Jaccard overlap of delta supports",
+            run_dir / "overlap.png",
+        )
+    lines = [
+        f"# Run report: {cfg.method.name} + gate {cfg.adapter.gate}",
+        "",
+        f"Command: `{command}`" if command else "",
+        f"Model: `{cfg.model}`; tasks: {', '.join(tasks)}; completed {len(done)}/{len(tasks)}.",
+        "",
+        f"OA {_fmt(acc.get('OA'), pct=True)} "
+        f"(prefix match {_fmt(acc.get('OA_prefix'), pct=True)}), "
+        f"BWT {_fmt(acc.get('BWT'))}, FWT {_fmt(acc.get('FWT'))}",
+        "",
+        "## Accuracy a[i][j] (exact match, %; rows: after task i)",
+        "",
+        "| after \\ on | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for i, row in enumerate(acc["matrix"]):
+        if row[i] is not None:
+            lines.append(f"| {tasks[i]} | " + " | ".join(_fmt(v, pct=True) for v in row) + " |")
+    lines += [
+        "",
+        "## Per task",
+        "",
+        "| task | steps | s/step | final loss | gate density | delta density | theta | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in metrics["tasks"]:
+        lines.append(
+            f"| {t['task']} | {t['steps']} | {t['seconds_per_step']:.3f} | {t['final_loss']:.3f} | "
+            f"{100 * t['gate_density']:.2f} % | {100 * t['delta_density']:.2f} % | "
+            f"{t['theta']:.2e} | {t['peak_rss_mib']:.0f} MiB |"
+        )
+    lines += [
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "![density](density.png)",
+        "",
+        "![overlap](overlap.png)",
+        "",
+    ]
+    (run_dir / "report.md").write_text("\n".join(lines))
