@@ -20,3 +20,19 @@ class DeltaFormatError(JlserveError):
 
 class DeltaMismatchError(JlserveError):
     """A well-formed delta does not fit the model it is applied to (lineage, names, shapes)."""
+
+
+class ServeConfigError(JlserveError):
+    """`jlserve serve` was given flags that cannot work together (e.g. no admin token)."""
+
+
+class StateError(JlserveError):
+    """A state directory is unreadable or belongs to a different base checkpoint."""
+
+
+class VersionConflictError(JlserveError):
+    """An update or rollback names a version that does not follow the served one."""
+
+
+class AdminRequestError(JlserveError):
+    """The admin API refused a request (the CLI client prints the server's message)."""

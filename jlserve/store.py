@@ -1,0 +1,205 @@
+"""The version store: what a server must remember to come back at the version it served.
+
+A state directory holds
+
+    state.json         the base checkpoint (path + fingerprint), the chain of applied
+                       deltas (version 1..N, in order) and the history of operations
+    deltas/            the applied delta files, byte for byte as uploaded
+    rolled_back/       delta files undone by a rollback (kept for inspection)
+
+Every write is atomic (write to a temporary file, fsync, rename), and `state.json` is
+written last: a delta file without a chain entry is an update that never happened, so a
+crash at any point leaves the previous or the next version, never a mix. Restart
+replays the chain on the base checkpoint (see `SwapCoordinator.restore`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jlserve.checkpoint import atomic_write_bytes
+from jlserve.errors import StateError
+
+STATE_FILE = "state.json"
+DELTAS_DIR = "deltas"
+ROLLED_BACK_DIR = "rolled_back"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class BaseCheckpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    fingerprint: str
+
+
+class ChainEntry(BaseModel):
+    """One applied delta: the model is at `version` / `fingerprint` after it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    task: str
+    fingerprint: str
+    file: str  # relative to the state directory
+    nnz: int
+    applied_at: str
+
+
+class HistoryEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event: Literal["apply", "rollback"]
+    version: int  # the version after the operation
+    from_version: int
+    fingerprint: str
+    task: str | None = None
+    seconds: float
+    at: str
+
+
+class StateFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["jlserve.state"] = "jlserve.state"
+    format_version: Literal[1] = 1
+    base: BaseCheckpoint
+    chain: list[ChainEntry] = Field(default_factory=list)
+    history: list[HistoryEvent] = Field(default_factory=list)
+
+
+class VersionStore:
+    """The state directory of one served model. Not thread-safe: the swap lock guards it."""
+
+    def __init__(self, root: Path, state: StateFile) -> None:
+        self.root = root
+        self._state = state
+
+    @classmethod
+    def open(cls, root: Path, base_path: Path, base_fingerprint: str) -> VersionStore:
+        """Open `root`, creating it for `base_path` if new; refuse a different base."""
+        root = Path(root).resolve()
+        state_path = root / STATE_FILE
+        if state_path.exists():
+            try:
+                state = StateFile.model_validate_json(state_path.read_bytes())
+            except (OSError, ValidationError) as exc:
+                raise StateError(f"{state_path}: unreadable state file ({exc})") from None
+            if state.base.fingerprint != base_fingerprint:
+                raise StateError(
+                    f"{root}: state belongs to base checkpoint {state.base.path} "
+                    f"({state.base.fingerprint}), but --model {base_path} is {base_fingerprint}; "
+                    "use another --state-dir"
+                )
+            return cls(root, state)
+        try:
+            (root / DELTAS_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"{root}: cannot create state directory ({exc})") from None
+        store = cls(
+            root,
+            StateFile(
+                base=BaseCheckpoint(
+                    path=str(Path(base_path).resolve()), fingerprint=base_fingerprint
+                )
+            ),
+        )
+        store._write(store._state)
+        return store
+
+    @property
+    def base(self) -> BaseCheckpoint:
+        return self._state.base
+
+    @property
+    def chain(self) -> list[ChainEntry]:
+        return list(self._state.chain)
+
+    @property
+    def history(self) -> list[HistoryEvent]:
+        return list(self._state.history)
+
+    @property
+    def version(self) -> int:
+        return self._state.chain[-1].version if self._state.chain else 0
+
+    @property
+    def fingerprint(self) -> str:
+        return self._state.chain[-1].fingerprint if self._state.chain else self.base.fingerprint
+
+    def read_delta_bytes(self, entry: ChainEntry) -> bytes:
+        try:
+            return (self.root / entry.file).read_bytes()
+        except OSError as exc:
+            raise StateError(
+                f"{self.root}: delta of version {entry.version} is missing ({exc})"
+            ) from None
+
+    def stage_delta(self, version: int, fingerprint: str, data: bytes) -> str:
+        """Save an uploaded delta before it is applied; it counts only once committed."""
+        name = f"{DELTAS_DIR}/v{version:05d}-{fingerprint.removeprefix('sha256:')[:16]}.safetensors"
+        try:
+            atomic_write_bytes(self.root / name, data)
+        except OSError as exc:
+            raise StateError(f"{self.root}: cannot save the delta ({exc})") from None
+        return name
+
+    def commit_apply(self, entry: ChainEntry, seconds: float) -> None:
+        event = HistoryEvent(
+            event="apply",
+            version=entry.version,
+            from_version=self.version,
+            fingerprint=entry.fingerprint,
+            task=entry.task,
+            seconds=seconds,
+            at=entry.applied_at,
+        )
+        self._write(
+            self._state.model_copy(
+                update={
+                    "chain": [*self._state.chain, entry],
+                    "history": [*self._state.history, event],
+                }
+            )
+        )
+
+    def commit_rollback(self, to_version: int, seconds: float) -> None:
+        """Truncate the chain to `to_version`; undone delta files move to rolled_back/."""
+        kept = [e for e in self._state.chain if e.version <= to_version]
+        undone = [e for e in self._state.chain if e.version > to_version]
+        fingerprint = kept[-1].fingerprint if kept else self.base.fingerprint
+        event = HistoryEvent(
+            event="rollback",
+            version=to_version,
+            from_version=self.version,
+            fingerprint=fingerprint,
+            seconds=seconds,
+            at=utc_now(),
+        )
+        self._write(
+            self._state.model_copy(update={"chain": kept, "history": [*self._state.history, event]})
+        )
+        (self.root / ROLLED_BACK_DIR).mkdir(exist_ok=True)
+        for entry in undone:  # after the commit: a crash here only leaves a stray file
+            src = self.root / entry.file
+            if src.exists():
+                os.replace(src, self.root / ROLLED_BACK_DIR / f"{time.time_ns()}-{src.name}")
+
+    def _write(self, state: StateFile) -> None:
+        """Persist `state`, then adopt it: a failed write leaves memory and disk as they were."""
+        data = json.dumps(state.model_dump(mode="json"), indent=2).encode() + b"\n"
+        try:
+            atomic_write_bytes(self.root / STATE_FILE, data)
+        except OSError as exc:
+            raise StateError(f"{self.root}: cannot write {STATE_FILE} ({exc})") from None
+        self._state = state

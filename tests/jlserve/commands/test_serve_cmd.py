@@ -1,0 +1,38 @@
+"""`jlserve serve` refuses unusable admin setups before starting vLLM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jlserve", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_no_admin_token_is_refused(tiny_model_dir):
+    done = run_serve("--model", str(tiny_model_dir))
+    assert done.returncode == 2
+    assert "admin routes need a token" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_insecure_admin_off_loopback_is_refused(tiny_model_dir):
+    done = run_serve("--model", str(tiny_model_dir), "--host", "0.0.0.0", "--insecure-admin")
+    assert done.returncode == 2 and "loopback" in done.stderr
+
+
+def test_flags_jlserve_owns_are_refused_after_the_separator(tiny_model_dir):
+    done = run_serve(
+        "--model", str(tiny_model_dir), "--insecure-admin", "--", "--worker-extension-cls=x"
+    )
+    assert done.returncode == 2 and "--worker-extension-cls is set by jlserve serve" in done.stderr
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
+    done = run_serve("--model", str(tmp_path), "--insecure-admin")
+    assert done.returncode == 2 and "not a safetensors checkpoint" in done.stderr
