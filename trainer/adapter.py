@@ -2,14 +2,18 @@
 
 For a frozen base weight W0 (d_out, d_in) and a fresh pair A (r, d_in), B (d_out, r):
 
-    dW   = B @ A                                  (d_out, d_in), materialised once per forward
-    dW_t = f * J(dW) + (1 - f) * dW               J = gate.signed_jump, f from the schedule
+    dW   = B @ A                                  (d_out, d_in) fp32, once per forward
+    dW_t = f * J(dW) + (1 - f) * dW               one fused node (gate.signed_jump)
     y    = x @ (W0 + s * dW_t).T + b0             s = alpha / r, ONE dense matmul
 
 Folding the update into the weight before the matmul costs one (d_out, d_in) add instead
 of a second n x d_in x d_out matmul, and makes the f = 1 output equal the merged model's
-output bit for bit. With `gate: none` the classic factored LoRA path x @ A.T @ B.T is used
-(cheapest for a dense adapter; the speed benchmark compares the two).
+output bit for bit (`effective_weight` is what both use). While f = 0 (and always with
+`gate: none`) the update is dense and theta unused, so the classic factored LoRA path
+x @ A.T @ B.T is used: it is cheaper and materialises no (d_out, d_in) tensor.
+
+dW and the threshold comparison are computed in fp32 even under bf16 autocast, so the
+gate, the budget threshold and the merge all see the same dW.
 
 Memory per adapted matrix while training with the gate (on top of the frozen weights):
 dW saved for the gate's backward (fp32, 4 bytes/entry) plus W0 + s*dW_t saved by the
@@ -80,6 +84,7 @@ class JumpLoRALinear(nn.Module):
         self.eps = cfg.eps
         self.group = group
         self.f = 0.0
+        self.keep_last_delta = cfg.l0_weight > 0.0  # only the L0 term reads it
         self.last_delta: Tensor | None = None  # detached dW of the last gated forward
         # Shared with other wrappers: kept out of the module tree so state dicts and
         # parameters() list it once, on the Adapter.
@@ -89,25 +94,31 @@ class JumpLoRALinear(nn.Module):
         return self._thresholds.theta(self.group)
 
     def delta(self) -> Tensor:
-        """dW = B @ A, (d_out, d_in), fp32."""
-        return self.lora_B @ self.lora_A
+        """dW = B @ A, (d_out, d_in), fp32 (also under autocast)."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return self.lora_B @ self.lora_A
 
     def gated_delta(self, f: float) -> Tensor:
-        """dW_t = f * J(dW) + (1 - f) * dW (no gate: dW)."""
+        """dW_t = f * J(dW) + (1 - f) * dW, (d_out, d_in) fp32 (no gate: dW)."""
         dw = self.delta()
         if not self.gated or f == 0.0:
             return dw
-        self.last_delta = dw.detach()
-        j = signed_jump(dw, self.theta(), self.eps)
-        return j if f == 1.0 else f * j + (1.0 - f) * dw
+        if self.keep_last_delta:
+            self.last_delta = dw.detach()
+        return signed_jump(dw, self.theta(), self.eps, f)
 
-    def effective_weight(self, f: float) -> Tensor:
-        """W0 + s * dW_t in the base weight's dtype: what a merge at schedule value f writes."""
+    def effective_weight(self, f: float, dtype: torch.dtype | None = None) -> Tensor:
+        """W0 + s * dW_t, (d_out, d_in), in `dtype` (default: the base weight's).
+
+        The training forward and the merge both call this, so the merged weights equal
+        the weights the f = 1 forward multiplies by, bit for bit.
+        """
         w0 = self.base.weight
-        return (w0.float() + self.scaling * self.gated_delta(f)).to(w0.dtype)
+        merged = torch.add(w0.float(), self.gated_delta(f), alpha=self.scaling)
+        return merged.to(dtype or w0.dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., d_in) -> (..., d_out)
-        if not self.gated:
+        if not self.gated or self.f == 0.0:  # dense update: the factored LoRA path
             return self.base(x) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
         return F.linear(x, self.effective_weight(self.f), self.base.bias)
 
@@ -215,7 +226,7 @@ class Adapter:
         merged: dict[str, Tensor] = {}
         for name, m in self.modules.items():
             dtype = (like[name + ".weight"] if like is not None else m.base.weight).dtype
-            w = (m.base.weight.float() + m.scaling * m.gated_delta(1.0)).to(dtype).cpu()
+            w = m.effective_weight(1.0, dtype).cpu()  # (d_out, d_in)
             if not torch.isfinite(w).all():
                 raise TrainerError(f"merge of {name} produced non-finite weights; nothing merged")
             merged[name + ".weight"] = w

@@ -8,8 +8,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jlserve.client import resolve_token
 from jlserve.errors import JlserveError
 from trainer.config import load_config
+from trainer.publish import DirectoryPublisher, Publisher, ServerPublisher
+from trainer.served import ServedModel
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +40,30 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-all-merged", action="store_true", help="keep every merged checkpoint"
     )
-    parser.add_argument("--stop-after", type=int, metavar="N", help="stop after N completed tasks")
+    parser.add_argument(
+        "--stop-after", type=_positive_int, metavar="N", help="stop after N completed tasks"
+    )
+    serving = parser.add_argument_group("live serving (see docs/serving.md)")
+    target = serving.add_mutually_exclusive_group()
+    target.add_argument(
+        "--publish", metavar="URL", help="POST each task's delta to this jlserve server"
+    )
+    target.add_argument(
+        "--publish-dir",
+        type=Path,
+        metavar="DIR",
+        help="write each task's delta into DIR (for `jlserve serve --watch DIR`)",
+    )
+    serving.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="admin token for --publish (default: $JLSERVE_ADMIN_TOKEN_FILE / $JLSERVE_ADMIN_TOKEN)",
+    )
+    serving.add_argument(
+        "--eval-via",
+        metavar="URL",
+        help="evaluate through this server's OpenAI API (it must serve the run's versions)",
+    )
 
 
 def command_line(prog: str, args: argparse.Namespace) -> str:
@@ -50,8 +86,29 @@ def run_train(args: argparse.Namespace) -> int:
     if args.keep_all_merged:
         cfg = cfg.model_copy(update={"keep_all_merged": True})
     command = command_line(args.prog, args)
-    train(cfg, args.out, command=command, resume=args.resume, stop_after=args.stop_after)
+    served = ServedModel(args.eval_via) if args.eval_via else None
+    try:
+        train(
+            cfg,
+            args.out,
+            command=command,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            publisher=_publisher(args),
+            served=served,
+        )
+    finally:
+        if served is not None:
+            served.close()
     return 0
+
+
+def _publisher(args: argparse.Namespace) -> Publisher | None:
+    if args.publish:
+        return ServerPublisher(args.publish, resolve_token(args.admin_token_file))
+    if args.publish_dir:
+        return DirectoryPublisher(args.publish_dir)
+    return None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -22,14 +22,14 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     root: Path = Path("../shared/data/cl_benchmark")
     order: str | None = "short_order_1"  # a key of tasks.json "orders"
-    tasks: list[str] | None = None  # a custom stream; overrides `order`
+    tasks: list[str] | None = Field(None, min_length=1)  # a custom stream; overrides `order`
     train_rows: int | None = Field(None, ge=1)  # cap per task (a seeded random subset)
     eval_rows: int | None = Field(None, ge=1)  # cap of dev rows per task
     max_length: int = Field(256, ge=8)  # prompt + target tokens
 
     @model_validator(mode="after")
     def _stream_given(self) -> DataConfig:
-        if not self.order and not self.tasks:
+        if self.tasks is None and not self.order:
             raise ValueError("give data.order or data.tasks")
         return self
 
@@ -52,13 +52,12 @@ class AdapterConfig(_Strict):
 
 class MethodConfig(_Strict):
     name: Literal["incLoRA", "seqLoRA", "ella", "olora"] = "incLoRA"
-    ella_lambda: float | list[float] = 3e4  # one value, or one per task of the stream
+    # One value, or one per task of the stream (the length is checked against the stream).
+    ella_lambda: float | list[float] = 3e4
     olora_lambda: float = 0.5  # O-LoRA's lamda_1
 
     def ella_lambda_for(self, task_index: int) -> float:
         if isinstance(self.ella_lambda, list):
-            if task_index >= len(self.ella_lambda):
-                raise TrainerError(f"method.ella_lambda has no value for task {task_index + 1}")
             return self.ella_lambda[task_index]
         return self.ella_lambda
 
@@ -84,11 +83,19 @@ class RunConfig(_Strict):
     fwt_baseline: dict[str, float] | None = None
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply `a.b.c=value` (value parsed as YAML) to a nested dict, in place."""
     key, sep, value = assignment.partition("=")
     if not sep or not key:
         raise TrainerError(f"--set expects key=value, got {assignment!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise TrainerError(f"--set {key}: value is not valid YAML ({_one_line(exc)})") from None
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
@@ -96,7 +103,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise TrainerError(f"--set {key}: {part!r} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = parsed
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -108,7 +115,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
         except OSError as exc:
             raise TrainerError(f"{path}: cannot read config ({exc.strerror})") from None
         except yaml.YAMLError as exc:
-            raise TrainerError(f"{path}: not valid YAML ({exc})") from None
+            raise TrainerError(f"{path}: not valid YAML ({_one_line(exc)})") from None
         if not isinstance(raw, dict):
             raise TrainerError(f"{path}: a config must be a YAML mapping")
     for assignment in overrides or []:

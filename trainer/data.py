@@ -62,26 +62,48 @@ def _rows(path: Path, cap: int | None, rng: random.Random) -> list[dict[str, str
         for r in rows
     ):
         raise TrainerError(f"{path}: expected a list of {{'sentence': str, 'label': str}}")
+    if not rows:
+        raise TrainerError(f"{path}: no rows")
     if cap is not None and cap < len(rows):
         rows = rng.sample(rows, cap)
     return rows
 
 
-def stream_names(cfg: DataConfig) -> list[str]:
+def _index(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tasks, orders) of `<root>/tasks.json`, checked for shape."""
+    path = root / "tasks.json"
+    index = _read_json(path)
+    specs = index.get("tasks") if isinstance(index, dict) else None
+    orders = index.get("orders", {}) if isinstance(index, dict) else None
+    if not isinstance(specs, dict) or not isinstance(orders, dict):
+        raise TrainerError(
+            f"{path}: expected {{'tasks': {{name: ...}}, 'orders': {{name: [...]}}}}"
+        )
+    if not all(isinstance(spec, dict) for spec in specs.values()):
+        raise TrainerError(f"{path}: every task must be a mapping (instruction, options)")
+    return specs, orders
+
+
+def _stream_names(cfg: DataConfig, orders: dict[str, Any]) -> list[str]:
     """The task names of the configured stream, in order."""
-    if cfg.tasks:
+    if cfg.tasks is not None:
         return list(cfg.tasks)
-    orders = _read_json(cfg.root / "tasks.json").get("orders", {})
     if cfg.order not in orders:
         raise TrainerError(f"unknown order {cfg.order!r}; tasks.json has {sorted(orders)}")
-    return list(orders[cfg.order])
+    names = orders[cfg.order]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TrainerError(f"order {cfg.order!r} in tasks.json must be a list of task names")
+    return names
 
 
 def load_stream(cfg: DataConfig, seed: int) -> list[Task]:
     """Load every task of the stream; row caps take a seeded random subset per task."""
-    specs = _read_json(cfg.root / "tasks.json").get("tasks", {})
+    specs, orders = _index(cfg.root)
+    names = _stream_names(cfg, orders)
+    if not names:
+        raise TrainerError(f"order {cfg.order!r} in {cfg.root / 'tasks.json'} has no tasks")
     tasks = []
-    for name in stream_names(cfg):
+    for name in names:
         if name not in specs:
             raise TrainerError(f"task {name!r} is not in {cfg.root / 'tasks.json'}")
         rng = random.Random(f"{seed}:{name}")
@@ -120,28 +142,32 @@ class Encoder:
         labels = set(task.options) | {r["label"] for r in task.train + task.dev}
         return max(len(self.target(label)) for label in labels)
 
-    def prompt(self, task: Task, sentence: str, budget: int) -> list[int]:
-        """Prompt ids, cut inside the sentence to fit `budget` tokens."""
-        body = self._ids(
-            f"Task Instruction: {task.instruction}\nOptions: {' | '.join(task.options)}\n"
-            f"Text: {sentence}"
-        )
-        room = budget - len(self._suffix)
+    def body_budget(self, task: Task) -> int:
+        """Prompt tokens before the "\nAnswer:" suffix that leave room for any target."""
+        room = self.max_length - self.max_target_len(task) - len(self._suffix)
         if room < 1:
             raise TrainerError(
                 f"data.max_length {self.max_length} is too short for task {task.name}"
             )
+        return room
+
+    def prompt(self, task: Task, sentence: str, room: int) -> list[int]:
+        """Prompt ids, cut inside the sentence to `room` tokens plus the suffix."""
+        body = self._ids(
+            f"Task Instruction: {task.instruction}\nOptions: {' | '.join(task.options)}\n"
+            f"Text: {sentence}"
+        )
         return body[:room] + self._suffix
 
     def train_examples(self, task: Task) -> list[tuple[list[int], list[int]]]:
-        budget = self.max_length - self.max_target_len(task)
+        room = self.body_budget(task)
         return [
-            (self.prompt(task, r["sentence"], budget), self.target(r["label"])) for r in task.train
+            (self.prompt(task, r["sentence"], room), self.target(r["label"])) for r in task.train
         ]
 
     def eval_prompts(self, task: Task) -> list[list[int]]:
-        budget = self.max_length - self.max_target_len(task)
-        return [self.prompt(task, r["sentence"], budget) for r in task.dev]
+        room = self.body_budget(task)
+        return [self.prompt(task, r["sentence"], room) for r in task.dev]
 
     def collate(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         """Right-padded (B, L) input_ids/attention_mask/labels; loss on target tokens only."""
@@ -175,20 +201,15 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_task(
-    model: Any, enc: Encoder, task: Task, batch_size: int, device: torch.device
-) -> EvalResult:
-    """Greedy generation on the task's dev rows; exact match after normalisation."""
+def generate_greedy(
+    model: Any, enc: Encoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+    device: torch.device,
+) -> list[str]:  # fmt: skip
+    """Greedy continuations of token-id prompts: left-padded batches, stop at EOS."""
     from transformers import GenerationConfig
 
-    prompts = enc.eval_prompts(task)
-    if not prompts:
-        raise TrainerError(f"task {task.name} has no dev rows")
     gen_cfg = GenerationConfig(
-        max_new_tokens=enc.max_target_len(task),
-        do_sample=False,
-        eos_token_id=enc.eos,
-        pad_token_id=enc.pad,
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=enc.eos, pad_token_id=enc.pad
     )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     predictions: dict[int, str] = {}
@@ -203,8 +224,22 @@ def evaluate_task(
         texts = enc.tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         predictions.update(zip(idx, texts, strict=True))
     model.train(was_training)
+    return [predictions[i] for i in range(len(prompts))]
+
+
+def score(task: Task, predictions: list[str]) -> EvalResult:
+    """Exact match (the metric) and prefix match of predictions against the dev labels."""
     labels = [normalize(r["label"]) for r in task.dev]
-    preds = [normalize(predictions[i]) for i in range(len(prompts))]
+    preds = [normalize(p) for p in predictions]
     exact = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
     prefix = sum(p.startswith(y) for p, y in zip(preds, labels, strict=True)) / len(labels)
     return EvalResult(exact=exact, prefix=prefix, n=len(labels))
+
+
+def evaluate_task(
+    model: Any, enc: Encoder, task: Task, batch_size: int, device: torch.device
+) -> EvalResult:
+    """Greedy generation on the task's dev rows; exact match after normalisation."""
+    prompts = enc.eval_prompts(task)
+    predictions = generate_greedy(model, enc, prompts, enc.max_target_len(task), batch_size, device)
+    return score(task, predictions)

@@ -4,14 +4,15 @@ J is JumpReLU applied to both signs, J(z) = JumpReLU_theta(z) - JumpReLU_theta(-
 JumpReLU_theta(z) = z * H(z - theta). H has zero gradient almost everywhere, so theta
 learns through the JumpReLU-SAE estimator (method doc, "Gradients"):
 
-    dL/dz     = 1[|z| > theta] * g                               (no STE on z)
+    dL/dz     = 1[z > theta] * g                                  (no STE on z)
     dL/dtheta = -(theta / eps) * mean(K((z - theta) / eps) * g)  per JumpReLU call
     K(u)      = 1[-0.5 < u < 0.5]                                 (rectangle kernel)
 
-`signed_jump` fuses the two JumpReLU calls into one autograd node (one saved tensor,
-no intermediate copies); `jump_relu` is the single-sided primitive it is defined by, kept
-public because the tests check the fusion against it. `step_density` is the L0 term of
-JumpReLU SAEs: the fraction of surviving entries, whose STE gradient pushes theta up.
+`signed_jump` is the blended update of the schedule, f * J(z) + (1 - f) * z, as ONE
+autograd node: z times a per-entry coefficient (1 where kept, 1 - f where dropped). It
+saves only z (the mask is recomputed in backward) and creates no intermediate full-size
+tensors for J, f * J and (1 - f) * z. `step_density` is the L0 term of JumpReLU SAEs: the
+fraction of surviving entries, whose STE gradient pushes theta up.
 """
 
 from __future__ import annotations
@@ -27,43 +28,30 @@ def rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        z, theta = ctx.saved_tensors
-        grad_z = g * (z > theta) if ctx.needs_input_grad[0] else None
-        grad_theta = None
-        if ctx.needs_input_grad[1]:
-            k = rectangle((z - theta) / ctx.eps)
-            grad_theta = (-(theta / ctx.eps) * (k * g).mean()).reshape(theta.shape)
-        return grad_z, grad_theta, None
+def _coefficient(z: Tensor, theta: Tensor, f: float) -> Tensor:
+    """f * 1[|z| > theta] + (1 - f), in z's dtype: 1 where kept, 1 - f where dropped."""
+    keep = (z.abs() > theta).to(z.dtype)
+    return keep if f == 1.0 else keep.mul_(f).add_(1.0 - f)
 
 
 class _SignedJump(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float, f: float) -> Tensor:
         ctx.save_for_backward(z, theta)  # z: (d_out, d_in); the mask is recomputed
-        ctx.eps = eps
-        return z * (z.abs() > theta)
+        ctx.eps, ctx.f = eps, f
+        return z * _coefficient(z, theta, f)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         z, theta = ctx.saved_tensors
-        grad_z = g * (z.abs() > theta) if ctx.needs_input_grad[0] else None
+        grad_z = g * _coefficient(z, theta, ctx.f) if ctx.needs_input_grad[0] else None
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            # JumpReLU(z) sees upstream g; JumpReLU(-z) sees -g (J subtracts it).
-            # K is even, so K((-z - theta)/eps) = K((z + theta)/eps).
-            k_pos = rectangle((z - theta) / ctx.eps)
-            k_neg = rectangle((z + theta) / ctx.eps)
-            grad_theta = (-(theta / ctx.eps) * ((k_pos - k_neg) * g).mean()).reshape(theta.shape)
-        return grad_z, grad_theta, None
+            # J = JumpReLU(z) - JumpReLU(-z) receives f * g. JumpReLU(z) sees f * g,
+            # JumpReLU(-z) sees -f * g; K is even, so K((-z - theta)/eps) = K((z + theta)/eps).
+            k = rectangle((z - theta) / ctx.eps) - rectangle((z + theta) / ctx.eps)
+            grad_theta = (-(theta / ctx.eps) * ctx.f * (k * g).mean()).reshape(theta.shape)
+        return grad_z, grad_theta, None, None
 
 
 class _StepDensity(torch.autograd.Function):
@@ -84,14 +72,9 @@ class _StepDensity(torch.autograd.Function):
         return None, grad_theta, None
 
 
-def jump_relu(z: Tensor, theta: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    """JumpReLU_theta(z) = z * H(z - theta) with the rectangle-kernel STE for theta."""
-    return _JumpReLU.apply(z, theta, eps)
-
-
-def signed_jump(z: Tensor, theta: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    """J(z) = JumpReLU_theta(z) - JumpReLU_theta(-z): keeps entries with |z| > theta, sign kept."""
-    return _SignedJump.apply(z, theta, eps)
+def signed_jump(z: Tensor, theta: Tensor, eps: float = DEFAULT_EPS, f: float = 1.0) -> Tensor:
+    """f * J(z) + (1 - f) * z with J(z) = z * 1[|z| > theta] (sign kept); f = 1: J(z)."""
+    return _SignedJump.apply(z, theta, eps, f)
 
 
 def step_density(z: Tensor, theta: Tensor, eps: float = DEFAULT_EPS) -> Tensor:

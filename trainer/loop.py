@@ -7,13 +7,16 @@ Per task i (version i+1; version 0 is the base model):
   3. merged = W0 + s*J(dW) per adapted weight, rounded to the checkpoint dtype
   4. method.end_task commits it (or keeps the adapter: SeqLoRA)
   5. greedy exact-match evaluation on tasks 0..i, on exactly the exported weights
-  6. delta = diff(previous state, new state) in the checkpoint dtype -> deltas/, and the
-     merged checkpoint -> merged/; run.json is rewritten last, as the commit point.
+  6. delta = diff(previous state, new state) in the checkpoint dtype -> deltas/, the
+     merged checkpoint -> merged/, the method state -> state/method-v<i>.safetensors;
+     run.json is rewritten after them, as the commit point; only then are the previous
+     merged checkpoint (unless --keep-all-merged) and method state removed.
 
 Determinism and `--resume`: every task reseeds torch and its data order from
-(seed, task index), and the loop's only state besides the checkpoint is the method's
-(saved in state/method.safetensors) and the accuracy rows (in run.json), so a resumed
-run continues exactly where an uninterrupted one would be.
+(seed, task index) and restarts its optimizer, and the loop's only state besides the
+checkpoint is the method's (one file per version, named in run.json) and the accuracy
+rows (in run.json), so a resumed run continues exactly where an uninterrupted one would
+be, wherever the previous one stopped.
 
 Multi-GPU: under `torchrun --nproc_per_node N` each task trains under PyTorch DDP with a
 DistributedSampler; rank 0 evaluates and writes, the others wait.
@@ -28,6 +31,7 @@ import platform
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,16 +45,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from jlserve import __version__ as jlserve_version
 from jlserve.checkpoint import atomic_write_bytes, fingerprint, load_tensors, write_checkpoint
-from jlserve.delta import diff_tensors, read_delta, write_delta
+from jlserve.delta import SparseDelta, diff_tensors, read_delta, write_delta
 from jlserve.errors import JlserveError
 from trainer.adapter import Adapter
 from trainer.config import RunConfig, config_yaml
-from trainer.data import Encoder, Task, evaluate_task, load_stream
+from trainer.data import Encoder, Task, evaluate_task, load_stream, score
 from trainer.errors import TrainerError
 from trainer.methods import Method, build_method
 from trainer.metrics import AccuracyMatrix, DeltaDensity, SupportOverlap
+from trainer.publish import Publisher
 from trainer.report import write_report
 from trainer.schedule import SparsitySchedule
+from trainer.served import ServedModel
 
 
 def _slug(name: str) -> str:
@@ -63,6 +69,10 @@ def delta_name(version: int, task: str) -> str:
 
 def merged_name(version: int, task: str) -> str:
     return f"v{version:03d}-{_slug(task)}"
+
+
+def state_name(version: int) -> str:
+    return f"method-v{version:03d}.safetensors"
 
 
 def peak_rss_mib() -> float:
@@ -80,6 +90,9 @@ class Recipe:
         resume: bool = False,
         stop_after: int | None = None,
         console: Console | None = None,
+        publisher: Publisher | None = None,
+        served: ServedModel | None = None,
+        on_task_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -87,16 +100,19 @@ class Recipe:
         self.resume = resume
         self.stop_after = stop_after
         self.console = console or Console(stderr=True)
+        self.publisher = publisher  # where each task's delta goes as soon as it is merged
+        self.served = served  # evaluate through this server instead of in process
+        self.on_task_end = on_task_end  # called with the metrics after each task's commit
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        self._check_run_dir()  # fail fast, before loading anything
-        self._setup_distributed()
-        self._setup_model()
+        self._check_run_dir()  # fail fast: run directory and data before the model
         self.tasks: list[Task] = load_stream(self.cfg.data, self.cfg.train.seed)
-        self.enc = Encoder(self.tokenizer, self.cfg.data.max_length)
-        self.method: Method = build_method(self.cfg)
+        self.method: Method = build_method(self.cfg, len(self.tasks))
+        self._setup_distributed()
+        self._setup_base()
+        self._setup_model()
         names = [t.name for t in self.tasks]
         self.accuracy = AccuracyMatrix(names)
         self.density = DeltaDensity(self.adapted_numel)
@@ -126,6 +142,8 @@ class Recipe:
             self.device = torch.device(want)
         except RuntimeError as exc:
             raise TrainerError(f"train.device: {exc}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainerError(f"train.device {want!r}: CUDA is not available here")
         precision = self.cfg.train.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -135,8 +153,9 @@ class Recipe:
         if dist.is_initialized():
             dist.barrier()
 
-    def _setup_model(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def _setup_base(self) -> None:
+        """Checkpoint tensors (version 0), tokenizer and encoder; checks every task fits."""
+        from transformers import AutoTokenizer
 
         model_dir = self.cfg.model
         try:
@@ -144,7 +163,18 @@ class Recipe:
         except JlserveError as exc:
             raise TrainerError(f"model: {exc}") from None
         self.base_fingerprint = fingerprint(self.base_state)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            raise TrainerError(f"model: {model_dir}: cannot load the tokenizer ({exc})") from None
+        self.enc = Encoder(self.tokenizer, self.cfg.data.max_length)
+        for task in self.tasks:
+            self.enc.body_budget(task)  # max_length fits every task's prompt and targets
+
+    def _setup_model(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        model_dir = self.cfg.model
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
         self.model.requires_grad_(False)
@@ -224,27 +254,32 @@ class Recipe:
             self.state = load_tensors(self.run_dir / "merged" / last["merged"])
             if self.method.commits:
                 self.model.load_state_dict(self.state, strict=False)
-            method_state = load_file(self.run_dir / "state" / "method.safetensors")
+            method_state = load_file(self.run_dir / "state" / last["state"])
             self.method.load_state_dict(method_state, self.model)
             self.method.task_index = self.completed - 1
 
     def _drop_partial_outputs(self) -> None:
-        """Remove files of a task that was being written when the run stopped."""
-        keep_deltas = {v["delta"] for v in self.versions[1:]}
-        for f in (self.run_dir / "deltas").iterdir():
-            if f.name not in keep_deltas:
-                f.unlink()
-        keep_merged = {v["merged"] for v in self.versions[1:] if v.get("merged")}
-        for d in (self.run_dir / "merged").iterdir():
-            if d.name not in keep_merged:
-                shutil.rmtree(d)
+        """Remove files run.json does not name: those of a task that was being written when
+        the run stopped, and those a committed task had not yet cleaned up."""
+        named = self.versions[1:]
+        keep = {
+            "deltas": {v["delta"] for v in named},
+            "merged": {v["merged"] for v in named if v.get("merged")},
+            "state": {named[-1]["state"]} if named else set(),
+        }
+        for sub, names in keep.items():
+            for path in (self.run_dir / sub).iterdir():
+                if path.name in names:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
     # ------------------------------------------------------------------ train
 
     def _loader(self, task: Task, task_index: int) -> DataLoader:
         examples = self.enc.train_examples(task)
-        if not examples:
-            raise TrainerError(f"task {task.name} has no training rows")
         generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + task_index)
         sampler = None
         if dist.is_initialized():
@@ -345,31 +380,55 @@ class Recipe:
     # ------------------------------------------------------------------ evaluate / export
 
     def evaluate(self, i: int) -> None:
+        """Row i of the accuracy matrix: every task seen so far, on version i + 1."""
+        if self.served is not None:
+            self.served.wait_for_version(i + 1)
         self.model.eval()
         with self.autocast():
             for j in range(i + 1):
-                r = evaluate_task(
-                    self.model, self.enc, self.tasks[j], self.cfg.train.eval_batch_size, self.device
-                )
+                task = self.tasks[j]
+                if self.served is None:
+                    r = evaluate_task(
+                        self.model, self.enc, task, self.cfg.train.eval_batch_size, self.device
+                    )
+                else:
+                    predictions = self.served.generate(
+                        self.enc.eval_prompts(task),
+                        max_new_tokens=self.enc.max_target_len(task),
+                        stop_token=self.enc.eos,
+                        version=i + 1,
+                    )
+                    r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
 
-    def export(self, i: int, task: Task, merged: dict[str, torch.Tensor], log: dict) -> None:
-        version = i + 1
-        new_state = {**self.state, **merged}
-        delta = diff_tensors(
+    def make_delta(self, i: int, task: Task, merged: dict[str, torch.Tensor]) -> SparseDelta:
+        """The exact sparse delta from the current version to version i + 1."""
+        return diff_tensors(
             self.state,
-            new_state,
+            {**self.state, **merged},
             task=task.name,
-            version=version,
+            version=i + 1,
             extra={"method": self.cfg.method.name},
         )
+
+    def publish(self, i: int, task: Task, delta: SparseDelta, log: dict) -> None:
+        receipt = self.publisher.publish(delta, delta.to_bytes(), delta_name(i + 1, task.name))
+        log.update(publish=receipt.note, swap_s=receipt.swap_s)
+        self.console.print(f"  {receipt.note}")
+
+    def export(
+        self, i: int, task: Task, merged: dict[str, torch.Tensor], delta: SparseDelta, log: dict
+    ) -> None:
+        version = i + 1
+        new_state = {**self.state, **merged}
         dname, mname = delta_name(version, task.name), merged_name(version, task.name)
+        sname = state_name(version)
         write_delta(delta, self.run_dir / "deltas" / dname)
         write_checkpoint(new_state, self.run_dir / "merged" / mname, like=self.cfg.model)
-        previous = self.versions[-1].get("merged")
+        save_file(self.method.state_dict(), str(self.run_dir / "state" / sname))
+        previous = self.versions[-1]
         self.density.update(task.name, delta)
         self.overlap.update(task.name, delta)
-        save_file(self.method.state_dict(), str(self.run_dir / "state" / "method.safetensors"))
         self.state = new_state
         self.completed = version
         log.update(
@@ -387,12 +446,19 @@ class Recipe:
                 "fingerprint": delta.metadata.child_fingerprint,
                 "delta": dname,
                 "merged": mname,
+                "state": sname,
             }
         )
-        if previous and not self.cfg.keep_all_merged:
-            shutil.rmtree(self.run_dir / "merged" / previous, ignore_errors=True)
-            self.versions[-2]["merged"] = None
+        drop_merged = previous.get("merged") if not self.cfg.keep_all_merged else None
+        if drop_merged:
+            previous["merged"] = None
         self._write_run_json()  # the commit point of this task
+        # Only now may the previous version's files go: until run.json names this version,
+        # a resume restarts from them.
+        if drop_merged:
+            shutil.rmtree(self.run_dir / "merged" / drop_merged, ignore_errors=True)
+        if previous.get("state"):
+            (self.run_dir / "state" / previous["state"]).unlink(missing_ok=True)
         self.write_metrics()
 
     def metrics(self) -> dict[str, Any]:
@@ -429,10 +495,15 @@ class Recipe:
             merged = adapter.merged_weights(self.state)
             kept = self.method.end_task(adapter, merged)
             if self.is_main:
+                delta = self.make_delta(i, task, merged)
+                if self.publisher is not None:  # before evaluating: --eval-via needs it served
+                    self.publish(i, task, delta, log)
                 with self.method.eval_view(kept, merged):
                     self.evaluate(i)
-                self.export(i, task, merged, log)
+                self.export(i, task, merged, delta, log)
                 self.console.print(self._summary(i, log))
+                if self.on_task_end is not None:
+                    self.on_task_end(self.metrics())
             self._barrier()
         if self.is_main:
             self.write_metrics()

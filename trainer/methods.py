@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from trainer.adapter import Adapter
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
+from trainer.gate import signed_jump
 
 
 class Method:
@@ -105,79 +106,81 @@ class SeqLoRA(Method):
         return self.adapter
 
 
-class Ella(Method):
-    """IncLoRA + lambda * mean_m ||dW_hat_t (.) W_past||_F^2 (coordinate-wise overlap penalty).
+class _PastMemory(Method):
+    """IncLoRA plus one tensor per adapted module summarising earlier tasks (`self.past`),
+    saved for `--resume` under the key `<module>.<STATE_KEY>`."""
 
-    W_past = sum of earlier tasks' s*J(dW) (detached); dW_hat_t = s*(f*J(dW) + (1-f)*dW)
-    with the gate mask treated as a constant, so ELLA sends no gradient to theta.
-    """
+    STATE_KEY = "past"
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        self.w_past: dict[str, Tensor] = {}  # module name -> (d_out, d_in) fp32
+        self.past: dict[str, Tensor] = {}  # module name -> tensor, on the model's device
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"{n}.{self.STATE_KEY}": t.cpu() for n, t in self.past.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor], model: nn.Module) -> Adapter | None:
+        device = next(model.parameters()).device
+        suffix = f".{self.STATE_KEY}"
+        self.past = {k.removesuffix(suffix): t.to(device) for k, t in state.items()}
+        return None
+
+
+class Ella(_PastMemory):
+    """IncLoRA + lambda * mean_m ||dW_hat_t (.) W_past||_F^2 (coordinate-wise overlap penalty).
+
+    past = W_past (d_out, d_in) fp32 = sum of earlier tasks' s*J(dW) (detached);
+    dW_hat_t = s*(f*J(dW) + (1-f)*dW) with theta detached (the mask is a constant), so
+    ELLA sends no gradient to theta.
+    """
+
+    STATE_KEY = "w_past"
 
     def extra_loss(self, adapter: Adapter, f: float) -> dict[str, Tensor]:
-        if not self.w_past:
+        if not self.past:
             return {"ella": torch.zeros((), device=adapter.thresholds.phi.device)}
         terms = []
         for name, m in adapter.modules.items():
             dw = m.delta()  # (d_out, d_in)
             if m.gated and f > 0.0:
-                mask = (dw.detach().abs() > m.theta().detach()).to(dw.dtype)
-                dw = f * dw * mask + (1.0 - f) * dw
-            terms.append((m.scaling * dw * self.w_past[name]).square().sum())
+                dw = signed_jump(dw, m.theta().detach(), m.eps, f)
+            terms.append((m.scaling * dw * self.past[name]).square().sum())
         lam = self.cfg.method.ella_lambda_for(self.task_index)
         return {"ella": lam * torch.stack(terms).mean()}
 
     @torch.no_grad()
     def end_task(self, adapter: Adapter, merged: dict[str, Tensor]) -> Adapter | None:
         for name, m in adapter.modules.items():
-            update = m.scaling * m.gated_delta(1.0)
-            self.w_past[name] = self.w_past[name] + update if name in self.w_past else update
+            update = m.scaling * m.gated_delta(1.0)  # (d_out, d_in)
+            self.past[name] = self.past[name] + update if name in self.past else update
         return super().end_task(adapter, merged)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f"{n}.w_past": t.cpu() for n, t in self.w_past.items()}
 
-    def load_state_dict(self, state: dict[str, Tensor], model: nn.Module) -> Adapter | None:
-        device = next(model.parameters()).device
-        self.w_past = {k.removesuffix(".w_past"): t.to(device) for k, t in state.items()}
-        return None
-
-
-class OLora(Method):
+class OLora(_PastMemory):
     """IncLoRA + lambda * sum_m sum |A_past^(m) @ A_t^(m).T| (O-LoRA's orthogonality loss).
 
     Unlike the original O-LoRA, earlier adapters are merged (as in IncLoRA); only their A
-    matrices are kept, to span the subspaces the new adapter must stay orthogonal to.
+    matrices are kept (past: (r * tasks so far, d_in)), to span the subspaces the new
+    adapter must stay orthogonal to.
     """
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        self.past_a: dict[str, Tensor] = {}  # module name -> (r * tasks so far, d_in)
+    STATE_KEY = "past_A"
 
     def extra_loss(self, adapter: Adapter, f: float) -> dict[str, Tensor]:
-        if not self.past_a:
+        if not self.past:
             return {"olora": torch.zeros((), device=adapter.thresholds.phi.device)}
         total = sum(
-            (self.past_a[name] @ m.lora_A.T).abs().sum() for name, m in adapter.modules.items()
+            (self.past[name] @ m.lora_A.T).abs().sum()  # (r * tasks, r)
+            for name, m in adapter.modules.items()
         )
         return {"olora": self.cfg.method.olora_lambda * total}
 
     @torch.no_grad()
     def end_task(self, adapter: Adapter, merged: dict[str, Tensor]) -> Adapter | None:
         for name, m in adapter.modules.items():
-            a = m.lora_A.detach().clone()
-            self.past_a[name] = torch.cat([self.past_a[name], a]) if name in self.past_a else a
+            a = m.lora_A.detach().clone()  # (r, d_in)
+            self.past[name] = torch.cat([self.past[name], a]) if name in self.past else a
         return super().end_task(adapter, merged)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f"{n}.past_A": t.cpu() for n, t in self.past_a.items()}
-
-    def load_state_dict(self, state: dict[str, Tensor], model: nn.Module) -> Adapter | None:
-        device = next(model.parameters()).device
-        self.past_a = {k.removesuffix(".past_A"): t.to(device) for k, t in state.items()}
-        return None
 
 
 METHODS: dict[str, type[Method]] = {
@@ -188,10 +191,11 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def build_method(cfg: RunConfig) -> Method:
-    try:
-        return METHODS[cfg.method.name](cfg)
-    except KeyError:
+def build_method(cfg: RunConfig, n_tasks: int) -> Method:
+    """The configured method for a stream of `n_tasks` tasks."""
+    lam = cfg.method.ella_lambda
+    if cfg.method.name == "ella" and isinstance(lam, list) and len(lam) != n_tasks:
         raise TrainerError(
-            f"unknown method {cfg.method.name!r}; choose from {sorted(METHODS)}"
-        ) from None
+            f"method.ella_lambda lists {len(lam)} values; the stream has {n_tasks} tasks"
+        )
+    return METHODS[cfg.method.name](cfg)

@@ -52,9 +52,9 @@ def order_log_threshold(values: Tensor, keep: int) -> Tensor:
         return torch.tensor(math.log(MIN_THETA))
     if keep <= 0:
         return torch.tensor(math.log(max(float(values.max()), MIN_THETA)))
-    drop = n - keep
-    lo = float(torch.kthvalue(values, drop).values)  # largest dropped
-    hi = float(torch.kthvalue(values, drop + 1).values)  # smallest kept
+    # One selection pass (topk of the keep + 1 largest) instead of two kthvalue calls.
+    top = torch.topk(values, keep + 1, sorted=False).values  # (keep + 1,)
+    lo, hi = torch.topk(top, 2, largest=False).values.tolist()  # largest dropped, smallest kept
     theta = lo if hi <= lo else lo + (hi - lo) / 2
     phi = torch.tensor(math.log(max(theta, MIN_THETA)), dtype=torch.float32)
     down, up = torch.tensor(-math.inf), torch.tensor(math.inf)

@@ -180,3 +180,28 @@ def test_injects_into_hf_model_and_trains_theta(tiny_model_dir) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     assert adapter.thresholds.phi.grad is not None and adapter.thresholds.phi.grad.abs().sum() > 0
     assert all(m.lora_A.grad is not None for m in adapter.modules.values())
+
+
+def test_while_f_is_zero_the_dense_factored_path_runs_and_theta_gets_no_gradient() -> None:
+    model = Toy()
+    w0 = model.layers[0].q_proj.weight.detach().clone()
+    adapter = _trained_adapter(model, targets=["q_proj"])
+    m = adapter.modules["layers.0.q_proj"]
+    x = torch.randn(5, 48)
+    dense = F.linear(x, w0 + m.scaling * (m.lora_B @ m.lora_A).detach(), m.base.bias)
+    out = m(x)  # f = 0
+    torch.testing.assert_close(out, dense)
+    out.sum().backward()
+    assert adapter.thresholds.phi.grad is None
+    assert m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0
+
+
+def test_delta_and_gate_stay_fp32_under_bf16_autocast() -> None:
+    model = Toy()
+    adapter = _trained_adapter(model, targets=["q_proj"])
+    adapter.reinit_thresholds()
+    m = adapter.modules["layers.0.q_proj"]
+    reference = m.gated_delta(1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.delta().dtype == torch.float32
+        assert torch.equal(m.gated_delta(1.0), reference)  # same mask as the merge sees

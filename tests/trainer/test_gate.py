@@ -1,8 +1,26 @@
 """The STE of the JumpLoRA gate: hand-computed gradients, fusion, finite differences."""
 
+import pytest
 import torch
 
-from trainer.gate import jump_relu, rectangle, signed_jump, step_density
+from trainer.gate import rectangle, signed_jump, step_density
+
+
+class _JumpReLU(torch.autograd.Function):
+    """JumpReLU_theta(z) = z * H(z - theta) with the method doc's STE, written out plainly:
+    the reference the fused gate is checked against."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        k = rectangle((z - theta) / ctx.eps)
+        return g * (z > theta), -(theta / ctx.eps) * (k * g).mean(), None
 
 
 def test_rectangle_kernel_is_open_unit_window() -> None:
@@ -10,33 +28,42 @@ def test_rectangle_kernel_is_open_unit_window() -> None:
     assert rectangle(u).tolist() == [0, 0, 1, 1, 1, 0, 0]
 
 
-def test_jump_relu_threshold_gradient_matches_formula_by_hand() -> None:
-    eps, theta = 1e-3, torch.tensor(0.1, requires_grad=True)
-    # Entries: two inside the kernel window (|z - theta| < eps/2), two outside.
-    z = torch.tensor([0.1002, 0.0997, 0.5, -0.3], requires_grad=True)
-    g = torch.tensor([2.0, -3.0, 5.0, 7.0])
-    (jump_relu(z, theta, eps) * g).sum().backward()
-    # dL/dtheta = -(theta/eps) * mean(K * g) = -(0.1/1e-3) * (2 - 3)/4 = 25
-    assert torch.isclose(theta.grad, torch.tensor(25.0))
-    # dL/dz = 1[z > theta] * g
-    assert z.grad.tolist() == [2.0, 0.0, 5.0, 0.0]
+@pytest.mark.parametrize("f", [1.0, 0.25])
+def test_threshold_gradient_matches_formula_by_hand(f: float) -> None:
+    eps = 1e-3
+    phi = torch.tensor(0.1).log().requires_grad_()
+    theta = phi.exp()
+    # In the +theta window: 0.1002, 0.0997; in the -theta window: -0.1003; outside: 0.5, -0.3.
+    z = torch.tensor([0.1002, 0.0997, -0.1003, 0.5, -0.3], requires_grad=True)
+    g = torch.tensor([2.0, -3.0, 4.0, 5.0, 7.0])
+    out = signed_jump(z, theta, eps, f)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])  # |z| > theta, sign kept
+    assert torch.equal(out, z.detach() * (f * keep + (1 - f)))
+    (out * g).sum().backward()
+    # dL/dtheta = -(theta/eps) * f * mean((K_pos - K_neg) * g)
+    #           = -(0.1/1e-3) * f * (2 - 3 - 4)/5 = 100 f;  dL/dphi = theta * dL/dtheta.
+    torch.testing.assert_close(phi.grad, torch.tensor(0.1 * 100.0 * f))
+    # dL/dz = (f * 1[|z| > theta] + 1 - f) * g: no STE on z.
+    torch.testing.assert_close(z.grad, (f * keep + (1 - f)) * g)
 
 
-def test_signed_jump_keeps_sign_and_equals_two_jump_relus() -> None:
+@pytest.mark.parametrize("f", [1.0, 0.6])
+def test_fused_gate_equals_the_blend_of_two_jump_relus(f: float) -> None:
     torch.manual_seed(0)
     z = (torch.randn(16, 24) * 0.02).requires_grad_()
     phi = torch.tensor(-4.0, requires_grad=True)
     g = torch.randn(16, 24)
-    out = signed_jump(z, phi.exp(), 5e-3)
-    assert torch.equal(out, z * (z.abs() > phi.exp()))
-    (out * g).sum().backward()
-    fused = (z.grad.clone(), phi.grad.clone())
+    fused = signed_jump(z, phi.exp(), 5e-3, f)
+    (fused * g).sum().backward()
+    got = (fused.detach(), z.grad.clone(), phi.grad.clone())
     z.grad, phi.grad = None, None
     theta = phi.exp()
-    ref = jump_relu(z, theta, 5e-3) - jump_relu(-z, theta, 5e-3)
+    j = _JumpReLU.apply(z, theta, 5e-3) - _JumpReLU.apply(-z, theta, 5e-3)
+    ref = f * j + (1 - f) * z
     (ref * g).sum().backward()
-    assert torch.allclose(fused[0], z.grad)
-    assert torch.allclose(fused[1], phi.grad)
+    torch.testing.assert_close(got[0], ref.detach())
+    torch.testing.assert_close(got[1], z.grad)
+    torch.testing.assert_close(got[2], phi.grad)
     assert phi.grad != 0  # the window holds entries, so the test checks something
 
 

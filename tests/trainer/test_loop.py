@@ -8,9 +8,10 @@ import pytest
 from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
 from jlserve.cli import main as jlserve_main
 from jlserve.delta import plan_update, read_delta
-from tests.conftest import CL_BENCHMARK_DIR
+from tests.conftest import CL_BENCHMARK_DIR, REPO_ROOT
 from trainer.cli import main as trainer_main
 from trainer.config import load_config
+from trainer.loop import Recipe, train
 
 
 def _config(tmp_path: Path, model: Path, **method) -> Path:
@@ -66,35 +67,121 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(tmp_path, tiny_mod
         assert all(tensors[n].equal(merged[n]) for n in merged)
 
 
-@pytest.mark.parametrize("method", ["ella", "seqLoRA"])
-def test_resume_gives_the_same_results_as_an_uninterrupted_run(
-    tmp_path, tiny_model_dir, method
-) -> None:
-    cfg = _config(tmp_path, tiny_model_dir, name=method)
+def _same_results(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((d / "run.json").read_text()) for d in (a, b))
+    assert [v["fingerprint"] for v in ra["versions"]] == [v["fingerprint"] for v in rb["versions"]]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["accuracy"] == mb["accuracy"] and ma["density"] == mb["density"]
+
+
+def test_resume_after_stop_gives_the_same_results(tmp_path, tiny_model_dir) -> None:
+    cfg = _config(tmp_path, tiny_model_dir, name="seqLoRA")
     full, part = tmp_path / "full", tmp_path / "part"
     assert trainer_main(["--config", str(cfg), "--out", str(full)]) == 0
     assert trainer_main(["--config", str(cfg), "--out", str(part), "--stop-after", "1"]) == 0
     assert json.loads((part / "run.json").read_text())["completed"] == 1
     assert trainer_main(["--config", str(cfg), "--out", str(part), "--resume"]) == 0
-    a, b = (json.loads((d / "run.json").read_text()) for d in (full, part))
-    assert [v["fingerprint"] for v in a["versions"]] == [v["fingerprint"] for v in b["versions"]]
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
-    assert ma["accuracy"] == mb["accuracy"] and ma["density"] == mb["density"]
-    # Only the last merged checkpoint is kept without --keep-all-merged.
+    _same_results(full, part)
+    # Only the last merged checkpoint and method state are kept without --keep-all-merged.
     assert [p.name for p in (part / "merged").iterdir()] == ["v002-copa"]
+    assert [p.name for p in (part / "state").iterdir()] == ["method-v002.safetensors"]
 
 
-def test_cli_user_errors_exit_2_with_one_line(tmp_path, tiny_model_dir, capsys) -> None:
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_at_the_commit_point(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """Killed after task 2 wrote its delta, checkpoint and ELLA state but before run.json
+    named them: the resume must redo task 2 from task 1's files, exactly."""
+    cfg = _config(tmp_path, tiny_model_dir, name="ella")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert trainer_main(["--config", str(cfg), "--out", str(full)]) == 0
+    write_run_json = Recipe._write_run_json
+
+    def crash_at_second_commit(self: Recipe) -> None:
+        if self.completed == 2:
+            raise _Crash
+        write_run_json(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Recipe, "_write_run_json", crash_at_second_commit)
+        with pytest.raises(_Crash):
+            train(load_config(cfg), part)
+    assert (part / "merged" / "v002-copa").is_dir()  # task 2's files were all written
+    assert trainer_main(["--config", str(cfg), "--out", str(part), "--resume"]) == 0
+    _same_results(full, part)
+
+
+BAD_INPUTS = {
+    "malformed yaml": ("config", "model: [\n", [], "not valid YAML"),
+    "missing config": ("nothing", "", [], "cannot read config"),
+    "unknown --set key": ("config", None, ["train.nope=1"], "train.nope"),
+    "bad --set value": ("config", None, ["train.lr=["], "not valid YAML"),
+    "bad --set syntax": ("config", None, ["train.lr"], "key=value"),
+    "empty task list": ("config", None, ["data.tasks=[]"], "data.tasks"),
+    "unknown task": ("config", None, ["data.tasks=[cb, nope]"], "'nope' is not in"),
+    "unknown order": ("config", None, ["data.tasks=null", "data.order=nope"], "unknown order"),
+    "missing data root": ("config", None, ["data.root=/nonexistent"], "cannot read"),
+    "missing data file": ("data", None, ["data.tasks=[cb]"], "cb/train.json: cannot read"),
+    "empty data file": ("data", "[]", ["data.tasks=[cb]"], "cb/train.json: no rows"),
+    "tasks.json not a mapping": ("data", "[]", ["data.tasks=[other]"], "expected {"),
+    "ella lambda per task": (
+        "config",
+        None,
+        ["method.name=ella", "method.ella_lambda=[1.0]"],
+        "the stream has 2 tasks",
+    ),
+    "max_length too short": ("config", None, ["data.max_length=8"], "too short"),
+    "missing model": ("config", None, ["model=/nonexistent"], "model:"),
+    "bad device": ("config", None, ["train.device=nonsense"], "train.device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys, case) -> None:
+    kind, text, overrides, message = BAD_INPUTS[case]
+    cfg = _config(tmp_path, tiny_model_dir)
+    if kind == "config" and text is not None:
+        cfg.write_text(text)
+    elif kind == "nothing":
+        cfg = tmp_path / "missing.yaml"
+    elif kind == "data":  # a copy of the benchmark index with one task's files changed
+        root = tmp_path / "data"
+        (root / "cb").mkdir(parents=True)
+        index = json.loads((CL_BENCHMARK_DIR / "tasks.json").read_text())
+        if case == "tasks.json not a mapping":
+            index = text
+        (root / "tasks.json").write_text(json.dumps(index))
+        if text is not None and case == "empty data file":
+            (root / "cb" / "train.json").write_text(text)
+        overrides = [*overrides, f"data.root={root}"]
+    out = tmp_path / "out"
+    args = ["--config", str(cfg), "--out", str(out)]
+    for assignment in overrides:
+        args += ["--set", assignment]
+    assert trainer_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trainer: error:"), err
+    assert message in err[0]
+    assert not out.exists()  # nothing written for a run that never started
+
+
+def test_run_directory_errors_exit_2_through_jlserve_train(tmp_path, tiny_model_dir, capsys):
     cfg = _config(tmp_path, tiny_model_dir)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
     assert jlserve_main(["train", "--config", str(cfg), "--out", str(tmp_path / "busy")]) == 2
-    assert (
-        trainer_main(["--config", str(cfg), "--out", str(tmp_path / "new"), "--set", "train.lr=0"])
-        == 2
-    )
     assert trainer_main(["--config", str(cfg), "--out", str(tmp_path / "x"), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all("error:" in line for line in err)
-    assert "Traceback" not in "".join(err)
-    assert load_config(cfg).data.tasks == ["cb", "copa"]
+    assert len(err) == 2 and all("error:" in line for line in err)
+    assert "not empty" in err[0] and "nothing to resume" in err[1]
+
+
+def test_example_configs_parse_and_start_with_their_command() -> None:
+    configs = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith(f"# jlserve train --config configs/{path.name} "), path
+        load_config(path)

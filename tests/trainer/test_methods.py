@@ -1,9 +1,11 @@
 """CL method plug-ins: ELLA penalty, O-LoRA loss, SeqLoRA's kept adapter."""
 
+import pytest
 import torch
 from torch import nn
 
 from trainer.config import RunConfig
+from trainer.errors import TrainerError
 from trainer.methods import Ella, OLora, SeqLoRA, build_method
 
 
@@ -110,9 +112,28 @@ def test_seqlora_keeps_one_adapter_and_serving_view_restores_it() -> None:
     assert again is adapter and again.thresholds.phi[0].item() == -4.699999809265137
 
 
-def test_every_method_builds_and_composes_with_both_gates() -> None:
-    for name in ("incLoRA", "seqLoRA", "ella", "olora"):
-        for gate in ("jump", "none"):
-            method = build_method(_cfg(name, gate=gate))
-            adapter = method.start_task(Toy(), 0)
-            assert all(m.gated == (gate == "jump") for m in adapter.modules.values())
+@pytest.mark.parametrize("gate", ["jump", "none"])
+@pytest.mark.parametrize("name", ["incLoRA", "seqLoRA", "ella", "olora"])
+def test_every_method_composes_with_both_gates_over_two_tasks(name: str, gate: str) -> None:
+    torch.manual_seed(0)
+    model = Toy()
+    method = build_method(_cfg(name, gate=gate), n_tasks=2)
+    for task in range(2):
+        adapter = method.start_task(model, task)
+        assert all(m.gated == (gate == "jump") for m in adapter.modules.values())
+        _randomize(adapter)
+        if gate == "jump":
+            adapter.reinit_thresholds()
+        adapter.set_f(0.5)
+        extras = method.extra_loss(adapter, 0.5)
+        loss = model(torch.randn(3, 6)).square().mean() + sum(extras.values())
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(m.lora_A.grad is not None for m in adapter.modules.values())
+        assert (adapter.thresholds.phi.grad is not None) == (gate == "jump")
+        method.end_task(adapter, adapter.merged_weights())
+
+
+def test_ella_lambda_list_must_match_the_stream() -> None:
+    with pytest.raises(TrainerError, match="3 tasks"):
+        build_method(_cfg("ella"), n_tasks=3)  # _cfg gives two values

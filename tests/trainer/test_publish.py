@@ -1,0 +1,157 @@
+"""The trainer feeding a live server: --publish URL, --publish-dir DIR, --eval-via URL.
+
+Two real `jlserve serve` processes on the tiny model (fp32 compute, like the trainer's
+CPU evaluation); the trainer runs in process through its CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from jlserve.cli import main as jlserve_main
+from jlserve.delta import diff_tensors
+from tests.conftest import CL_BENCHMARK_DIR
+from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
+from trainer.cli import main as trainer_main
+from trainer.config import load_config
+from trainer.data import Encoder, generate_greedy, load_stream
+from trainer.errors import TrainerError
+from trainer.publish import ServerPublisher
+from trainer.served import ServedModel
+
+pytestmark = pytest.mark.slow
+FP32_ENGINE = ("--dtype", "float32")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("publish")
+    token = root / "admin.token"
+    token.write_text(ADMIN_TOKEN)
+    watch = root / "incoming"
+    watch.mkdir()
+    by_url = ServerProcess(
+        tiny_model_dir, root / "s1", root / "s1.log", ("--admin-token-file", str(token)),
+        engine_args=FP32_ENGINE,
+    )  # fmt: skip
+    by_dir = ServerProcess(
+        tiny_model_dir, root / "s2", root / "s2.log", ("--insecure-admin", "--watch", str(watch)),
+        engine_args=FP32_ENGINE,
+    )  # fmt: skip
+    start_all([by_url, by_dir])
+    cfg = root / "cfg.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\n"
+        f"data: {{root: {CL_BENCHMARK_DIR}, tasks: [cb, copa], train_rows: 16, eval_rows: 8,"
+        " max_length: 96}\n"
+        "train: {batch_size: 4, eval_batch_size: 8}\n"
+    )
+    reference = root / "reference"
+    assert trainer_main(["--config", str(cfg), "--out", str(reference)]) == 0
+    yield {
+        "url": by_url,
+        "dir": by_dir,
+        "watch": watch,
+        "token": token,
+        "cfg": cfg,
+        "ref": reference,
+    }
+    by_url.stop()
+    by_dir.stop()
+
+
+def accuracy(run: Path) -> dict:
+    acc = json.loads((run / "metrics.json").read_text())["accuracy"]
+    return {"exact": acc["matrix"], "prefix": acc["prefix_matrix"]}
+
+
+def status(server: ServerProcess) -> dict:
+    return httpx.get(f"{server.url}/admin/status", headers=admin_headers()).json()
+
+
+def final_fingerprint(run: Path) -> str:
+    return json.loads((run / "run.json").read_text())["versions"][-1]["fingerprint"]
+
+
+def test_publish_and_eval_via_the_server_match_in_process(setup, tmp_path, capsys):
+    server, run = setup["url"], tmp_path / "run"
+    code = trainer_main(
+        ["--config", str(setup["cfg"]), "--out", str(run), "--publish", server.url,
+         "--admin-token-file", str(setup["token"]), "--eval-via", server.url]
+    )  # fmt: skip
+    assert code == 0
+    assert "published v2" in capsys.readouterr().err
+    assert status(server)["version"] == 2
+    assert (
+        status(server)["fingerprint"] == final_fingerprint(run) == final_fingerprint(setup["ref"])
+    )
+    assert accuracy(run) == accuracy(setup["ref"])
+
+
+def test_served_predictions_equal_in_process_predictions(setup):
+    """Stronger than equal accuracy: the same text for every prompt of the last version."""
+    server, ref = setup["url"], setup["ref"]
+    cfg = load_config(setup["cfg"])
+    merged = next((ref / "merged").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    enc = Encoder(AutoTokenizer.from_pretrained(merged), cfg.data.max_length)
+    served = ServedModel(server.url)
+    try:
+        for task in load_stream(cfg.data, cfg.train.seed):
+            prompts, n = enc.eval_prompts(task), enc.max_target_len(task)
+            local = generate_greedy(model, enc, prompts, n, 8, torch.device("cpu"))
+            remote = served.generate(prompts, max_new_tokens=n, stop_token=enc.eos, version=2)
+            assert remote == local
+    finally:
+        served.close()
+
+
+def test_publish_dir_feeds_a_watching_server(setup, tmp_path):
+    server, run = setup["dir"], tmp_path / "run"
+    code = trainer_main(
+        ["--config", str(setup["cfg"]), "--out", str(run), "--publish-dir", str(setup["watch"]),
+         "--eval-via", server.url]
+    )  # fmt: skip
+    assert code == 0
+    assert status(server)["fingerprint"] == final_fingerprint(run)
+    assert accuracy(run) == accuracy(setup["ref"])
+
+
+def test_republishing_an_applied_delta_is_skipped(setup, tmp_path, capsys):
+    """A resumed run re-publishes what a crash left unrecorded: the server already has it."""
+    server = setup["dir"]
+    assert jlserve_main(["rollback", "--to", "1", "--url", server.url]) == 0
+    run = tmp_path / "run"
+    assert (
+        trainer_main(["--config", str(setup["cfg"]), "--out", str(run), "--publish", server.url])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "v1 already served" in err and "published v2" in err
+    assert status(server)["version"] == 2
+
+
+def test_a_refusal_stops_the_run_with_the_servers_message(setup, tmp_path, capsys):
+    server = setup["url"]  # now at version 2: a fresh run's v1 does not fit
+    code = trainer_main(
+        ["--config", str(setup["cfg"]), "--out", str(tmp_path / "run"), "--publish", server.url,
+         "--admin-token-file", str(setup["token"])]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "refused (409)" in err and "Traceback" not in err
+    assert status(server)["version"] == 2
+
+
+def test_unreachable_server_is_retried_then_reported():
+    base = {"w": torch.zeros(4, dtype=torch.bfloat16)}
+    delta = diff_tensors(base, {"w": torch.ones(4, dtype=torch.bfloat16)}, task="x", version=1)
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    publisher = ServerPublisher(dead, None, attempts=3, first_backoff_s=0.01)
+    with pytest.raises(TrainerError, match="gave up after 3 attempts"):
+        publisher.publish(delta, delta.to_bytes(), "task001-x.safetensors")

