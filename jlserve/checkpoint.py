@@ -11,6 +11,7 @@ only the touched tensors need re-hashing (see `TensorDigests`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -124,7 +125,13 @@ def fingerprint_dir(model_dir: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a part."""
+    """Write `data` to `path` so readers see the old file or the new one, never a part.
+
+    The directory is synced after the rename, so once this returns the new file survives
+    a power loss too (an acknowledged update is never lost). A failure of that sync is
+    ignored: the new file is already the visible one, and some filesystems cannot sync
+    directories.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -136,6 +143,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def prepare_output_dir(out_dir: Path) -> None:

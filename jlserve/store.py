@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jlserve.checkpoint import atomic_write_bytes
 from jlserve.errors import StateError
+from jlserve.faults import FaultStep, fault_point
 
 STATE_FILE = "state.json"
 DELTAS_DIR = "deltas"
@@ -114,7 +115,7 @@ class VersionStore:
                 )
             ),
         )
-        store._write(store._state)
+        store._write(store._state, fault_step=None)
         return store
 
     @property
@@ -170,7 +171,8 @@ class VersionStore:
                     "chain": [*self._state.chain, entry],
                     "history": [*self._state.history, event],
                 }
-            )
+            ),
+            fault_step=FaultStep.STATE_WRITE,
         )
 
     def commit_rollback(self, to_version: int, seconds: float) -> None:
@@ -187,7 +189,10 @@ class VersionStore:
             at=utc_now(),
         )
         self._write(
-            self._state.model_copy(update={"chain": kept, "history": [*self._state.history, event]})
+            self._state.model_copy(
+                update={"chain": kept, "history": [*self._state.history, event]}
+            ),
+            fault_step=FaultStep.STATE_WRITE,
         )
         (self.root / ROLLED_BACK_DIR).mkdir(exist_ok=True)
         for entry in undone:  # after the commit: a crash here only leaves a stray file
@@ -195,10 +200,16 @@ class VersionStore:
             if src.exists():
                 os.replace(src, self.root / ROLLED_BACK_DIR / f"{time.time_ns()}-{src.name}")
 
-    def _write(self, state: StateFile) -> None:
-        """Persist `state`, then adopt it: a failed write leaves memory and disk as they were."""
+    def _write(self, state: StateFile, fault_step: FaultStep | None) -> None:
+        """Persist `state`, then adopt it: a failed write leaves memory and disk as they were.
+
+        `fault_step` names the write for test fault injection (`jlserve.faults`): the
+        writes that commit a swap are `state_write`, the first write of a new dir is none.
+        """
         data = json.dumps(state.model_dump(mode="json"), indent=2).encode() + b"\n"
         try:
+            if fault_step is not None:
+                fault_point(fault_step)
             atomic_write_bytes(self.root / STATE_FILE, data)
         except OSError as exc:
             raise StateError(f"{self.root}: cannot write {STATE_FILE} ({exc})") from None

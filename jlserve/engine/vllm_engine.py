@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 import torch
 
@@ -13,6 +14,8 @@ from jlserve.engine.wire import to_wire
 # vLLM's pause modes: "wait" drains running requests, "keep" freezes them and (with the
 # cache cleared) recomputes them after resume. Both queue new requests until resume.
 _PAUSE_MODE = {SwapPolicy.DRAIN: "wait", SwapPolicy.PREEMPT: "keep"}
+DEAD_ENGINE_POLL_S = 0.5
+T = TypeVar("T")
 
 
 class VllmEngine:
@@ -36,10 +39,13 @@ class VllmEngine:
         return self._layout
 
     async def pause(self, policy: SwapPolicy) -> None:
-        await self._client.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True)
+        await self._unless_dead(
+            "pause_generation",
+            self._client.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True),
+        )
 
     async def resume(self) -> None:
-        await self._client.resume_generation()
+        await self._unless_dead("resume_generation", self._client.resume_generation())
 
     async def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
         layout = await self.weight_layout()
@@ -56,11 +62,30 @@ class VllmEngine:
             raise EngineUpdateError(f"workers loaded {reports}, expected {len(tensors)} tensors")
 
     async def reset_prefix_cache(self) -> None:
-        if not await self._client.reset_prefix_cache(reset_running_requests=True):
+        reset = self._client.reset_prefix_cache(reset_running_requests=True)
+        if not await self._unless_dead("reset_prefix_cache", reset):
             raise EngineUpdateError("vLLM refused to reset the prefix cache")
 
     async def _rpc(self, method: str, kwargs: dict | None = None) -> list:
+        return await self._unless_dead(method, self._client.collective_rpc(method, kwargs=kwargs))
+
+    async def _unless_dead(self, what: str, call: Awaitable[T]) -> T:
+        """Await an engine call, failing as soon as the engine is dead.
+
+        A call to an engine core that died (a worker was killed) never completes in
+        vLLM 0.32, and a swap stuck on it would keep the server from shutting down, so
+        the call is raced against the engine's `errored` flag.
+        """
+        task = asyncio.ensure_future(call)
         try:
-            return await self._client.collective_rpc(method, kwargs=kwargs)
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DEAD_ENGINE_POLL_S)
+                if done:
+                    return task.result()
+                if self._client.errored:
+                    task.cancel()
+                    raise EngineUpdateError(f"{what}: the engine died")
+        except EngineUpdateError:
+            raise
         except Exception as exc:  # any engine-side failure becomes one typed error
-            raise EngineUpdateError(f"{method} failed in the engine: {exc}") from exc
+            raise EngineUpdateError(f"{what} failed in the engine: {exc}") from exc

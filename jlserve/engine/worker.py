@@ -16,10 +16,13 @@ never re-derived here:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 
 from jlserve.engine.protocol import ApplyPath
 from jlserve.engine.wire import WireTensor, from_wire
+from jlserve.faults import FaultStep, fault_point
 
 
 class JlserveWorkerExtension:
@@ -49,16 +52,45 @@ class JlserveWorkerExtension:
         try:
             weights = list(from_wire(tensors).items())
             if ApplyPath(apply_path) is ApplyPath.RELOAD:
-                self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+                try:
+                    self.reload_weights(weights_iterator=_midway_fault_point(weights))  # type: ignore[attr-defined]
+                except Exception:
+                    _finish_interrupted_reload(self.model_runner.get_model(), self.vllm_config)  # type: ignore[attr-defined]
+                    raise
                 _refresh_tied_modules(self.model_runner.get_model())  # type: ignore[attr-defined]
             else:
                 with set_current_vllm_config(self.vllm_config), torch.no_grad():  # type: ignore[attr-defined]
-                    self.model_runner.get_model().load_weights(weights)  # type: ignore[attr-defined]
+                    self.model_runner.get_model().load_weights(_midway_fault_point(weights))  # type: ignore[attr-defined]
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
         except Exception as exc:  # reported to the coordinator, which restores the old weights
             return {"error": f"{type(exc).__name__}: {exc}"}
         return {"loaded": len(weights)}
+
+
+def _midway_fault_point(
+    weights: Sequence[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights`, passing the `mid_apply` fault point (tests only) once half were consumed,
+    so an injected failure leaves the model half-updated, as a real one could."""
+    for i, item in enumerate(weights):
+        if i == len(weights) // 2:
+            fault_point(FaultStep.MID_APPLY)
+        yield item
+
+
+def _finish_interrupted_reload(model: torch.nn.Module, vllm_config: object) -> None:
+    """Leave vLLM's layerwise reload after a failure midway, so the model can run again.
+
+    `reload_weights` first moves every layer to the meta device and rebuilds each one as
+    its weights arrive; only its final step puts the kernel tensors back into the layers
+    that received nothing. Without that step the model cannot run and a second reload
+    (the coordinator restoring the previous weights) fails. Layers that were rebuilt
+    midway hold new or partial values until the coordinator reloads their old tensors.
+    """
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    finalize_layerwise_reload(model, vllm_config.model_config)  # type: ignore[attr-defined]
 
 
 def _refresh_tied_modules(model: torch.nn.Module) -> None:

@@ -1,11 +1,20 @@
-"""Bearer-token check of the admin routes, independent of vLLM's inference `--api-key`."""
+"""Bearer-token check of the admin routes, independent of vLLM's inference `--api-key`.
+
+The check is ASGI middleware in front of every path under the admin prefix, not a route
+dependency: it runs before routing and before any body is read, so an unauthenticated
+client can neither make the server buffer an upload nor learn which admin routes exist
+or how their bodies are validated, and an admin route added later is guarded too.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 
-from jlserve.server.errors import AdminHTTPError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from jlserve.server.errors import AdminHTTPError, error_response
 
 
 class AdminAuth:
@@ -27,3 +36,23 @@ class AdminAuth:
             raise AdminHTTPError(401, "unauthorized", "admin route: missing bearer token")
         if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), self._digest):
             raise AdminHTTPError(403, "forbidden", "admin route: wrong admin token")
+
+
+class AdminAuthMiddleware:
+    """Refuse every request under `prefix` (the path itself or below it) without the token."""
+
+    def __init__(self, app: ASGIApp, auth: AdminAuth, prefix: str) -> None:
+        self.app = app
+        self._auth = auth
+        self._prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path == self._prefix or path.startswith(self._prefix + "/"):
+                try:
+                    self._auth.check(Headers(scope=scope).get("authorization"))
+                except AdminHTTPError as exc:
+                    await error_response(exc)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

@@ -32,6 +32,7 @@ from jlserve.delta import SparseDelta, parse_delta, plan_update
 from jlserve.engine.groups import complete_groups
 from jlserve.engine.protocol import ApplyPath, ServingEngine, SwapPolicy, WeightLayout
 from jlserve.errors import VersionConflictError
+from jlserve.faults import FaultStep, fault_point
 from jlserve.server.metrics import SwapMetrics
 from jlserve.server.schemas import StatusResponse, Timings, UpdateResponse
 from jlserve.store import ChainEntry, VersionStore, utc_now
@@ -346,6 +347,7 @@ class SwapCoordinator:
             t = time.perf_counter()
             timings.wait_s = t - held
             try:
+                fault_point(FaultStep.BEFORE_APPLY)
                 await self._engine.load_weights(new)
                 await self._engine.reset_prefix_cache()
                 timings.apply_s = time.perf_counter() - t
@@ -360,6 +362,7 @@ class SwapCoordinator:
             self._digests = plan.digests
             self._version = plan.version
             self._metrics.version.set(plan.version)
+            fault_point(FaultStep.AFTER_COMMIT)
         finally:
             try:
                 await self._engine.resume()

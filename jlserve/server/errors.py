@@ -44,6 +44,10 @@ def as_admin_error(exc: Exception) -> AdminHTTPError:
     raise exc
 
 
-async def admin_error_handler(_request: Request, exc: AdminHTTPError) -> JSONResponse:
+def error_response(exc: AdminHTTPError) -> JSONResponse:
     body = ErrorBody(error=ErrorDetail(type=exc.type, message=exc.message))
     return JSONResponse(body.model_dump(), status_code=exc.status)
+
+
+async def admin_error_handler(_request: Request, exc: AdminHTTPError) -> JSONResponse:
+    return error_response(exc)

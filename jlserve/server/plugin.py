@@ -19,13 +19,14 @@ from typing import Any
 from jlserve.engine.launch import ENDPOINT_PLUGIN_NAME
 from jlserve.engine.vllm_engine import VllmEngine
 from jlserve.errors import ServeConfigError
-from jlserve.server.auth import AdminAuth
+from jlserve.faults import armed_faults
+from jlserve.server.auth import AdminAuth, AdminAuthMiddleware
 from jlserve.server.config import ServeConfig, read_admin_token
 from jlserve.server.coordinator import SwapCoordinator
 from jlserve.server.errors import AdminHTTPError, admin_error_handler
 from jlserve.server.metrics import SwapMetrics
 from jlserve.server.middleware import ModelVersionMiddleware
-from jlserve.server.routes import build_admin_router
+from jlserve.server.routes import ADMIN_PREFIX, build_admin_router
 from jlserve.server.watch import DeltaWatcher
 
 log = logging.getLogger("jlserve")
@@ -59,9 +60,13 @@ class JlserveEndpointPlugin:
             log.warning(
                 "admin routes are NOT authenticated (--insecure-admin on %s)", self._config.host
             )
+        faults = armed_faults()
+        if faults:
+            log.warning("FAULT INJECTION ARMED (%s): for tests only", faults)
         app.add_middleware(ModelVersionMiddleware, coordinator=lambda: self.coordinator)
+        app.add_middleware(AdminAuthMiddleware, auth=auth, prefix=ADMIN_PREFIX)
         app.add_exception_handler(AdminHTTPError, admin_error_handler)
-        app.include_router(build_admin_router(lambda: self.coordinator, auth))
+        app.include_router(build_admin_router(lambda: self.coordinator))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         config = self._config

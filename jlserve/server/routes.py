@@ -1,15 +1,17 @@
-"""The admin HTTP API (`/admin/...`): typed bodies, bearer auth, errors as JSON."""
+"""The admin HTTP API (`/admin/...`): typed bodies, errors as JSON.
+
+Every path under `ADMIN_PREFIX` is guarded by `auth.AdminAuthMiddleware` (the plugin
+installs both), so the routes here never see an unauthenticated request.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Request
 
 from jlserve.engine.protocol import EngineUpdateError
 from jlserve.errors import JlserveError
-from jlserve.server.auth import AdminAuth
 from jlserve.server.coordinator import SwapCoordinator
 from jlserve.server.errors import AdminHTTPError, as_admin_error
 from jlserve.server.schemas import ErrorBody, RollbackRequest, StatusResponse, UpdateResponse
@@ -18,13 +20,8 @@ ADMIN_PREFIX = "/admin"
 _ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 409, 413, 500, 503)}
 
 
-def build_admin_router(
-    coordinator: Callable[[], SwapCoordinator | None], auth: AdminAuth
-) -> APIRouter:
+def build_admin_router(coordinator: Callable[[], SwapCoordinator | None]) -> APIRouter:
     """Routes bound to the coordinator the plugin creates once the engine is up."""
-
-    def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
-        auth.check(authorization)
 
     def current() -> SwapCoordinator:
         found = coordinator()
@@ -34,7 +31,7 @@ def build_admin_router(
             )
         return found
 
-    router = APIRouter(prefix=ADMIN_PREFIX, dependencies=[Depends(authorized)], responses=_ERRORS)
+    router = APIRouter(prefix=ADMIN_PREFIX, responses=_ERRORS)
 
     @router.post("/deltas", response_model=UpdateResponse)
     async def post_delta(request: Request) -> UpdateResponse:

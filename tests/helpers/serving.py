@@ -1,19 +1,21 @@
 """Real `jlserve serve` processes for the serving tests, and the requests they compare.
 
 Each server is a child process group on 127.0.0.1 and a free port, with a small CPU KV
-cache; `stop()` ends the whole group (vLLM's engine core and workers included).
+cache; `stop()` ends the whole group (vLLM's engine core and workers included), `kill()`
+SIGKILLs it as a crash would.
 Starting several at once overlaps their startup, which is mostly single-threaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,9 @@ class ServerProcess:
     state_dir: Path
     log_path: Path
     flags: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment (faults)
+    api_key: str | None = None  # vLLM's inference key (`--api-key`)
+    engine_args: Sequence[str] = ()  # vLLM engine args after the defaults (ENGINE_ARGS)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -48,11 +53,16 @@ class ServerProcess:
     def model_name(self) -> str:
         return str(self.model.resolve())
 
+    @property
+    def inference_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def start(self) -> ServerProcess:
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1") | dict(self.env)
         cmd = [sys.executable, "-m", "jlserve", "serve", "--model", str(self.model)]
         cmd += ["--state-dir", str(self.state_dir), "--port", str(self.port), *self.flags]
-        cmd += ["--", *ENGINE_ARGS]
+        cmd += ["--api-key", self.api_key] if self.api_key else []
+        cmd += ["--", *ENGINE_ARGS, *self.engine_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -86,6 +96,23 @@ class ServerProcess:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """SIGKILL the whole group (API server, engine core, workers), as a crash of the
+        machine would, and wait until none of it is left."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        self.proc = None
+
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
@@ -111,7 +138,7 @@ def greedy(
 ) -> list[dict]:
     """Greedy completions with top-5 logprobs: token ids, texts, logprobs, version."""
     results = []
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+    with httpx.Client(base_url=server.url, headers=server.inference_headers, timeout=60) as http:
         for prompt in prompts:
             r = http.post(
                 "/v1/completions",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jlserve.engine.launch import WORKER_EXTENSION, vllm_server_argv
+from jlserve.engine.launch import WORKER_EXTENSION, vllm_server_argv, vllm_server_env
 from jlserve.errors import ServeConfigError
 
 
@@ -21,3 +21,10 @@ def test_cpu_runs_eager_unless_the_user_chooses():
 def test_flags_jlserve_owns_are_refused():
     with pytest.raises(ServeConfigError, match="--worker-extension-cls is set by jlserve"):
         vllm_server_argv(Path("/m"), "h", 1, ["--worker-extension-cls=x.Y"], on_cpu=True)
+
+
+def test_cpu_gets_a_fixed_kv_cache_unless_set():
+    assert vllm_server_env({}, {}, False, on_cpu=True)["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    mine = vllm_server_env({"VLLM_CPU_KVCACHE_SPACE": "1"}, {}, False, on_cpu=True)
+    assert mine["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_server_env({}, {}, False, on_cpu=False)
