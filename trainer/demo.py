@@ -42,11 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = ".jlserve-demo"  # only directories holding it are cleared on a re-run
 # The trainer evaluates in fp32 on CPU; the server computes in fp32 too, so served and
 # in-process accuracy agree (the weights are the checkpoint's bf16 values either way).
-ENGINE_ARGS = ("--max-model-len", "1024", "--dtype", "float32", "--max-num-seqs", "32")
+ENGINE_ARGS = ("--max-model-len", "512", "--dtype", "float32", "--max-num-seqs", "32")
 STARTUP_TIMEOUT_S = 300.0
 
 BUDGETS = {  # rows per task, dev rows per task, max tokens, number of tasks
-    "full": {"train_rows": 128, "eval_rows": 48, "max_length": 160, "tasks": 3},
+    "full": {"train_rows": 64, "eval_rows": 40, "max_length": 144, "tasks": 3},
     "quick": {"train_rows": 32, "eval_rows": 16, "max_length": 128, "tasks": 2},
 }
 
