@@ -18,20 +18,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from jlserve.errors import JlserveError
+from jlserve.local_server import LocalServer
 from trainer.config import AdapterConfig, DataConfig, MethodConfig, RunConfig, TrainConfig
 from trainer.demo_data import DEMO_ORDER, build_demo_benchmark
 from trainer.errors import TrainerError
@@ -43,57 +39,11 @@ MARKER = ".jlserve-demo"  # only directories holding it are cleared on a re-run
 # The trainer evaluates in fp32 on CPU; the server computes in fp32 too, so served and
 # in-process accuracy agree (the weights are the checkpoint's bf16 values either way).
 ENGINE_ARGS = ("--max-model-len", "512", "--dtype", "float32", "--max-num-seqs", "32")
-STARTUP_TIMEOUT_S = 300.0
 
 BUDGETS = {  # rows per task, dev rows per task, max tokens, number of tasks
     "full": {"train_rows": 64, "eval_rows": 40, "max_length": 144, "tasks": 3},
     "quick": {"train_rows": 32, "eval_rows": 16, "max_length": 128, "tasks": 2},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DemoServer:
-    """`jlserve serve` as a child process group on loopback, stopped on exit."""
-
-    def __init__(self, model: Path, state_dir: Path, log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "jlserve", "serve", "--model", str(model),
-               "--state-dir", str(state_dir), "--port", str(self.port), "--insecure-admin",
-               "--", *ENGINE_ARGS]  # fmt: skip
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise TrainerError(f"jlserve serve exited during startup:\n{tail}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TrainerError(f"jlserve serve not ready after {STARTUP_TIMEOUT_S:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
 
 
 def _seconds(value: float | None) -> str:
@@ -163,9 +113,12 @@ def run_demo(args: argparse.Namespace, console: Console) -> Path:
     console.print(
         f"[bold]2. serve[/]: jlserve serve --model {args.model} (log: {args.out / 'server.log'})"
     )
-    server = DemoServer(args.model, args.out / "state", args.out / "server.log")
+    server = LocalServer(
+        args.model, args.out / "state", args.out / "server.log",
+        flags=("--insecure-admin",), engine_args=ENGINE_ARGS,
+    )  # fmt: skip
     try:
-        server.wait_ready()
+        server.start().wait_ready()
         console.print(f"   serving version 0 at {server.url}")
         console.print(f"[bold]3. learn[/]: {' -> '.join(tasks)} with JumpLoRA + IncLoRA")
         served = ServedModel(server.url)

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.serving import ADMIN_TOKEN, STARTUP_TIMEOUT_S, free_port
+from jlserve.local_server import free_port
+from tests.helpers.serving import ADMIN_TOKEN, STARTUP_TIMEOUT_S
 
 ENTRYPOINT = Path(__file__).resolve().parents[2] / "docker" / "entrypoint.sh"
 JLSERVE_BIN = str(Path(sys.executable).with_name("jlserve"))

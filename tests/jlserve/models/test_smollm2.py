@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 from jlserve.checkpoint import fingerprint, load_tensors, write_checkpoint
 from jlserve.cli import main
+from jlserve.local_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -96,17 +96,11 @@ def test_sparse_round_trip_is_bit_exact(smollm2_dir, tmp_path, capsys):
     assert fingerprint(load_tensors(tmp_path / "back")) == fingerprint(base)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serves_a_chat_answer(smollm2_dir):
     """vLLM's own OpenAI server loads the prepared checkpoint and answers sensibly."""
     from openai import OpenAI
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),

@@ -6,7 +6,8 @@ import httpx
 import pytest
 
 from jlserve.cli import main
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, free_port, start_all
+from jlserve.local_server import free_port
+from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
 
 pytestmark = pytest.mark.slow
 

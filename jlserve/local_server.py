@@ -1,0 +1,117 @@
+"""`jlserve serve` as a child process on loopback: for the demo, benchmarks and tests.
+
+The server runs in its own process group, so `stop()` (SIGTERM) and `kill()` (SIGKILL,
+as a crash would) reach vLLM's engine core and workers too. Output goes to a log file;
+`log_tail()` shows its end when startup fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from jlserve.errors import JlserveError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerStartError(JlserveError):
+    """The server exited or did not answer /health in time (the message holds its log)."""
+
+
+@dataclass
+class LocalServer:
+    model: Path
+    state_dir: Path
+    log_path: Path
+    flags: Sequence[str] = ()  # jlserve serve flags, e.g. ("--insecure-admin",)
+    engine_args: Sequence[str] = ()  # after `--`: vLLM engine args
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment
+    api_key: str | None = None  # vLLM's inference key (`--api-key`)
+    port: int = field(default_factory=free_port)
+    startup_timeout_s: float = 300.0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "jlserve", "serve", "--model", str(self.model)]
+        cmd += ["--state-dir", str(self.state_dir), "--port", str(self.port), *self.flags]
+        cmd += ["--api-key", self.api_key] if self.api_key else []
+        return [*cmd, "--", *self.engine_args]
+
+    def start(self) -> LocalServer:
+        env = dict(os.environ, PYTHONUNBUFFERED="1") | dict(self.env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        return self
+
+    def wait_ready(self) -> LocalServer:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise ServerStartError(f"server exited during startup:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise ServerStartError(
+            f"server not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM the group and wait; SIGKILL what is left after 30 s."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """SIGKILL the whole group (API server, engine core, workers), as a crash of the
+        machine would, and wait until none of it is left."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        self.proc = None
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

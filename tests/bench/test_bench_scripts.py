@@ -1,0 +1,82 @@
+"""Smoke tests of the benchmark scripts on the tiny model: they run, write their JSON and
+the report renders. No timing is asserted (the machine is shared); the server benchmarks
+(hot_swap, serving) are covered through their helpers only, starting vLLM takes minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.common import percentile, sparse_update, target_names, write_lora_adapter
+from bench.hot_swap import build_chain, fused_bytes
+from jlserve.checkpoint import TensorDigests, load_tensors
+from jlserve.delta import parse_delta, plan_update
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], results: Path) -> None:
+    env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(results)}
+    subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, check=True, timeout=300)
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_sparse_update_changes_exactly_the_requested_fraction(tiny_model_dir: Path) -> None:
+    base = load_tensors(tiny_model_dir)
+    names = target_names(base, "qv")
+    assert names and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in names)
+    new = sparse_update(base, names, 0.05, seed=0)
+    for n in names:
+        changed = int((new[n].view(torch.int16) != base[n].view(torch.int16)).sum())
+        assert changed == round(0.05 * base[n].numel())
+        assert torch.isfinite(new[n]).all()
+
+
+def test_hot_swap_chain_applies_in_order(tiny_model_dir: Path) -> None:
+    base = load_tensors(tiny_model_dir)
+    names = target_names(base, "qv")
+    chain, final = build_chain(base, names, [0.01, 0.2], seed=0)
+    state, digests = dict(base), TensorDigests(base)
+    for item in chain:
+        plan = plan_update(state, digests, parse_delta(item["bytes"]))
+        state.update(plan.changed)
+        digests = plan.digests
+    assert all(torch.equal(state[n], final[n]) for n in names)
+    assert fused_bytes(base, names) > sum(base[n].numel() * 2 for n in names)
+
+
+def test_lora_adapter_loads_in_peft(tiny_model_dir: Path, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    adapter = write_lora_adapter(tiny_model_dir, tmp_path / "lora", r=8, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    wrapped = peft.PeftModel.from_pretrained(model, adapter)
+    loaded = [n for n, _ in wrapped.named_parameters() if "lora_B" in n]
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert len(loaded) == 2 * cfg["num_hidden_layers"]
+
+
+def test_scripts_run_and_report_renders(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = str(tiny_model_dir)
+    _run(["bench.delta_size", "--quick", "--model", model], tmp_path)
+    train = ["bench.train_step", "--quick", "--model", model, "--rounds", "1"]
+    _run([*train, "--variants", "jumplora", "lora-trainer"], tmp_path)
+    _run(["bench.report", "--quick"], tmp_path)
+    for name in ("delta_size_quick.json", "train_step_quick.json"):
+        doc = json.loads((tmp_path / name).read_text())
+        assert doc["machine"]["cpu_count"] and doc["created"]
+    page = (tmp_path / "benchmarks_quick.md").read_text()
+    assert "## 4. Delta size" in page and "## 3. Training step" in page
+    assert (tmp_path / "img_quick" / "delta_size.png").is_file()
