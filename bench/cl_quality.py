@@ -1,9 +1,9 @@
 """CL quality and speed benchmark: OA, BWT, delta density, train s/step and peak RSS of the
 continual-learning methods with and without the JumpLoRA gate, on one task order.
 
-    .venv/bin/python bench/cl_quality.py                       # SmolLM2-135M, short_order_1
-    .venv/bin/python bench/cl_quality.py --model DIR --train-rows 256 --eval-rows 200
-    .venv/bin/python bench/cl_quality.py --quick               # tiny random model, smoke test
+    .venv/bin/python -m bench.cl_quality                    # SmolLM2-135M, short_order_1
+    .venv/bin/python -m bench.cl_quality --model DIR --train-rows 256 --eval-rows 200
+    .venv/bin/python -m bench.cl_quality --quick               # tiny random model, smoke test
 
 Each variant runs in its own process (`python -m trainer`), so peak RSS is per variant.
 Writes bench/results/cl_quality[_quick].json and .md, with the machine and versions.
@@ -14,19 +14,16 @@ length): the issue's target is <= 1.5 on CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import transformers
 import yaml
+
+from bench.common import machine_info, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "cl_benchmark"
@@ -40,26 +37,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "seqLoRA": ("seqLoRA", "none"),
     "olora": ("olora", "none"),
 }
-
-
-def machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    with contextlib.suppress(OSError, StopIteration):
-        info["cpu_model"] = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return info
 
 
 def run_variant(name: str, base_cfg: dict, work: Path) -> dict:
@@ -108,7 +85,7 @@ def markdown(result: dict) -> str:
             "",
             f"Step-time ratio incLoRA+jump / incLoRA: **{ratio:.2f}** (target <= 1.5 on CPU)",
         ]
-    lines += ["", "Machine: " + json.dumps(result["machine"]), ""]
+    lines += ["", "Machine: " + machine_line(result["machine"]), ""]
     return "\n".join(lines)
 
 
@@ -173,7 +150,7 @@ def main() -> int:
         "model": str(model if not args.quick else "tiny random Llama (quick)"),
         "order": args.order if not args.quick else "cb, copa (quick)",
         "settings": json.dumps({k: v for k, v in base_cfg.items() if k != "model"}),
-        "machine": machine(),
+        "machine": machine_info(),
         "rows": rows,
     }
     if "incLoRA" in by_name and "incLoRA+jump" in by_name:

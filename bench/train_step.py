@@ -1,0 +1,277 @@
+"""Training-step benchmark: step time and peak memory of JumpLoRA against plain LoRA (the
+trainer's own dense path, `gate: none`) and PEFT's LoRA, same model, batch and length.
+
+    .venv/bin/python -m bench.train_step            # SmolLM2 fp32, batch 8 x 128 tokens, 3 rounds
+    .venv/bin/python -m bench.train_step --quick    # batch 2 x 64 tokens, 2 rounds
+
+Step = one optimizer step as in trainer/loop.py's train_task: set f, re-apply the budget
+floor of the threshold (gated only, every step after t1), forward with labels, backward,
+AdamW step. JumpLoRA is timed at f = 1 (the sparse phase, its most expensive one: gate
+and straight-through estimator on every dW entry); the trainer's dense phase f = 0 costs
+what `lora-trainer` costs plus the dense dW. All variants: r = 8, alpha = 32, q_proj and
+v_proj, CPU fp32 (the trainer's CPU default), random token batches.
+
+Time: the variants alternate in ONE process (attach, 1 warm-up step, timed steps, detach;
+round after round), median over all timed steps, as wall time and as this process's CPU
+time (less sensitive to other processes on a shared machine); the target holds only if
+both ratios are <= 1.5. Memory: one fresh process per variant (`--memory-of VARIANT`),
+peak RSS during the steps (VmHWM reset after loading the model) and its excess over the
+loaded model.
+Writes bench/results/train_step[_quick].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import add_common_args, bench_env, median, ratio, require_model, write_result
+
+VARIANTS = ("jumplora", "lora-trainer", "lora-peft")
+R, ALPHA, TARGETS = 8, 32.0, ["q_proj", "v_proj"]
+
+
+@dataclass
+class Attached:
+    """A variant attached to the model: its step function and how to detach it."""
+
+    step: Callable[[dict[str, torch.Tensor]], float]
+    detach: Callable[[], None]
+
+
+def _adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> float:
+    loss = model(**batch).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def attach(model: torch.nn.Module, variant: str) -> Attached:
+    """Wrap q/v of `model` with `variant` and build its optimizer as the trainer does."""
+    if variant == "lora-peft":
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0),
+        )
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        return Attached(
+            step=lambda batch: _adamw_step(peft_model, opt, batch),
+            detach=lambda: peft_model.unload(),
+        )
+
+    from trainer.adapter import Adapter
+    from trainer.config import AdapterConfig
+
+    gated = variant == "jumplora"
+    adapter = Adapter(
+        model, AdapterConfig(r=R, alpha=ALPHA, targets=TARGETS, gate="jump" if gated else "none")
+    )
+    groups: list[dict[str, Any]] = [{"params": list(adapter.lora_parameters())}]
+    if gated:
+        with torch.no_grad():  # B = 0 at init: give dW a spread so the gate has work to do
+            for m in adapter.modules.values():
+                m.lora_B.normal_(0, 1e-3)
+        adapter.reinit_thresholds()  # what the loop does at t1
+        groups.append({"params": [adapter.thresholds.phi], "lr": 1e-3})
+    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        adapter.set_f(1.0 if gated else 0.0)
+        if gated:
+            adapter.update_floor()  # every step from t1 on (threshold_floor: budget)
+        return _adamw_step(model, opt, batch)
+
+    return Attached(step=step, detach=adapter.unload)
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    model.train()
+    return model
+
+
+def make_batch(vocab: int, batch: int, length: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _status_mib(field: str) -> float:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_of(model_dir: Path, variant: str, batch: int, length: int, steps: int) -> dict:
+    """Run in a fresh process: peak RSS while `variant` trains for `steps` steps.
+
+    Loading the checkpoint (bf16 -> fp32) has its own transient peak, so the high-water
+    mark is reset after loading (`5 > /proc/self/clear_refs`) and read after the steps.
+    """
+    model = load_model(model_dir)
+    data = make_batch(model.config.vocab_size, batch, length)
+    Path("/proc/self/clear_refs").write_text("5")
+    loaded = _status_mib("VmRSS")
+    attached = attach(model, variant)
+    for _ in range(steps):
+        attached.step(data)
+    return {
+        "variant": variant,
+        "model_loaded_rss_mib": loaded,
+        "peak_rss_mib": _status_mib("VmHWM"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (quick: 2)")
+    parser.add_argument("--max-length", type=int, default=None, help="default 128 (quick: 64)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (quick: 2)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per round: 2 (quick 1)"
+    )
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    require_model(args.model)
+    batch = args.batch_size or (2 if args.quick else 8)
+    length = args.max_length or (64 if args.quick else 128)
+    rounds = args.rounds or (2 if args.quick else 3)
+    args.steps = args.steps or (1 if args.quick else 2)
+    variants = args.variants or [v for v in VARIANTS if v != "lora-peft" or _has_peft()]
+
+    if args.memory_of:  # child process of the memory measurement
+        print(json.dumps(memory_of(args.model, args.memory_of, batch, length, args.steps)))
+        return
+
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    data = make_batch(model.config.vocab_size, batch, length)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_times: dict[str, list[float]] = {v: [] for v in variants}
+    per_round: list[dict[str, float]] = []
+    for rnd in range(rounds):
+        order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
+        this_round: dict[str, float] = {}
+        for variant in order:
+            attached = attach(model, variant)
+            try:
+                attached.step(data)  # warm-up
+                steps, cpu = [], []
+                for _ in range(args.steps):
+                    t, c = time.perf_counter(), time.process_time()
+                    attached.step(data)
+                    steps.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
+            finally:
+                attached.detach()
+            times[variant] += steps
+            cpu_times[variant] += cpu
+            this_round[variant] = median(steps)
+            print(
+                f"round {rnd + 1}: {variant} {median(steps):.3f} s/step (CPU {median(cpu):.3f} s)",
+                flush=True,
+            )
+        per_round.append(this_round)
+    del model
+
+    memory = {}
+    for variant in variants:
+        cmd = [sys.executable, "-m", "bench.train_step", "--model", str(args.model)]
+        cmd += ["--memory-of", variant, "--batch-size", str(batch), "--max-length", str(length)]
+        cmd += ["--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=bench_env())
+        memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{variant}: peak RSS {memory[variant]['peak_rss_mib']:.0f} MiB", flush=True)
+
+    rows = []
+    for variant in variants:
+        mem = memory[variant]
+        rows.append(
+            {
+                "variant": variant,
+                "s_per_step_median": median(times[variant]),
+                "s_per_step_all": times[variant],
+                "cpu_s_per_step_median": median(cpu_times[variant]),
+                "cpu_s_per_step_all": cpu_times[variant],
+                "peak_rss_mib": mem["peak_rss_mib"],
+                "peak_over_model_mib": mem["peak_rss_mib"] - mem["model_loaded_rss_mib"],
+            }
+        )
+    by = {r["variant"]: r for r in rows}
+    ratios = {
+        f"jumplora_over_{other}": {
+            "step_time": ratio(by["jumplora"]["s_per_step_median"], by[other]["s_per_step_median"]),
+            "cpu_time": ratio(
+                by["jumplora"]["cpu_s_per_step_median"], by[other]["cpu_s_per_step_median"]
+            ),
+            "step_time_per_round_median": median(
+                [ratio(r["jumplora"], r[other]) for r in per_round]
+            ),
+            "peak_rss": ratio(by["jumplora"]["peak_rss_mib"], by[other]["peak_rss_mib"]),
+            "peak_over_model": ratio(
+                by["jumplora"]["peak_over_model_mib"], by[other]["peak_over_model_mib"]
+            ),
+        }
+        for other in variants
+        if other != "jumplora" and "jumplora" in by
+    }
+    main = ratios.get("jumplora_over_lora-trainer", {})
+    write_result(
+        "train_step",
+        args.quick,
+        {
+            "model": str(args.model),
+            "settings": {
+                "batch_size": batch,
+                "max_length": length,
+                "r": R,
+                "alpha": ALPHA,
+                "targets": TARGETS,
+                "dtype": "float32",
+                "rounds": rounds,
+                "timed_steps_per_round": args.steps,
+                "torch_threads": torch.get_num_threads(),
+            },
+            "rows": rows,
+            "per_round": per_round,
+            "ratios": ratios,
+            "target": {
+                "max_ratio": 1.5,
+                "ratio": main.get("step_time"),
+                "cpu_ratio": main.get("cpu_time"),
+                "met": bool(main) and max(main["step_time"], main["cpu_time"]) <= 1.5,
+            },
+        },
+    )
+
+
+def _has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
