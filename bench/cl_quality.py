@@ -64,21 +64,29 @@ def run_variant(name: str, base_cfg: dict, work: Path) -> dict:
     }
 
 
+def quality_table(rows: list[dict]) -> list[str]:
+    """The per-variant markdown table, shared by this script's report and docs/benchmarks.md."""
+    lines = [
+        "| variant | OA % | BWT % | final delta density % | mean density % | s/step | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bwt = "-" if r["BWT"] is None else f"{100 * r['BWT']:+.1f}"
+        lines.append(
+            f"| {r['variant']} | {100 * r['OA']:.1f} | {bwt} | {100 * r['final_density']:.2f} | "
+            f"{100 * r['mean_density']:.2f} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
+    return lines
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# CL quality benchmark ({result['created']})",
         "",
         f"Model `{result['model']}`, order {result['order']}, {result['settings']}",
         "",
-        "| variant | OA % | BWT | final delta density % | mean density % | s/step | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        *quality_table(result["rows"]),
     ]
-    for r in result["rows"]:
-        bwt = "-" if r["BWT"] is None else f"{100 * r['BWT']:+.1f}"
-        lines.append(
-            f"| {r['variant']} | {100 * r['OA']:.1f} | {bwt} | {100 * r['final_density']:.2f} | "
-            f"{100 * r['mean_density']:.2f} | {r['s_per_step']:.3f} | {r['peak_rss_mib']:.0f} |"
-        )
     ratio = result.get("step_time_ratio_jump_over_plain")
     if ratio is not None:
         lines += [

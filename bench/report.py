@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench.cl_quality import quality_table
 from bench.common import REPO, RESULTS, figure_footer, machine_line, median, read_result
 
 SERVER_LABELS = {
@@ -443,15 +444,8 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
         f"{_steps_per_task(data, settings)} optimizer steps per task, far from convergence."
         + _missing_variants(doc),
         "",
-        "| variant | OA % | BWT % | final delta density % | mean density % | s/step | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        *quality_table(doc["rows"]),
     ]
-    for r in doc["rows"]:
-        bwt = "-" if r["BWT"] is None else f"{100 * r['BWT']:+.1f}"
-        out.append(
-            f"| {r['variant']} | {100 * r['OA']:.1f} | {bwt} | {100 * r['final_density']:.2f} | "
-            f"{100 * r['mean_density']:.2f} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} |"
-        )
     by = {r["variant"]: r for r in doc["rows"]}
     sentences = []
     for dense, jump in (("incLoRA", "incLoRA+jump"), ("ella", "ella+jump")):
