@@ -1,14 +1,19 @@
-"""CL quality and speed benchmark: OA, BWT, delta density, train s/step and peak RSS of the
-continual-learning methods with and without the JumpLoRA gate, on one task order.
+"""CL quality and speed benchmark: the continual-learning methods with and without the
+JumpLoRA gate on one task order. Per variant: OA, BWT, FWT, the base row and the gain over
+it, per-task and per-block delta density (min / median / max), train s/step, peak RSS.
 
-    .venv/bin/python -m bench.cl_quality                    # SmolLM2-135M, short_order_1
-    .venv/bin/python -m bench.cl_quality --model DIR --train-rows 256 --eval-rows 200
-    .venv/bin/python -m bench.cl_quality --quick               # tiny random model, smoke test
+    .venv/bin/python -m bench.cl_quality                      # SmolLM2-135M, short_order_1
+    .venv/bin/python -m bench.cl_quality --variants incLoRA+jump incLoRA+topk --order short_order_2
+    .venv/bin/python -m bench.cl_quality --tag l0-5 --set adapter.l0_weight=5 --variants incLoRA+jump
+    .venv/bin/python -m bench.cl_quality --quick                 # tiny random model, smoke test
 
-Each variant runs in its own process (`python -m trainer`), so peak RSS is per variant.
-Writes bench/results/cl_quality[_quick].json and .md, with the machine and versions.
-The speed line is the train step-time ratio incLoRA+jump / incLoRA (same model, batch,
-length): the issue's target is <= 1.5 on CPU.
+Resumable: each variant's row is kept in bench/results/cl_quality/<tag>/<variant>.json and
+not run again (`--force` re-runs); a variant stopped half-way resumes from its last
+finished task (its run directory under runs/bench/cl_quality/<tag>/, `jlserve train
+--resume`). The summary bench/results/cl_quality[_quick].json and .md holds every row of
+the default tag found on disk. Each variant runs in its own process (`python -m trainer`),
+so peak RSS is per variant. Default budget (issue 10): 128 train rows and 200 dev rows per
+task, max length 256, batch 8, 1 epoch, r 8, lr 1e-3.
 """
 
 from __future__ import annotations
@@ -16,65 +21,98 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from bench.common import machine_info, machine_line
+from bench.common import RESULTS, machine_info, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "cl_benchmark"
+RUNS = REPO / "runs" / "bench" / "cl_quality"
 
 # name -> (method, gate)
 VARIANTS: dict[str, tuple[str, str]] = {
     "incLoRA": ("incLoRA", "none"),
     "incLoRA+jump": ("incLoRA", "jump"),
+    "incLoRA+topk": ("incLoRA", "topk"),
     "ella": ("ella", "none"),
     "ella+jump": ("ella", "jump"),
     "seqLoRA": ("seqLoRA", "none"),
     "olora": ("olora", "none"),
+    "inflora": ("inflora", "none"),
+    "inflora+jump": ("inflora", "jump"),
 }
 
 
-def run_variant(name: str, base_cfg: dict, work: Path) -> dict:
-    method, gate = VARIANTS[name]
-    cfg = {**base_cfg, "method": {"name": method}, "adapter": {**base_cfg["adapter"], "gate": gate}}
-    cfg_path = work / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    out = work / name.replace("+", "_")
-    cmd = [sys.executable, "-m", "trainer", "--config", str(cfg_path), "--out", str(out)]
-    print(f"== {name}: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
-    metrics = json.loads((out / "metrics.json").read_text())
+def row_of(name: str, metrics: dict) -> dict:
     tasks = metrics["tasks"]
     acc = metrics["accuracy"]
+    summary = metrics.get("density_summary", {})
     return {
         "variant": name,
         "OA": acc["OA"],
         "OA_prefix": acc["OA_prefix"],
         "BWT": acc["BWT"],
+        "FWT": acc.get("FWT"),
+        "base_OA": acc.get("base_OA"),
+        "gain_over_base": acc.get("gain_over_base"),
         "final_density": tasks[-1]["delta_density"],
         "mean_density": sum(t["delta_density"] for t in tasks) / len(tasks),
+        "task_density": summary.get("task"),
+        "block_density": summary.get("block"),
+        "log_thresholds": [t.get("log_threshold") for t in tasks],
         "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
         "accuracy_matrix": acc["matrix"],
+        "base_row": acc.get("base"),
     }
+
+
+def run_variant(name: str, base_cfg: dict, overrides: list[str], run_dir: Path) -> dict:
+    """Train one variant (resuming a half-finished run) and return its row."""
+    method, gate = VARIANTS[name]
+    cfg = {**base_cfg, "method": {"name": method}, "adapter": {**base_cfg["adapter"], "gate": gate}}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "trainer", "--config", str(cfg_path), "--out", str(run_dir)]
+    cmd += [arg for o in overrides for arg in ("--set", o)]
+    if (run_dir / "run.json").is_file():
+        cmd.append("--resume")
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return row_of(name, json.loads((run_dir / "metrics.json").read_text()))
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def _range(spread: dict | None) -> str:
+    if not spread:
+        return "-"
+    return f"{100 * spread['min']:.2f} / {100 * spread['median']:.2f} / {100 * spread['max']:.2f}"
 
 
 def quality_table(rows: list[dict]) -> list[str]:
     """The per-variant markdown table, shared by this script's report and docs/benchmarks.md."""
     lines = [
-        "| variant | OA % | BWT % | final delta density % | mean density % | s/step | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | OA % | BWT | FWT | base OA % | gain over base | density per task % (min / median / max) | per block % (min / median / max) | s/step | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        bwt = "-" if r["BWT"] is None else f"{100 * r['BWT']:+.1f}"
         lines.append(
-            f"| {r['variant']} | {100 * r['OA']:.1f} | {bwt} | {100 * r['final_density']:.2f} | "
-            f"{100 * r['mean_density']:.2f} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} |"
+            f"| {r['variant']} | {_pct(r['OA'])} | {_pct(r['BWT'], True)} | "
+            f"{_pct(r.get('FWT'), True)} | {_pct(r.get('base_OA'))} | "
+            f"{_pct(r.get('gain_over_base'), True)} | {_range(r.get('task_density'))} | "
+            f"{_range(r.get('block_density'))} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} |"
         )
     return lines
 
@@ -89,10 +127,7 @@ def markdown(result: dict) -> str:
     ]
     ratio = result.get("step_time_ratio_jump_over_plain")
     if ratio is not None:
-        lines += [
-            "",
-            f"Step-time ratio incLoRA+jump / incLoRA: **{ratio:.2f}** (target <= 1.5 on CPU)",
-        ]
+        lines += ["", f"Step-time ratio incLoRA+jump / incLoRA in the trainer: **{ratio:.2f}**"]
     lines += ["", "Machine: " + machine_line(result["machine"]), ""]
     return "\n".join(lines)
 
@@ -102,62 +137,76 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--order", default="short_order_1")
-    parser.add_argument("--train-rows", type=int, default=256)
+    parser.add_argument("--train-rows", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--tag", help="result set name (default: the order, or 'quick')")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override"
+    )
+    parser.add_argument("--force", action="store_true", help="re-run finished variants")
     parser.add_argument("--quick", action="store_true", help="tiny random model, 2 tasks, few rows")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="cl_quality-") as tmp:
-        work = Path(tmp)
-        data = {
-            "root": str(args.data),
-            "order": args.order,
-            "train_rows": args.train_rows,
-            "eval_rows": args.eval_rows,
-            "max_length": args.max_length,
-        }
-        model = args.model
-        if args.quick:
-            from jlserve.models.tiny import build_tiny_llama
+    tag = args.tag or ("quick" if args.quick else args.order)
+    rows_dir = RESULTS / "cl_quality" / tag
+    runs_dir = RUNS / tag
+    data = {
+        "root": str(args.data),
+        "order": args.order,
+        "train_rows": args.train_rows,
+        "eval_rows": args.eval_rows,
+        "max_length": args.max_length,
+    }
+    model = args.model
+    if args.quick:
+        from jlserve.models.tiny import build_tiny_llama
 
-            model = build_tiny_llama(work / "tiny")
-            data = {
-                "root": str(args.data),
-                "tasks": ["cb", "copa"],
-                "train_rows": 16,
-                "eval_rows": 8,
-                "max_length": 96,
-            }
-        elif not (model / "config.json").is_file():
-            print(
-                f"no model at {model}: run `jlserve model prepare smollm2 --out {model}`",
-                file=sys.stderr,
-            )
-            return 2
-        base_cfg = {
-            "model": str(model),
-            "data": data,
-            "adapter": {"r": args.r, "alpha": 4 * args.r},
-            "train": {
-                "lr": args.lr,
-                "batch_size": 4 if args.quick else args.batch_size,
-                "epochs": 1,
-            },
-        }
-        rows = [run_variant(name, base_cfg, work) for name in args.variants]
+        model = runs_dir / "tiny"
+        if not (model / "config.json").is_file():
+            build_tiny_llama(model)
+        data = {**data, "order": None, "tasks": ["cb", "copa"], "train_rows": 16}
+        data.update(eval_rows=8, max_length=96)
+    elif not (model / "config.json").is_file():
+        print(f"no model at {model}: run `jlserve model prepare smollm2 --out {model}`")
+        return 2
+    base_cfg = {
+        "model": str(model),
+        "data": data,
+        "adapter": {"r": args.r, "alpha": 4 * args.r},
+        "train": {"lr": args.lr, "batch_size": 4 if args.quick else args.batch_size, "epochs": 1},
+    }
+    settings = {**{k: v for k, v in base_cfg.items() if k != "model"}, "overrides": args.set}
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:
+        row_path = rows_dir / f"{name}.json"
+        if row_path.is_file() and not args.force:
+            print(f"== {name}: kept ({row_path})", flush=True)
+            continue
+        run_dir = runs_dir / name.replace("+", "_")
+        if args.force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        row = run_variant(name, base_cfg, args.set, run_dir)
+        row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
+        row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        row_path.write_text(json.dumps(row, indent=2))
 
+    rows = [
+        json.loads((rows_dir / f"{name}.json").read_text())
+        for name in VARIANTS
+        if (rows_dir / f"{name}.json").is_file()
+    ]
     by_name = {r["variant"]: r for r in rows}
     result = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "model": str(model if not args.quick else "tiny random Llama (quick)"),
-        "order": args.order if not args.quick else "cb, copa (quick)",
-        "settings": json.dumps({k: v for k, v in base_cfg.items() if k != "model"}),
+        "model": "tiny random Llama (quick)" if args.quick else str(model),
+        "order": "cb, copa (quick)" if args.quick else args.order,
+        "tag": tag,
+        "settings": json.dumps(settings),
         "machine": machine_info(),
         "rows": rows,
     }
@@ -165,10 +214,9 @@ def main() -> int:
         result["step_time_ratio_jump_over_plain"] = (
             by_name["incLoRA+jump"]["s_per_step"] / by_name["incLoRA"]["s_per_step"]
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "cl_quality_quick" if args.quick else "cl_quality"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
+    stem = "cl_quality_quick" if args.quick else f"cl_quality_{tag}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

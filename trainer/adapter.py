@@ -2,7 +2,7 @@
 
 For a frozen base weight W0 (d_out, d_in) and a fresh pair A (r, d_in), B (d_out, r):
 
-    dW   = B @ A                                  (d_out, d_in) fp32, once per forward
+    dW   = B @ A                                  (d_out, d_in) fp32, once per step
     dW_t = f * J(dW) + (1 - f) * dW               one fused node (gate.signed_jump)
     y    = x @ (W0 + s * dW_t).T + b0             s = alpha / r, ONE dense matmul
 
@@ -19,8 +19,9 @@ Memory per adapted matrix while training with the gate (on top of the frozen wei
 dW saved for the gate's backward (fp32, 4 bytes/entry) plus W0 + s*dW_t saved by the
 matmul (compute dtype, 2 or 4 bytes/entry), i.e. 6-8 bytes per adapted weight entry.
 
-Thresholds are owned by a `Thresholds` module: one log-threshold per group, where the
-group is the whole model (`global`) or the transformer block (`per_block`).
+Thresholds are owned by a `Thresholds` module: one learned log-threshold per group, where
+the group is the whole model (`global`) or the transformer block (`per_block`), in units of
+the group's RMS(dW): theta = exp(phi) * RMS(dW).
 """
 
 from __future__ import annotations
@@ -36,29 +37,41 @@ from torch import Tensor, nn
 
 from trainer.config import AdapterConfig
 from trainer.errors import TrainerError
-from trainer.gate import signed_jump, step_density
-from trainer.schedule import order_log_threshold
+from trainer.gate import kept_fraction, signed_jump
+from trainer.schedule import MIN_THETA, order_log_threshold
 
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 
 class Thresholds(nn.Module):
-    """The learnable log-thresholds phi, one per group; theta = exp(max(phi, floor)).
+    """The learnable log-thresholds, one per group: theta_g = exp(phi_g) * scale_g.
 
-    The floor (a buffer, -inf unless `threshold_floor: budget`) is the order-statistic
-    log-threshold of the adapter-parameter budget; below it phi gets no gradient.
+    `scale` (a buffer, detached) is the RMS of the group's dW entries, refreshed at every
+    step, so phi is the threshold in units of the update's own size: an update that grows
+    uniformly keeps its density, and phi moves only by its gradient (the task loss pulls
+    theta down, the L0 term pushes it up). With `gate: topk` phi is not learned: scale is 1
+    and phi is the budget order statistic, recomputed every step (the fixed-ratio rival).
+    `ready` is set once phi has been re-initialised from a non-zero dW.
     """
 
-    def __init__(self, n_groups: int, init: float) -> None:
+    def __init__(self, n_groups: int) -> None:
         super().__init__()
-        self.phi = nn.Parameter(torch.full((n_groups,), float(init)))
-        self.register_buffer("floor", torch.full((n_groups,), -math.inf))
+        self.phi = nn.Parameter(torch.zeros(n_groups))
+        self.register_buffer("scale", torch.ones(n_groups))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
     def theta(self, group: int) -> Tensor:
-        return torch.maximum(self.phi[group], self.floor[group]).exp()
+        return self.phi[group].exp() * self.scale[group]
 
     def values(self) -> Tensor:
-        return torch.maximum(self.phi, self.floor).exp().detach()
+        return (self.phi.exp() * self.scale).detach()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """A fresh threshold (a new task of SeqLoRA)."""
+        self.phi.zero_()
+        self.scale.fill_(1.0)
+        self.ready.fill_(False)
 
 
 class JumpLoRALinear(nn.Module):
@@ -80,12 +93,11 @@ class JumpLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(d_out, cfg.r, device=device))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = cfg.alpha / cfg.r
-        self.gated = cfg.gate == "jump"
-        self.eps = cfg.eps
+        self.gated = cfg.gate != "none"
+        self.bandwidth = cfg.bandwidth
         self.group = group
         self.f = 0.0
-        self.keep_last_delta = cfg.l0_weight > 0.0  # only the L0 term reads it
-        self.last_delta: Tensor | None = None  # detached dW of the last gated forward
+        self.step_delta: Tensor | None = None  # dW of the current step (Adapter.begin_step)
         # Shared with other wrappers: kept out of the module tree so state dicts and
         # parameters() list it once, on the Adapter.
         object.__setattr__(self, "_thresholds", thresholds)
@@ -98,14 +110,25 @@ class JumpLoRALinear(nn.Module):
         with torch.autocast(self.lora_A.device.type, enabled=False):
             return self.lora_B @ self.lora_A
 
-    def gated_delta(self, f: float) -> Tensor:
-        """dW_t = f * J(dW) + (1 - f) * dW, (d_out, d_in) fp32 (no gate: dW)."""
-        dw = self.delta()
+    def current_delta(self) -> Tensor:
+        """This step's dW when the adapter computed it already, else a fresh B @ A."""
+        return self.step_delta if self.step_delta is not None else self.delta()
+
+    def gated_delta(self, f: float, learn_threshold: bool = True) -> Tensor:
+        """dW_t = f * J(dW) + (1 - f) * dW, (d_out, d_in) fp32 (no gate: dW).
+
+        learn_threshold=False treats theta as a constant (ELLA's penalty: no gradient to it).
+        """
+        dw = self.current_delta()
         if not self.gated or f == 0.0:
             return dw
-        if self.keep_last_delta:
-            self.last_delta = dw.detach()
-        return signed_jump(dw, self.theta(), self.eps, f)
+        theta = self.theta() if learn_threshold else self.theta().detach()
+        return signed_jump(dw, theta, self.bandwidth * theta.detach(), f)
+
+    def kept_fraction(self) -> Tensor:
+        """Fraction of this step's dW entries the gate keeps (STE gradient to theta only)."""
+        theta = self.theta()
+        return kept_fraction(self.current_delta().detach(), theta, self.bandwidth * theta.detach())
 
     def effective_weight(self, f: float, dtype: torch.dtype | None = None) -> Tensor:
         """W0 + s * dW_t, (d_out, d_in), in `dtype` (default: the base weight's).
@@ -135,7 +158,13 @@ def _is_target(name: str, targets: list[str]) -> bool:
 
 
 class Adapter:
-    """One task's JumpLoRA wrappers in a model, plus the thresholds they share."""
+    """One task's JumpLoRA wrappers in a model, plus the thresholds they share.
+
+    Per optimizer step the loop calls `begin_step(f, reinit)` (computes every dW = B @ A
+    once, refreshes the threshold scale; re-initialises phi at the schedule's t1), runs
+    the forward and backward, and `end_step()`; `end_training()` syncs the threshold with
+    the final dW before the merge.
+    """
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig) -> None:
         self.model = model
@@ -153,7 +182,8 @@ class Adapter:
         else:
             group_of = dict.fromkeys(names, 0)
         device = model.get_submodule(names[0]).weight.device
-        self.thresholds = Thresholds(max(group_of.values()) + 1, cfg.init_log_threshold).to(device)
+        self.thresholds = Thresholds(max(group_of.values()) + 1).to(device)
+        self.thresholds.phi.requires_grad_(cfg.gate == "jump")  # topk: not learned
         self.modules: dict[str, JumpLoRALinear] = {}
         for name in names:
             wrapper = JumpLoRALinear(
@@ -166,6 +196,12 @@ class Adapter:
         parent_name, _, child = name.rpartition(".")
         setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
 
+    def _groups(self) -> list[list[JumpLoRALinear]]:
+        groups: list[list[JumpLoRALinear]] = [[] for _ in range(self.thresholds.phi.numel())]
+        for m in self.modules.values():
+            groups[m.group].append(m)
+        return groups
+
     def lora_parameters(self) -> Iterator[nn.Parameter]:
         for m in self.modules.values():
             yield m.lora_A
@@ -175,43 +211,92 @@ class Adapter:
         for m in self.modules.values():
             m.f = f
 
+    # ------------------------------------------------------------------ per step
+
+    def begin_step(self, f: float, reinit: bool = False) -> None:
+        """Set f; with the gate on (f > 0) or at the re-init step, compute each dW once for
+        the forward, the threshold, the L0 term and ELLA to share; refresh the threshold."""
+        self.set_f(f)
+        if self.cfg.gate == "none" or (f == 0.0 and not reinit):
+            return
+        with torch.set_grad_enabled(f > 0.0 and torch.is_grad_enabled()):
+            for m in self.modules.values():
+                m.step_delta = m.delta()
+        if reinit:
+            self.reinit_thresholds()
+        else:
+            self._refresh_thresholds()
+        if f == 0.0:  # the re-init step is still dense: the forward needs no dW
+            self.end_step()
+
+    def end_step(self) -> None:
+        for m in self.modules.values():
+            m.step_delta = None
+
     @torch.no_grad()
-    def budget_log_thresholds(self) -> Tensor:
-        """Per group: the log-threshold keeping as many dW entries as the adapter has parameters."""
-        out = torch.empty_like(self.thresholds.phi)
-        for group in range(out.numel()):
-            members = [m for m in self.modules.values() if m.group == group]
-            values = torch.cat([m.delta().abs().reshape(-1) for m in members])
-            budget = sum(m.lora_A.numel() + m.lora_B.numel() for m in members)
-            out[group] = order_log_threshold(values, budget).to(out.device)
-        return out
+    def end_training(self) -> None:
+        """Sync the threshold with the final dW (the last optimizer step moved it), so the
+        merge sees the threshold as the forward defines it; re-initialise if the task was too
+        short to reach t1."""
+        if self.cfg.gate == "none":
+            return
+        if bool(self.thresholds.ready):
+            self._refresh_thresholds()
+        else:
+            self.reinit_thresholds()
+        self.end_step()
+
+    # ------------------------------------------------------------------ thresholds
+
+    def _budget(self, members: list[JumpLoRALinear]) -> int:
+        return sum(m.lora_A.numel() + m.lora_B.numel() for m in members)
+
+    @torch.no_grad()
+    def _rms(self, members: list[JumpLoRALinear]) -> Tensor:
+        squares = sum(m.current_delta().square().sum() for m in members)
+        numel = sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in members)
+        return (squares / numel).sqrt().clamp_min(MIN_THETA)
+
+    @torch.no_grad()
+    def _refresh_thresholds(self) -> None:
+        """jump: scale <- RMS(dW) per group (phi is learned); topk: phi <- the budget order
+        statistic of this step's dW (an exact count every step)."""
+        for group, members in enumerate(self._groups()):
+            if self.cfg.gate == "topk":
+                values = torch.cat([m.current_delta().abs().reshape(-1) for m in members])
+                self.thresholds.phi[group] = order_log_threshold(values, self._budget(members))
+            else:
+                self.thresholds.scale[group] = self._rms(members)
 
     @torch.no_grad()
     def reinit_thresholds(self) -> None:
-        """phi <- the budget order statistic (at step t1 of the schedule)."""
-        self.thresholds.phi.copy_(self.budget_log_thresholds())
-
-    @torch.no_grad()
-    def update_floor(self) -> None:
-        """Re-apply the budget order statistic as a floor under the learned theta."""
-        if self.cfg.threshold_floor == "budget":
-            self.thresholds.floor.copy_(self.budget_log_thresholds())
+        """phi <- the budget order statistic (ref, at step t1): as many dW entries survive as
+        the adapter has parameters; then phi is learned (jump) or re-applied (topk)."""
+        for group, members in enumerate(self._groups()):
+            values = torch.cat([m.current_delta().abs().reshape(-1) for m in members])
+            phi = order_log_threshold(values, self._budget(members)).to(values.device)
+            if self.cfg.gate == "jump":
+                scale = self._rms(members)
+                self.thresholds.scale[group] = scale
+                phi = phi - scale.log()
+            self.thresholds.phi[group] = phi
+        self.thresholds.ready.fill_(
+            bool(any(m.current_delta().any() for m in self.modules.values()))
+        )
 
     def l0_term(self) -> Tensor:
-        """Mean over adapted matrices of the surviving fraction (STE gradient to theta only)."""
-        terms = [
-            step_density(m.last_delta, m.theta(), m.eps)
-            for m in self.modules.values()
-            if m.last_delta is not None
-        ]
-        return torch.stack(terms).mean() if terms else torch.zeros(())
+        """Fraction of all adapted dW entries the gate keeps this step (the L0 term of
+        JumpReLU SAEs; STE gradient to theta only)."""
+        numel = [m.lora_B.shape[0] * m.lora_A.shape[1] for m in self.modules.values()]
+        kept = sum(n * m.kept_fraction() for n, m in zip(numel, self.modules.values(), strict=True))
+        return kept / sum(numel)
 
     @torch.no_grad()
     def density(self) -> float:
         """Fraction of dW entries the gate keeps at the current theta (1.0 without gate)."""
-        if self.cfg.gate != "jump":
+        if self.cfg.gate == "none":
             return 1.0
-        kept = sum(int((m.delta().abs() > m.theta()).sum()) for m in self.modules.values())
+        kept = sum(int((m.current_delta().abs() > m.theta()).sum()) for m in self.modules.values())
         total = sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in self.modules.values())
         return kept / total
 

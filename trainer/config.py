@@ -34,20 +34,25 @@ class DataConfig(_Strict):
         return self
 
 
+L0_WEIGHT_DEFAULT = 20.0
+
+
 class AdapterConfig(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
     r: int = Field(8, ge=1)
     alpha: float = 32.0
-    gate: Literal["jump", "none"] = "jump"
+    # jump: the learned JumpReLU threshold (the method). topk: the fixed-ratio rival, an
+    # ablation (theta = the order statistic keeping as many entries as the adapter has
+    # parameters, every step). none: the dense twin (plain LoRA).
+    gate: Literal["jump", "topk", "none"] = "jump"
     granularity: Literal["global", "per_block"] = "global"
-    init_log_threshold: float = -4.7  # theta ~ 9.1e-3 (ref)
-    eps: float = Field(1e-3, gt=0)  # STE kernel bandwidth (ref)
-    threshold_lr: float | None = Field(None, gt=0)  # learning rate of phi; None: train.lr
-    l0_weight: float = Field(0.0, ge=0)  # weight of the L0 (surviving fraction) term
-    # "budget": from t1 on, theta never drops below the order statistic that keeps as many
-    # entries as the adapter has parameters (the re-init rule, re-applied every step);
-    # the learned theta still acts above it. "none": the reference behaviour.
-    threshold_floor: Literal["none", "budget"] = "budget"
+    # The one sparsity knob: weight of the L0 term (fraction of kept dW entries) against
+    # the cross-entropy, in nats per unit of density (docs/trainer.md for how it was chosen).
+    l0_weight: float = Field(L0_WEIGHT_DEFAULT, ge=0)
+    # Method constants (not tuned per task or layer): the STE kernel width relative to
+    # theta, and the Adam learning rate of phi = log(theta / RMS(dW)).
+    bandwidth: float = Field(0.1, gt=0, le=1)
+    threshold_lr: float = Field(0.05, gt=0)
 
 
 class MethodConfig(_Strict):
@@ -70,6 +75,7 @@ class TrainConfig(_Strict):
     device: str = "auto"  # auto: cuda when present, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
     eval_batch_size: int = Field(32, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global norm of the adapter gradients
 
 
 class RunConfig(_Strict):
@@ -79,8 +85,6 @@ class RunConfig(_Strict):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     keep_all_merged: bool = False
-    # Accuracy of a from-scratch single-task model per task, for FWT.
-    fwt_baseline: dict[str, float] | None = None
 
 
 def _one_line(exc: Exception) -> str:

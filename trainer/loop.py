@@ -57,6 +57,7 @@ from trainer.publish import Publisher
 from trainer.report import write_report
 from trainer.schedule import SparsitySchedule
 from trainer.served import ServedModel
+from trainer.step import adapter_optimizer, train_step
 
 
 def _slug(name: str) -> str:
@@ -220,7 +221,12 @@ class Recipe:
             "completed": self.completed,
             "versions": self.versions,
             "task_log": self.task_log,
-            "accuracy": {"exact": self.accuracy.exact, "prefix": self.accuracy.prefix},
+            "accuracy": {
+                "exact": self.accuracy.exact,
+                "prefix": self.accuracy.prefix,
+                "base": self.accuracy.base,
+                "base_prefix": self.accuracy.base_prefix,
+            },
             "environment": {
                 "jlserve": jlserve_version,
                 "torch": torch.__version__,
@@ -243,6 +249,8 @@ class Recipe:
         self.task_log = info["task_log"][: self.completed]
         self.accuracy.exact = info["accuracy"]["exact"]
         self.accuracy.prefix = info["accuracy"]["prefix"]
+        self.accuracy.base = info["accuracy"]["base"]
+        self.accuracy.base_prefix = info["accuracy"]["base_prefix"]
         if self.is_main:
             self._drop_partial_outputs()
         for v in self.versions[1:]:
@@ -295,21 +303,14 @@ class Recipe:
             collate_fn=self.enc.collate,
         )
 
-    def _optimizer(self, adapter: Adapter) -> torch.optim.Optimizer:
-        groups: list[dict[str, Any]] = [{"params": list(adapter.lora_parameters())}]
-        if self.cfg.adapter.gate == "jump":
-            lr = self.cfg.adapter.threshold_lr or self.cfg.train.lr
-            groups.append({"params": [adapter.thresholds.phi], "lr": lr})
-        return torch.optim.AdamW(groups, lr=self.cfg.train.lr, weight_decay=0.0)
-
     def train_task(self, i: int, task: Task) -> tuple[Adapter, dict[str, Any]]:
         torch.manual_seed(self.cfg.train.seed * 1000 + i)
         adapter = self.method.start_task(self.model, i)
         loader = self._loader(task, i)
         total = len(loader) * self.cfg.train.epochs
         schedule = SparsitySchedule(total)
-        gated = self.cfg.adapter.gate == "jump"
-        optimizer = self._optimizer(adapter)
+        gate = self.cfg.adapter.gate
+        optimizer = adapter_optimizer(adapter, self.cfg.train.lr, self.cfg.adapter)
         model = self.model
         if dist.is_initialized():
             model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -317,6 +318,7 @@ class Recipe:
         log_every = max(1, total // 20)
         stats = {"loss": math.nan, "density": 1.0, "theta": math.nan}
         losses: list[float] = []
+        reinit_phi: list[float] | None = None
         step = 0
         start = time.perf_counter()
         with self._progress() as progress:
@@ -325,44 +327,54 @@ class Recipe:
                 if isinstance(loader.sampler, DistributedSampler):
                     loader.sampler.set_epoch(epoch)
                 for batch in loader:
-                    f = schedule.f(step)
-                    adapter.set_f(f)
-                    if gated and step == schedule.t1:
-                        adapter.reinit_thresholds()
-                    if gated and step >= schedule.t1:
-                        adapter.update_floor()
                     batch = {k: v.to(self.device) for k, v in batch.items()}
-                    with self.autocast():
-                        ce = model(**batch).loss
-                    extras = self.method.extra_loss(adapter, f)
-                    if gated and f > 0.0 and self.cfg.adapter.l0_weight > 0.0:
-                        extras["l0"] = self.cfg.adapter.l0_weight * adapter.l0_term()
-                    loss = ce + sum(extras.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(ce.item())
+
+                    def task_loss(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+                        with self.autocast():
+                            return model(**batch).loss
+
+                    reinit = gate != "none" and step == schedule.t1
+                    log_now = (step + 1) % log_every == 0 or step + 1 == total
+                    result = train_step(
+                        adapter,
+                        optimizer,
+                        task_loss,
+                        schedule.f(step),
+                        reinit=reinit,
+                        extra_loss=self.method.extra_loss,
+                        grad_clip=self.cfg.train.grad_clip,
+                        measure_density=log_now,
+                    )
+                    if reinit:
+                        reinit_phi = self._phi(adapter)
+                    losses.append(result.loss)
                     step += 1
-                    if step % log_every == 0 or step == total:
+                    if log_now:
                         stats = {
                             "loss": sum(losses[-log_every:]) / len(losses[-log_every:]),
-                            "density": adapter.density(),
+                            "density": result.density,
                             "theta": float(adapter.thresholds.values().mean()),
                         }
                     progress.update(bar, advance=1, **stats)
         seconds = time.perf_counter() - start
-        if gated:
-            adapter.update_floor()  # the last step moved dW: re-apply the budget for the merge
+        adapter.end_training()  # the last step moved dW: sync the threshold for the merge
         return adapter, {
             "steps": total,
             "train_seconds": seconds,
             "seconds_per_step": seconds / total,
             "final_loss": stats["loss"],
             "gate_density": adapter.density(),
-            "theta": stats["theta"],
+            "theta": float(adapter.thresholds.values().mean()),
+            "log_threshold_at_reinit": reinit_phi,
+            "log_threshold": self._phi(adapter),
             "t1": schedule.t1,
             "t2": schedule.t2,
         }
+
+    @staticmethod
+    def _phi(adapter: Adapter) -> list[float]:
+        """phi = log(theta / RMS(dW)) per threshold group (topk: log theta)."""
+        return adapter.thresholds.phi.detach().cpu().tolist()
 
     def _progress(self) -> Progress:
         return Progress(
@@ -380,12 +392,15 @@ class Recipe:
     # ------------------------------------------------------------------ evaluate / export
 
     def evaluate(self, i: int) -> None:
-        """Row i of the accuracy matrix: every task seen so far, on version i + 1."""
+        """Row i of the accuracy matrix on version i + 1: every task seen so far and the next
+        one (for FWT). i = -1: the base row, every task of the stream on version 0."""
+        version = i + 1
         if self.served is not None:
-            self.served.wait_for_version(i + 1)
+            self.served.wait_for_version(version)
         self.model.eval()
+        columns = len(self.tasks) if i < 0 else min(i + 2, len(self.tasks))
         with self.autocast():
-            for j in range(i + 1):
+            for j in range(columns):
                 task = self.tasks[j]
                 if self.served is None:
                     r = evaluate_task(
@@ -396,7 +411,7 @@ class Recipe:
                         self.enc.eval_prompts(task),
                         max_new_tokens=self.enc.max_target_len(task),
                         stop_token=self.enc.eos,
-                        version=i + 1,
+                        version=version,
                     )
                     r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
@@ -463,7 +478,8 @@ class Recipe:
 
     def metrics(self) -> dict[str, Any]:
         return {
-            "accuracy": self.accuracy.result(self.cfg.fwt_baseline),
+            "accuracy": self.accuracy.result(),
+            "density_summary": self.density.summary(),
             "density": self.density.result(),
             "support_overlap": self.overlap.result(),
             "tasks": self.task_log,
@@ -489,6 +505,9 @@ class Recipe:
     def run(self) -> dict[str, Any]:
         self.setup()
         last = len(self.tasks) if self.stop_after is None else min(self.stop_after, len(self.tasks))
+        if self.is_main and self.accuracy.base[0] is None:  # the base row, once per run
+            self.evaluate(-1)
+            self._write_run_json()
         for i in range(self.completed, last):
             task = self.tasks[i]
             adapter, log = self.train_task(i, task)

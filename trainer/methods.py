@@ -14,7 +14,6 @@ The gate (adapter.gate: jump|none) lives in the adapter, so it composes with eve
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +21,6 @@ from torch import Tensor, nn
 from trainer.adapter import Adapter
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
-from trainer.gate import signed_jump
 
 
 class Method:
@@ -75,9 +73,7 @@ class SeqLoRA(Method):
         self.task_index = task_index
         if self.adapter is None:
             self.adapter = Adapter(model, self.cfg.adapter)
-        with torch.no_grad():
-            self.adapter.thresholds.phi.fill_(self.cfg.adapter.init_log_threshold)
-            self.adapter.thresholds.floor.fill_(-math.inf)
+        self.adapter.thresholds.reset()
         return self.adapter
 
     def end_task(self, adapter: Adapter, merged: dict[str, Tensor]) -> Adapter | None:
@@ -141,9 +137,7 @@ class Ella(_PastMemory):
             return {"ella": torch.zeros((), device=adapter.thresholds.phi.device)}
         terms = []
         for name, m in adapter.modules.items():
-            dw = m.delta()  # (d_out, d_in)
-            if m.gated and f > 0.0:
-                dw = signed_jump(dw, m.theta().detach(), m.eps, f)
+            dw = m.gated_delta(f, learn_threshold=False)  # (d_out, d_in)
             terms.append((m.scaling * dw * self.past[name]).square().sum())
         lam = self.cfg.method.ella_lambda_for(self.task_index)
         return {"ella": lam * torch.stack(terms).mean()}

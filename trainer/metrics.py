@@ -1,19 +1,29 @@
 """Continual-learning metrics as small objects with update / result / reset.
 
-a[i][j] = exact-match accuracy on task j after training task i (i >= j).
-OA  = mean_j a[T][j] over the tasks seen by the last completed task T.
-BWT = 1/(T-1) sum_{j<T} (a[T][j] - a[j][j])        (negative: forgetting)
-FWT = 1/T sum_j (a[j][j] - b[j]), b[j] the accuracy of a from-scratch single-task model
-      on task j (given in the config as `fwt_baseline`); absent without it.
+a[i][j] = exact-match accuracy on task j after training task i (version i + 1); the loop
+fills j <= i + 1: the tasks seen so far and the next one (for FWT).
+b[j]    = accuracy of the base model (version 0) on task j: the base row.
+OA   = mean_j a[T][j] over the tasks seen by the last completed task T.
+BWT  = 1/(T-1) sum_{j<T} (a[T][j] - a[j][j])                      (negative: forgetting)
+FWT  = 1/(T-1) sum_{j>=1} (a[j-1][j] - b[j])   what earlier tasks did for a task not yet
+       trained on, against the base model (GEM's definition, b = the base row)
+gain = OA - mean_j b[j] over the same tasks: what the stream added over the base model.
 Density and support overlap are measured on the exported deltas: the coordinates a task
 really changed in the checkpoint dtype.
 """
 
 from __future__ import annotations
 
+import re
+import statistics
+
 import torch
 
 from jlserve.delta import SparseDelta
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 class AccuracyMatrix:
@@ -22,31 +32,47 @@ class AccuracyMatrix:
         self.reset()
 
     def reset(self) -> None:
-        self.exact: list[list[float | None]] = [[None] * len(self.tasks) for _ in self.tasks]
-        self.prefix: list[list[float | None]] = [[None] * len(self.tasks) for _ in self.tasks]
+        n = len(self.tasks)
+        self.exact: list[list[float | None]] = [[None] * n for _ in self.tasks]
+        self.prefix: list[list[float | None]] = [[None] * n for _ in self.tasks]
+        self.base: list[float | None] = [None] * n
+        self.base_prefix: list[float | None] = [None] * n
 
     def update(self, i: int, j: int, exact: float, prefix: float) -> None:
-        self.exact[i][j] = exact
-        self.prefix[i][j] = prefix
+        """Row i (after task i); i = -1 is the base row (version 0)."""
+        if i < 0:
+            self.base[j], self.base_prefix[j] = exact, prefix
+        else:
+            self.exact[i][j], self.prefix[i][j] = exact, prefix
 
-    def result(self, baseline: dict[str, float] | None = None) -> dict:
+    def result(self) -> dict:
         done = [i for i, row in enumerate(self.exact) if row[i] is not None]
-        out: dict = {"matrix": self.exact, "prefix_matrix": self.prefix, "tasks": self.tasks}
+        out: dict = {
+            "matrix": self.exact,
+            "prefix_matrix": self.prefix,
+            "base": self.base,
+            "base_prefix": self.base_prefix,
+            "tasks": self.tasks,
+        }
         if not done:
             return out
         last = done[-1]
-        final = [self.exact[last][j] for j in range(last + 1)]
-        out["OA"] = sum(final) / len(final)
-        out["OA_prefix"] = sum(self.prefix[last][: last + 1]) / (last + 1)
+        out["OA"] = _mean(self.exact[last][: last + 1])
+        out["OA_prefix"] = _mean(self.prefix[last][: last + 1])
         out["BWT"] = (
-            sum(self.exact[last][j] - self.exact[j][j] for j in range(last)) / last
-            if last
-            else None
+            _mean([self.exact[last][j] - self.exact[j][j] for j in range(last)]) if last else None
         )
-        if baseline is not None and all(self.tasks[j] in baseline for j in range(last + 1)):
-            gaps = [self.exact[j][j] - baseline[self.tasks[j]] for j in range(last + 1)]
-            out["FWT"] = sum(gaps) / len(gaps)
+        base = self.base[: last + 1]
+        if all(b is not None for b in base):
+            out["base_OA"] = _mean(base)
+            out["gain_over_base"] = out["OA"] - out["base_OA"]
+            pairs = [(self.exact[j - 1][j], base[j]) for j in range(1, last + 1)]
+            if pairs and all(a is not None for a, _ in pairs):
+                out["FWT"] = _mean([a - b for a, b in pairs])
         return out
+
+
+_BLOCK = re.compile(r"\.(\d+)\.")
 
 
 class DeltaDensity:
@@ -71,6 +97,26 @@ class DeltaDensity:
 
     def result(self) -> dict[str, dict]:
         return self.per_task
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """min / median / max of the per-task densities and of the per-block densities
+        (blocks = transformer layers, over every task), the spread the learned gate makes."""
+        per_task = [d["density"] for d in self.per_task.values()]
+        per_block: list[float] = []
+        for d in self.per_task.values():
+            kept: dict[str, float] = {}
+            numel: dict[str, int] = {}
+            for name, density in d["per_matrix"].items():
+                match = _BLOCK.search(name)
+                block = match.group(1) if match else name
+                kept[block] = kept.get(block, 0.0) + density * self.adapted[name]
+                numel[block] = numel.get(block, 0) + self.adapted[name]
+            per_block += [kept[b] / numel[b] for b in kept]
+        return {
+            key: {"min": min(v), "median": statistics.median(v), "max": max(v)}
+            for key, v in (("task", per_task), ("block", per_block))
+            if v
+        }
 
 
 class SupportOverlap:

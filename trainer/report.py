@@ -23,15 +23,16 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:+.3f}"
 
 
-def _heatmap(matrix: list[list[float | None]], labels: list[str], title: str, path: Path) -> None:
-    n = len(labels)
+def _heatmap(
+    matrix: list[list[float | None]], rows: list[str], cols: list[str], title: str, path: Path
+) -> None:
     data = [[float("nan") if v is None else v for v in row] for row in matrix]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cols), 1.0 + 0.6 * len(rows)))
     im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(n), labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels)
-    for i in range(n):
-        for j in range(n):
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
             if matrix[i][j] is not None:
                 ax.text(
                     j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8
@@ -72,9 +73,10 @@ def write_report(run_dir: Path, metrics: dict[str, Any], cfg: RunConfig, command
     tasks = acc["tasks"]
     done = [t["task"] for t in metrics["tasks"]]
     _heatmap(
-        acc["matrix"],
+        [acc["base"], *acc["matrix"]],
+        ["base", *tasks],
         tasks,
-        "a[i][j]: exact match on task j after task i",
+        "exact match on task j: base model, then after task i",
         run_dir / "accuracy.png",
     )
     if metrics["density"]:
@@ -83,6 +85,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any], cfg: RunConfig, command
     if overlap["tasks"]:
         _heatmap(
             overlap["jaccard"],
+            overlap["tasks"],
             overlap["tasks"],
             "Jaccard overlap of delta supports",
             run_dir / "overlap.png",
@@ -95,12 +98,15 @@ def write_report(run_dir: Path, metrics: dict[str, Any], cfg: RunConfig, command
         "",
         f"OA {_fmt(acc.get('OA'), pct=True)} "
         f"(prefix match {_fmt(acc.get('OA_prefix'), pct=True)}), "
-        f"BWT {_fmt(acc.get('BWT'))}, FWT {_fmt(acc.get('FWT'))}",
+        f"BWT {_fmt(acc.get('BWT'))}, FWT {_fmt(acc.get('FWT'))}; base model OA "
+        f"{_fmt(acc.get('base_OA'), pct=True)}, gain over the base {_fmt(acc.get('gain_over_base'))}",
         "",
-        "## Accuracy a[i][j] (exact match, %; rows: after task i)",
+        "## Accuracy (exact match, %; rows: the base model, then after task i; the entry right",
+        "of the diagonal is the next task before training on it, for FWT)",
         "",
         "| after \\ on | " + " | ".join(tasks) + " |",
         "|---" * (len(tasks) + 1) + "|",
+        "| base | " + " | ".join(_fmt(v, pct=True) for v in acc["base"]) + " |",
     ]
     for i, row in enumerate(acc["matrix"]):
         if row[i] is not None:

@@ -3,7 +3,12 @@
 f = clip((step - t1) / (t2 - t1), 0, 1) with t1 = floor(0.2 T), t2 = floor(0.8 T), T the
 task's optimizer steps: dense for the first 20 %, blended, fully sparse from 80 % on. At
 step t1 theta is re-initialised so that as many dW entries survive as the adapter has
-parameters (`order_threshold`).
+parameters (`order_log_threshold`).
+
+t1 is at least 1: B = 0 at init, so dW is all zero before the first optimizer step, and a
+threshold re-initialised from it (or a gate switched on at step 0) would drop every entry
+and stop every gradient (the reference's t1 = 0 for T < 5). A task shorter than 2 steps
+never reaches t1; its threshold is initialised before the merge instead.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ class SparsitySchedule:
 
     @property
     def t1(self) -> int:
-        return math.floor(0.2 * self.total_steps)
+        return max(math.floor(0.2 * self.total_steps), 1)
 
     @property
     def t2(self) -> int:

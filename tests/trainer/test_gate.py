@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from trainer.gate import rectangle, signed_jump, step_density
+from trainer.gate import kept_fraction, rectangle, signed_jump
 
 
 class _JumpReLU(torch.autograd.Function):
-    """JumpReLU_theta(z) = z * H(z - theta) with the method doc's STE, written out plainly:
-    the reference the fused gate is checked against."""
+    """JumpReLU_theta(z) = z * H(z - theta) with the STE written out plainly (summed over
+    entries): the reference the fused gate is checked against."""
 
     @staticmethod
     def forward(ctx, z, theta, eps):
@@ -20,7 +20,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         k = rectangle((z - theta) / ctx.eps)
-        return g * (z > theta), -(theta / ctx.eps) * (k * g).mean(), None
+        return g * (z > theta), -(theta / ctx.eps) * (k * g).sum(), None
 
 
 def test_rectangle_kernel_is_open_unit_window() -> None:
@@ -40,9 +40,9 @@ def test_threshold_gradient_matches_formula_by_hand(f: float) -> None:
     keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])  # |z| > theta, sign kept
     assert torch.equal(out, z.detach() * (f * keep + (1 - f)))
     (out * g).sum().backward()
-    # dL/dtheta = -(theta/eps) * f * mean((K_pos - K_neg) * g)
-    #           = -(0.1/1e-3) * f * (2 - 3 - 4)/5 = 100 f;  dL/dphi = theta * dL/dtheta.
-    torch.testing.assert_close(phi.grad, torch.tensor(0.1 * 100.0 * f))
+    # dL/dtheta = -(theta/eps) * f * sum((K_pos - K_neg) * g)
+    #           = -(0.1/1e-3) * f * (2 - 3 - 4) = 500 f;  dL/dphi = theta * dL/dtheta.
+    torch.testing.assert_close(phi.grad, torch.tensor(0.1 * 500.0 * f))
     # dL/dz = (f * 1[|z| > theta] + 1 - f) * g: no STE on z.
     torch.testing.assert_close(z.grad, (f * keep + (1 - f)) * g)
 
@@ -92,17 +92,16 @@ def test_threshold_gradient_sign_agrees_with_finite_difference_of_smoothed_gate(
             _smoothed_loss(z, torch.tensor(theta0 + h), g, eps)
             - _smoothed_loss(z, torch.tensor(theta0 - h), g, eps)
         ) / (2 * h)
-        # The reference STE reduces with a mean over entries: compare signs (and scale).
-        ste = theta.grad * z.numel()
+        ste = theta.grad  # summed over entries: the derivative of the smoothed gate itself
         assert torch.sign(ste) == torch.sign(fd)
         agree += int(torch.isclose(ste, fd, rtol=0.5))
     assert agree >= 15
 
 
-def test_step_density_pushes_theta_up_and_leaves_z_alone() -> None:
+def test_kept_fraction_pushes_theta_up_and_leaves_z_alone() -> None:
     z = torch.tensor([0.0100, 0.0101, -0.0102, 0.5], requires_grad=True)
     theta = torch.tensor(0.01, requires_grad=True)
-    d = step_density(z, theta, 1e-3)
+    d = kept_fraction(z, theta, 1e-3)
     assert d.item() == 0.75
     d.backward()
     assert z.grad is None or torch.all(z.grad == 0)

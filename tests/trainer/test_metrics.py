@@ -6,19 +6,24 @@ from jlserve.delta import diff_tensors
 from trainer.metrics import AccuracyMatrix, DeltaDensity, SupportOverlap
 
 
-def test_oa_bwt_fwt_by_hand() -> None:
+def test_oa_bwt_fwt_and_gain_over_the_base_row_by_hand() -> None:
     acc = AccuracyMatrix(["a", "b", "c"])
-    rows = [[0.8], [0.6, 0.9], [0.5, 0.7, 1.0]]
+    # Rows after each task: the tasks seen so far plus the next one (before training on it).
+    rows = [[0.8, 0.3], [0.6, 0.9, 0.2], [0.5, 0.7, 1.0]]
     for i, row in enumerate(rows):
         for j, v in enumerate(row):
             acc.update(i, j, v, v)
-    r = acc.result({"a": 0.9, "b": 0.9, "c": 0.9})
+    assert "FWT" not in acc.result() and "gain_over_base" not in acc.result()  # no base row yet
+    for j, b in enumerate([0.1, 0.4, 0.1]):
+        acc.update(-1, j, b, b)
+    r = acc.result()
+    assert r["base"] == [0.1, 0.4, 0.1]
     assert abs(r["OA"] - (0.5 + 0.7 + 1.0) / 3) < 1e-12
     assert abs(r["BWT"] - ((0.5 - 0.8) + (0.7 - 0.9)) / 2) < 1e-12
-    assert abs(r["FWT"] - ((0.8 - 0.9) + (0.9 - 0.9) + (1.0 - 0.9)) / 3) < 1e-12
-    assert "FWT" not in acc.result()
+    assert abs(r["FWT"] - ((0.3 - 0.4) + (0.2 - 0.1)) / 2) < 1e-12  # a[j-1][j] - b[j]
+    assert abs(r["gain_over_base"] - (r["OA"] - 0.6 / 3)) < 1e-12
     acc.reset()
-    assert "OA" not in acc.result()
+    assert "OA" not in acc.result() and acc.base == [None] * 3
 
 
 def test_density_and_jaccard_overlap() -> None:
@@ -32,6 +37,7 @@ def test_density_and_jaccard_overlap() -> None:
     density = DeltaDensity({"w": 10})
     density.update("a", d1)
     assert density.result()["a"]["density"] == 0.4
+    assert density.summary()["task"] == {"min": 0.4, "median": 0.4, "max": 0.4}
     overlap = SupportOverlap()
     overlap.update("a", d1)
     overlap.update("b", d2)
