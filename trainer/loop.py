@@ -295,6 +295,28 @@ class Recipe:
             collate_fn=self.enc.collate,
         )
 
+    @torch.no_grad()
+    def _forward_over(self, task: Task) -> None:
+        """The model over the task's training inputs, in order, in eval mode, on every rank
+        (identical results everywhere): what a method reading the inputs (InfLoRA) observes
+        through hooks. Logits only for the last position (nobody reads them)."""
+        loader = DataLoader(
+            self.enc.train_examples(task),
+            batch_size=self.cfg.train.batch_size,
+            collate_fn=self.enc.collate,
+        )
+        training = self.model.training
+        self.model.eval()
+        with self.autocast():
+            for batch in loader:
+                self.model(
+                    input_ids=batch["input_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+        self.model.train(training)
+
     def _optimizer(self, adapter: Adapter) -> torch.optim.Optimizer:
         groups: list[dict[str, Any]] = [{"params": list(adapter.lora_parameters())}]
         if self.cfg.adapter.gate == "jump":
@@ -305,6 +327,7 @@ class Recipe:
     def train_task(self, i: int, task: Task) -> tuple[Adapter, dict[str, Any]]:
         torch.manual_seed(self.cfg.train.seed * 1000 + i)
         adapter = self.method.start_task(self.model, i)
+        self.method.prepare_task(adapter, lambda: self._forward_over(task))
         loader = self._loader(task, i)
         total = len(loader) * self.cfg.train.epochs
         schedule = SparsitySchedule(total)
