@@ -72,7 +72,7 @@ class MethodConfig(_Strict):
 
 class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # the global batch; under torchrun shared by the ranks
     epochs: int = Field(1, ge=1)
     seed: int = 42
     device: str = "auto"  # auto: cuda when present, else cpu
