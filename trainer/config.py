@@ -56,10 +56,18 @@ class AdapterConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: Literal["incLoRA", "seqLoRA", "ella", "olora"] = "incLoRA"
+    name: Literal["incLoRA", "seqLoRA", "ella", "olora", "inflora"] = "incLoRA"
     # One value, or one per task of the stream (the length is checked against the stream).
     ella_lambda: float | list[float] = 3e4
     olora_lambda: float = 0.5  # O-LoRA's lamda_1
+    # InfLoRA's energy threshold of the input-subspace memory: rises linearly from the first
+    # value (after task 1) towards the second over the stream (the authors' lamb, lame).
+    inflora_threshold: float = Field(0.95, gt=0, le=1)
+    inflora_threshold_end: float = Field(1.0, gt=0, le=1)
+
+    def inflora_threshold_for(self, task_index: int, n_tasks: int) -> float:
+        start, end = self.inflora_threshold, self.inflora_threshold_end
+        return start + (end - start) * task_index / n_tasks
 
     def ella_lambda_for(self, task_index: int) -> float:
         if isinstance(self.ella_lambda, list):
@@ -69,7 +77,7 @@ class MethodConfig(_Strict):
 
 class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # the global batch; under torchrun shared by the ranks
     epochs: int = Field(1, ge=1)
     seed: int = 42
     device: str = "auto"  # auto: cuda when present, else cpu

@@ -18,8 +18,9 @@ checkpoint is the method's (one file per version, named in run.json) and the acc
 rows (in run.json), so a resumed run continues exactly where an uninterrupted one would
 be, wherever the previous one stopped.
 
-Multi-GPU: under `torchrun --nproc_per_node N` each task trains under PyTorch DDP with a
-DistributedSampler; rank 0 evaluates and writes, the others wait.
+Several processes: under `torchrun --nproc_per_node N` each task trains under PyTorch DDP,
+each rank on its share of the same global batches (trainer.parallel), so the result equals
+one process's up to float summation order; rank 0 evaluates and writes, the others wait.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from jlserve import __version__ as jlserve_version
 from jlserve.checkpoint import atomic_write_bytes, fingerprint, load_tensors, write_checkpoint
@@ -53,6 +54,7 @@ from trainer.data import Encoder, Task, evaluate_task, load_stream, score
 from trainer.errors import TrainerError
 from trainer.methods import Method, build_method
 from trainer.metrics import AccuracyMatrix, DeltaDensity, SupportOverlap
+from trainer.parallel import Examples, data_parallel, global_batches
 from trainer.publish import Publisher
 from trainer.report import write_report
 from trainer.schedule import SparsitySchedule
@@ -287,25 +289,43 @@ class Recipe:
     # ------------------------------------------------------------------ train
 
     def _loader(self, task: Task, task_index: int) -> DataLoader:
+        """The task's shuffled global batches of train.batch_size; this rank's share of each
+        (trainer.parallel: the same global batches for any number of processes)."""
         examples = self.enc.train_examples(task)
         generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + task_index)
-        sampler = None
-        if dist.is_initialized():
-            sampler = DistributedSampler(
-                examples, shuffle=True, seed=self.cfg.train.seed + task_index
-            )
         return DataLoader(
-            examples,
-            batch_size=self.cfg.train.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
+            Examples(examples),
+            batch_sampler=global_batches(len(examples), self.cfg.train.batch_size, generator),
             generator=generator,
             collate_fn=self.enc.collate,
         )
 
+    @torch.no_grad()
+    def _forward_over(self, task: Task) -> None:
+        """The model over the task's training inputs, in order, in eval mode, on every rank
+        (identical results everywhere): what a method reading the inputs (InfLoRA) observes
+        through hooks. Logits only for the last position (nobody reads them)."""
+        loader = DataLoader(
+            self.enc.train_examples(task),
+            batch_size=self.cfg.train.batch_size,
+            collate_fn=self.enc.collate,
+        )
+        training = self.model.training
+        self.model.eval()
+        with self.autocast():
+            for batch in loader:
+                self.model(
+                    input_ids=batch["input_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+        self.model.train(training)
+
     def train_task(self, i: int, task: Task) -> tuple[Adapter, dict[str, Any]]:
         torch.manual_seed(self.cfg.train.seed * 1000 + i)
         adapter = self.method.start_task(self.model, i)
+        self.method.prepare_task(adapter, lambda: self._forward_over(task))
         loader = self._loader(task, i)
         total = len(loader) * self.cfg.train.epochs
         schedule = SparsitySchedule(total)
@@ -313,7 +333,7 @@ class Recipe:
         optimizer = adapter_optimizer(adapter, self.cfg.train.lr, self.cfg.adapter)
         model = self.model
         if dist.is_initialized():
-            model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            model = data_parallel(model, adapter, self.device)
         model.train()
         log_every = max(1, total // 20)
         stats = {"loss": math.nan, "density": 1.0, "theta": math.nan}
@@ -323,9 +343,7 @@ class Recipe:
         start = time.perf_counter()
         with self._progress() as progress:
             bar = progress.add_task(f"{i + 1}/{len(self.tasks)} {task.name}", total=total, **stats)
-            for epoch in range(self.cfg.train.epochs):
-                if isinstance(loader.sampler, DistributedSampler):
-                    loader.sampler.set_epoch(epoch)
+            for _epoch in range(self.cfg.train.epochs):
                 for batch in loader:
                     batch = {k: v.to(self.device) for k, v in batch.items()}
 

@@ -2,6 +2,8 @@
 
 Events (called by trainer.loop in this order for every task):
     start_task(model, task_index) -> Adapter     the adapter to train on this task
+    prepare_task(adapter, feed)                  before training; feed() runs the model over
+                                                  the task's training inputs (no grad)
     extra_loss(adapter, f)        -> {name: loss} added to the cross-entropy each step
     end_task(adapter, merged)     -> Adapter|None merged = W0 + s*J(dW) per adapted weight;
                                                   return the adapter to keep, if any
@@ -14,6 +16,7 @@ The gate (adapter.gate: jump|none) lives in the adapter, so it composes with eve
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 from trainer.adapter import Adapter
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
+from trainer.subspace import down_projection, extend_basis, input_covariances
 
 
 class Method:
@@ -28,13 +32,17 @@ class Method:
 
     commits = True  # the merged weights become the next task's base weights
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, n_tasks: int) -> None:
         self.cfg = cfg
+        self.n_tasks = n_tasks
         self.task_index = 0
 
     def start_task(self, model: nn.Module, task_index: int) -> Adapter:
         self.task_index = task_index
         return Adapter(model, self.cfg.adapter)
+
+    def prepare_task(self, adapter: Adapter, feed: Callable[[], None]) -> None:
+        return None
 
     def extra_loss(self, adapter: Adapter, f: float) -> dict[str, Tensor]:
         return {}
@@ -65,8 +73,8 @@ class SeqLoRA(Method):
 
     commits = False
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: RunConfig, n_tasks: int) -> None:
+        super().__init__(cfg, n_tasks)
         self.adapter: Adapter | None = None
 
     def start_task(self, model: nn.Module, task_index: int) -> Adapter:
@@ -108,8 +116,8 @@ class _PastMemory(Method):
 
     STATE_KEY = "past"
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: RunConfig, n_tasks: int) -> None:
+        super().__init__(cfg, n_tasks)
         self.past: dict[str, Tensor] = {}  # module name -> tensor, on the model's device
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -177,11 +185,53 @@ class OLora(_PastMemory):
         return super().end_task(adapter, merged)
 
 
+class InfLoRA(_PastMemory):
+    """IncLoRA whose A_t is designed, not learned (InfLoRA, Liang & Li, CVPR 2024).
+
+    Before training, one pass over the task's inputs gives each adapted layer's input
+    covariance C; A_t = the top-r directions of C outside the memory (trainer.subspace),
+    frozen; only B_t trains, so dW_t = B_t A_t is zero on earlier tasks' input subspace.
+    After the merge, a second pass (on the merged model) extends the memory with the new
+    task's input directions (past: (d_in, k) orthonormal basis per layer, float64).
+    The gate (adapter.gate) then acts on dW_t entry-wise, which keeps the update sparse but
+    not exactly inside A_t's row space: orthogonality is exact with gate none only.
+    """
+
+    STATE_KEY = "input_basis"
+
+    def __init__(self, cfg: RunConfig, n_tasks: int) -> None:
+        super().__init__(cfg, n_tasks)
+        self.feed: Callable[[], None] | None = None
+
+    @torch.no_grad()
+    def prepare_task(self, adapter: Adapter, feed: Callable[[], None]) -> None:
+        self.feed = feed  # the memory update after the task reads the same inputs
+        covariances = input_covariances(adapter.model, list(adapter.modules), feed)
+        for name, m in adapter.modules.items():
+            a = down_projection(covariances[name], self.past.get(name), m.lora_A.shape[0])
+            m.lora_A.copy_(a)
+            m.lora_A.requires_grad_(False)
+
+    @torch.no_grad()
+    def end_task(self, adapter: Adapter, merged: dict[str, Tensor]) -> Adapter | None:
+        names, model = list(adapter.modules), adapter.model
+        super().end_task(adapter, merged)  # the pass below sees the merged weights
+        if self.feed is None:
+            raise TrainerError("InfLoRA: end_task before prepare_task")
+        covariances = input_covariances(model, names, self.feed)
+        threshold = self.cfg.method.inflora_threshold_for(self.task_index, self.n_tasks)
+        for name in names:
+            self.past[name] = extend_basis(self.past.get(name), covariances[name], threshold)
+        self.feed = None
+        return None
+
+
 METHODS: dict[str, type[Method]] = {
     "incLoRA": IncLoRA,
     "seqLoRA": SeqLoRA,
     "ella": Ella,
     "olora": OLora,
+    "inflora": InfLoRA,
 }
 
 
@@ -192,4 +242,4 @@ def build_method(cfg: RunConfig, n_tasks: int) -> Method:
         raise TrainerError(
             f"method.ella_lambda lists {len(lam)} values; the stream has {n_tasks} tasks"
         )
-    return METHODS[cfg.method.name](cfg)
+    return METHODS[cfg.method.name](cfg, n_tasks)

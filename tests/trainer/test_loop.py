@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
 from jlserve.cli import main as jlserve_main
@@ -87,6 +88,29 @@ def test_resume_after_stop_gives_the_same_results(tmp_path, tiny_model_dir) -> N
     # Only the last merged checkpoint and method state are kept without --keep-all-merged.
     assert [p.name for p in (part / "merged").iterdir()] == ["v002-copa"]
     assert [p.name for p in (part / "state").iterdir()] == ["method-v002.safetensors"]
+
+
+@pytest.mark.parametrize("gate", ["jump", "none"])
+def test_inflora_two_tasks_with_and_without_gate_and_exact_resume(
+    tmp_path, tiny_model_dir, gate
+) -> None:
+    cfg = _config(tmp_path, tiny_model_dir, name="inflora")
+    gate_arg = ["--set", f"adapter.gate={gate}"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert trainer_main(["--config", str(cfg), "--out", str(full), *gate_arg]) == 0
+    args = ["--config", str(cfg), "--out", str(part), *gate_arg]
+    assert trainer_main([*args, "--stop-after", "1"]) == 0
+    first = load_file(part / "state" / "method-v001.safetensors")
+    assert trainer_main([*args, "--resume"]) == 0
+    _same_results(full, part)
+    last = load_file(part / "state" / "method-v002.safetensors")
+    # The subspace memory: one orthonormal basis per adapted layer, grown by task 2.
+    assert sorted(first) == sorted(last) and all(k.endswith(".input_basis") for k in last)
+    for key, basis in last.items():
+        assert 1 <= first[key].shape[1] <= basis.shape[1] <= basis.shape[0]
+        assert basis[:, : first[key].shape[1]].equal(first[key])
+    density = json.loads((full / "metrics.json").read_text())["density"]["copa"]["density"]
+    assert (density < 0.5) == (gate == "jump")
 
 
 class _Crash(Exception):
