@@ -278,18 +278,19 @@ class EvalResult:
 
 
 @torch.no_grad()
-def generate_greedy(
+def greedy_tokens(
     model: Any, enc: Encoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
     device: torch.device,
-) -> list[str]:  # fmt: skip
-    """Greedy continuations of token-id prompts: left-padded batches, stop at `enc.stop`."""
+) -> list[list[int]]:  # fmt: skip
+    """Greedy continuations of token-id prompts, as token ids up to and including
+    `enc.stop` (when reached): left-padded batches, shortest prompts batched together."""
     from transformers import GenerationConfig
 
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=enc.stop, pad_token_id=enc.pad
     )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
-    predictions: dict[int, str] = {}
+    generated: dict[int, list[int]] = {}
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -298,10 +299,19 @@ def generate_greedy(
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
         )
-        texts = enc.tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        predictions.update(zip(idx, texts, strict=True))
+        for i, row in zip(idx, out[:, ids.shape[1] :].tolist(), strict=True):
+            generated[i] = row[: row.index(enc.stop) + 1] if enc.stop in row else row
     model.train(was_training)
-    return [predictions[i] for i in range(len(prompts))]
+    return [generated[i] for i in range(len(prompts))]
+
+
+def generate_greedy(
+    model: Any, enc: Encoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+    device: torch.device,
+) -> list[str]:  # fmt: skip
+    """The texts of `greedy_tokens`, special tokens skipped."""
+    tokens = greedy_tokens(model, enc, prompts, max_new_tokens, batch_size, device)
+    return [enc.tok.decode(t, skip_special_tokens=True) for t in tokens]
 
 
 def score(task: Task, predictions: list[str]) -> EvalResult:
