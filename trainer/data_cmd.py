@@ -76,7 +76,7 @@ def _check(args: argparse.Namespace) -> int:
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
-        print(f"{root}: {len(problems)} problems", file=sys.stderr)
+        print(f"{root}: {len(problems)} problem{'s' * (len(problems) > 1)}", file=sys.stderr)
         return 1
     specs, orders = read_index(root)
     print(f"{root}: ok, {len(specs)} tasks, orders: {', '.join(orders) or 'none'}")

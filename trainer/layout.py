@@ -141,7 +141,10 @@ def labels_problem(path: Path, options: list[str]) -> str | None:
 def check_root(root: Path) -> list[str]:
     """Every problem of a data root, one line each; empty when the root is usable."""
     if not root.is_dir():
-        return [f"{root}: not a directory"]
+        return [
+            f"{root}: not a directory (for the CL benchmark: jlserve data cl-benchmark "
+            f"--source DIR --out {root}; docs/data.md)"
+        ]
     try:
         specs, orders = read_index(root)
     except TrainerError as exc:

@@ -115,4 +115,5 @@ def test_a_broken_index_is_one_line(tmp_path, index, message):
         (root / "tasks.json").write_text(index)
     problems = check_root(root)
     assert len(problems) == 1 and message in problems[0]
-    assert check_root(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'}: not a directory"]
+    [missing] = check_root(tmp_path / "nowhere")
+    assert missing.startswith(f"{tmp_path / 'nowhere'}: not a directory (for the CL benchmark: ")
