@@ -1,4 +1,5 @@
-"""`jlserve train` (registered via the `jlserve.commands` entry point) and `python -m trainer`."""
+"""`jlserve train` and `jlserve data` (registered via the `jlserve.commands` entry point), and
+`python -m trainer` (= `jlserve train`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from jlserve.client import resolve_token
 from jlserve.errors import JlserveError
+from trainer import data_cmd
 from trainer.config import load_config
 from trainer.publish import DirectoryPublisher, Publisher, ServerPublisher
 from trainer.served import ServedModel
@@ -112,11 +114,13 @@ def _publisher(args: argparse.Namespace) -> Publisher | None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """The trainer's `jlserve` sub-commands: `train`, and `data` (trainer/data_cmd.py)."""
     parser = subparsers.add_parser(
         "train", help="train a continual-learning stream, export sparse deltas per task"
     )
     _add_arguments(parser)
     parser.set_defaults(func=run_train, prog="jlserve train")
+    data_cmd.register(subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

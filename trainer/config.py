@@ -19,13 +19,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def project_root() -> Path:
+    """The checkout this trainer runs from (pyproject.toml beside trainer/); the current
+    directory when the package is installed outside a checkout."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+def default_data_root() -> Path:
+    """`data/cl_benchmark` of the checkout, wherever the command runs from: where
+    `jlserve data cl-benchmark` writes by default (docs/data.md)."""
+    return project_root() / "data" / "cl_benchmark"
+
+
 class DataConfig(_Strict):
-    root: Path = Path("../shared/data/cl_benchmark")
+    # Default: <checkout>/data/cl_benchmark from any directory. A path given in a config or
+    # with --set is taken as it is (a relative one from the current directory).
+    root: Path = Field(default_factory=default_data_root)
     order: str | None = "short_order_1"  # a key of tasks.json "orders"
     tasks: list[str] | None = Field(None, min_length=1)  # a custom stream; overrides `order`
     train_rows: int | None = Field(None, ge=1)  # cap per task (a seeded random subset)
     eval_rows: int | None = Field(None, ge=1)  # cap of dev rows per task
     max_length: int = Field(256, ge=8)  # prompt + target tokens
+    # plain: the paper's reference prompt (the benchmark configs); chat: the tokenizer's chat
+    # template, so what a task teaches answers /v1/chat/completions (the demo).
+    prompt_format: Literal["plain", "chat"] = "plain"
 
     @model_validator(mode="after")
     def _stream_given(self) -> DataConfig:

@@ -1,19 +1,20 @@
-"""Task streams in the CL benchmark layout, prompts, training batches, batched greedy eval.
+"""Task streams of a data root (trainer/layout.py), prompts, training batches, greedy eval.
 
-Layout: `<root>/tasks.json` ({"tasks": {name: {instruction, options}}, "orders": {...}})
-and `<root>/<task>/{train,dev}.json` (lists of {"sentence", "label"}).
+`data.prompt_format: plain` (ref): "Task Instruction: {instruction}\nOptions: {o1 | o2 |
+...}\nText: {sentence}\nAnswer:", target " {label}" + EOS. The EOS matters
+(docs/method.md, "stop token"): without it the model never stops and exact match is 0.
+`chat`: the same text as the user turn of the tokenizer's chat template, the label as the
+assistant's reply ending with the template's end-of-turn token, which is then the stop, so
+what a task teaches is what a /v1/chat/completions client gets.
 
-Prompt (ref): "Task Instruction: {instruction}\nOptions: {o1 | o2 | ...}\nText: {sentence}
-\nAnswer:", target " {label}" + EOS. The EOS matters (method doc, "Measured trap"): without
-it the model never stops and exact match is 0. The loss covers target tokens only; batched
-generation is left-padded and stops at EOS. Prompt and target are tokenized separately
-(no special tokens added) the same way in training and evaluation, and a long text is cut
-inside the sentence so the "\nAnswer:" suffix and the target always fit `max_length`.
+The loss covers target tokens only; batched generation is left-padded and stops at the
+stop token. Prompt and target are tokenized separately (no special tokens added) the same
+way in training and evaluation, and a long text is cut inside the sentence so the prompt's
+end and the target always fit `max_length`.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from trainer.config import DataConfig
 from trainer.errors import TrainerError
+from trainer.layout import INDEX, read_index, read_rows, spec_problem
 
 IGNORE_INDEX = -100
 _WS = re.compile(r"\s+")
@@ -44,44 +46,11 @@ class Task:
     dev: list[dict[str, str]]
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except OSError as exc:
-        raise TrainerError(f"{path}: cannot read ({exc.strerror})") from None
-    except ValueError as exc:
-        raise TrainerError(f"{path}: not valid JSON ({exc})") from None
-
-
 def _rows(path: Path, cap: int | None, rng: random.Random) -> list[dict[str, str]]:
-    rows = _read_json(path)
-    if not isinstance(rows, list) or not all(
-        isinstance(r, dict)
-        and isinstance(r.get("sentence"), str)
-        and isinstance(r.get("label"), str)
-        for r in rows
-    ):
-        raise TrainerError(f"{path}: expected a list of {{'sentence': str, 'label': str}}")
-    if not rows:
-        raise TrainerError(f"{path}: no rows")
+    rows = read_rows(path)
     if cap is not None and cap < len(rows):
         rows = rng.sample(rows, cap)
     return rows
-
-
-def _index(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tasks, orders) of `<root>/tasks.json`, checked for shape."""
-    path = root / "tasks.json"
-    index = _read_json(path)
-    specs = index.get("tasks") if isinstance(index, dict) else None
-    orders = index.get("orders", {}) if isinstance(index, dict) else None
-    if not isinstance(specs, dict) or not isinstance(orders, dict):
-        raise TrainerError(
-            f"{path}: expected {{'tasks': {{name: ...}}, 'orders': {{name: [...]}}}}"
-        )
-    if not all(isinstance(spec, dict) for spec in specs.values()):
-        raise TrainerError(f"{path}: every task must be a mapping (instruction, options)")
-    return specs, orders
 
 
 def _stream_names(cfg: DataConfig, orders: dict[str, Any]) -> list[str]:
@@ -98,14 +67,23 @@ def _stream_names(cfg: DataConfig, orders: dict[str, Any]) -> list[str]:
 
 def load_stream(cfg: DataConfig, seed: int) -> list[Task]:
     """Load every task of the stream; row caps take a seeded random subset per task."""
-    specs, orders = _index(cfg.root)
+    if not (cfg.root / INDEX).exists():
+        raise TrainerError(
+            f"data.root {cfg.root}: no {INDEX} there; get the benchmark with `jlserve data "
+            f"cl-benchmark --source <checkout of alexandra-dragomir/JumpLoRA or "
+            f"cmnfriend/O-LoRA> --out {cfg.root}` (docs/data.md)"
+        )
+    specs, orders = read_index(cfg.root)
     names = _stream_names(cfg, orders)
     if not names:
         raise TrainerError(f"order {cfg.order!r} in {cfg.root / 'tasks.json'} has no tasks")
     tasks = []
     for name in names:
         if name not in specs:
-            raise TrainerError(f"task {name!r} is not in {cfg.root / 'tasks.json'}")
+            raise TrainerError(f"task {name!r} is not in {cfg.root / INDEX}")
+        problem = spec_problem(name, specs[name])
+        if problem is not None:
+            raise TrainerError(f"{cfg.root / INDEX}: {problem}")
         rng = random.Random(f"{seed}:{name}")
         tasks.append(
             Task(
@@ -119,45 +97,139 @@ def load_stream(cfg: DataConfig, seed: int) -> list[Task]:
     return tasks
 
 
-class Encoder:
-    """Turns rows into token ids: prompts (for eval) and prompt+target (for training)."""
+class ChatTemplate:
+    """The tokenizer's chat template, as a chat client meets it through a server: the text
+    it renders, tokenized without added special tokens (what vLLM's /v1/chat/completions
+    does). A user turn becomes prompt ids ending with the assistant header; a label becomes
+    the reply ids up to and including the template's end-of-turn token (the stop)."""
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    _PROBE = "jlserve-probe-reply"
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TrainerError(
+                "data.prompt_format chat: the tokenizer has no chat template; use plain"
+            )
+        self.tok = tokenizer
+        text = self._render([("user", "x"), ("assistant", self._PROBE)], generation=False)
+        after = self._ids(text[text.rindex(self._PROBE) + len(self._PROBE) :])
+        if not after or not self._is_special(after[0]):
+            raise TrainerError(
+                "data.prompt_format chat: the chat template ends the assistant's turn with no "
+                "special token to stop at; use plain"
+            )
+        self.end_of_turn: int = after[0]
+        self._replies: dict[str, list[int]] = {}
+
+    def _is_special(self, token: int) -> bool:
+        added = self.tok.added_tokens_decoder.get(token)
+        return token in self.tok.all_special_ids or (added is not None and added.special)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, turns: list[tuple[str, str]], *, generation: bool) -> str:
+        messages = [{"role": role, "content": content} for role, content in turns]
+        return self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation
+        )
+
+    def prompt(self, user: str) -> list[int]:
+        return self._ids(self._render([("user", user)], generation=True))
+
+    def reply(self, label: str) -> list[int]:
+        if label not in self._replies:
+            prompt = self.prompt("x")
+            turns = [("user", "x"), ("assistant", label)]
+            full = self._ids(self._render(turns, generation=False))
+            rest = full[len(prompt) :]
+            if full[: len(prompt)] != prompt or self.end_of_turn not in rest:
+                raise TrainerError(
+                    "data.prompt_format chat: the chat template's reply does not extend its "
+                    "generation prompt; use plain"
+                )
+            self._replies[label] = rest[: rest.index(self.end_of_turn) + 1]
+        return self._replies[label]
+
+
+class Encoder:
+    """Turns rows into token ids: prompts (for eval) and prompt+target (for training).
+
+    `plain`: the reference prompt ending in "\nAnswer:", target " {label}" + EOS.
+    `chat`: the same instruction, options and text as the user turn of the tokenizer's chat
+    template, the label as the assistant's reply ending with the end-of-turn token.
+    `stop` is the token generation stops at: EOS, or the end-of-turn token."""
+
+    def __init__(self, tokenizer: Any, max_length: int, prompt_format: str = "plain") -> None:
         if tokenizer.eos_token_id is None:
             raise TrainerError("the tokenizer has no EOS token; targets need one")
         self.tok = tokenizer
         self.max_length = max_length
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.chat = ChatTemplate(tokenizer) if prompt_format == "chat" else None
+        self.stop = self.eos if self.chat is None else self.chat.end_of_turn
         self._suffix = self._ids("\nAnswer:")
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def target(self, label: str) -> list[int]:
+        if self.chat is not None:
+            return self.chat.reply(label)
         return [*self._ids(" " + label), self.eos]
 
     def max_target_len(self, task: Task) -> int:
-        """Longest target (label tokens + EOS) among the task's options and labels."""
+        """Longest target (label tokens + the stop token) among the task's labels."""
         labels = set(task.options) | {r["label"] for r in task.train + task.dev}
         return max(len(self.target(label)) for label in labels)
 
-    def body_budget(self, task: Task) -> int:
-        """Prompt tokens before the "\nAnswer:" suffix that leave room for any target."""
-        room = self.max_length - self.max_target_len(task) - len(self._suffix)
-        if room < 1:
-            raise TrainerError(
-                f"data.max_length {self.max_length} is too short for task {task.name}"
-            )
-        return room
-
-    def prompt(self, task: Task, sentence: str, room: int) -> list[int]:
-        """Prompt ids, cut inside the sentence to `room` tokens plus the suffix."""
-        body = self._ids(
+    @staticmethod
+    def user_text(task: Task, sentence: str) -> str:
+        """Instruction, options and text: the plain prompt's body, the chat's user turn."""
+        return (
             f"Task Instruction: {task.instruction}\nOptions: {' | '.join(task.options)}\n"
             f"Text: {sentence}"
         )
-        return body[:room] + self._suffix
+
+    def body_budget(self, task: Task) -> int:
+        """plain: body tokens before the "\nAnswer:" suffix; chat: prompt tokens; so that
+        any target fits `max_length`. Fails when not even an empty text fits."""
+        room = self.max_length - self.max_target_len(task)
+        fixed = (
+            len(self._suffix)
+            if self.chat is None
+            else len(self.chat.prompt(self.user_text(task, "")))
+        )
+        if room - fixed < 1:
+            raise TrainerError(
+                f"data.max_length {self.max_length} is too short for task {task.name}"
+            )
+        return room - fixed if self.chat is None else room
+
+    def prompt(self, task: Task, sentence: str, room: int) -> list[int]:
+        """Prompt ids within `room` (body_budget), cut inside the sentence if needed."""
+        if self.chat is not None:
+            return self.chat_prompt(task, sentence, room)[1]
+        return self._ids(self.user_text(task, sentence))[:room] + self._suffix
+
+    def chat_prompt(self, task: Task, sentence: str, room: int) -> tuple[str, list[int]]:
+        """(user turn, prompt ids) of at most `room` tokens: the sentence is cut by tokens
+        and decoded back to text, because a chat client sends text."""
+        assert self.chat is not None
+        text = self.user_text(task, sentence)
+        ids = self.chat.prompt(text)
+        words = self._ids(sentence)
+        keep = len(words)
+        while len(ids) > room:
+            if keep == 0:
+                raise TrainerError(
+                    f"data.max_length {self.max_length} is too short for task {task.name}"
+                )
+            keep = max(0, keep - (len(ids) - room))
+            text = self.user_text(task, self.tok.decode(words[:keep]))
+            ids = self.chat.prompt(text)
+        return text, ids
 
     def train_examples(self, task: Task) -> list[tuple[list[int], list[int]]]:
         room = self.body_budget(task)
@@ -168,6 +240,11 @@ class Encoder:
     def eval_prompts(self, task: Task) -> list[list[int]]:
         room = self.body_budget(task)
         return [self.prompt(task, r["sentence"], room) for r in task.dev]
+
+    def eval_chats(self, task: Task) -> list[tuple[str, list[int]]]:
+        """(user turn, prompt ids) per dev row: what a chat client sends, what it becomes."""
+        room = self.body_budget(task)
+        return [self.chat_prompt(task, r["sentence"], room) for r in task.dev]
 
     def collate(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         """Right-padded (B, L) input_ids/attention_mask/labels; loss on target tokens only."""
@@ -201,18 +278,19 @@ class EvalResult:
 
 
 @torch.no_grad()
-def generate_greedy(
+def greedy_tokens(
     model: Any, enc: Encoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
     device: torch.device,
-) -> list[str]:  # fmt: skip
-    """Greedy continuations of token-id prompts: left-padded batches, stop at EOS."""
+) -> list[list[int]]:  # fmt: skip
+    """Greedy continuations of token-id prompts, as token ids up to and including
+    `enc.stop` (when reached): left-padded batches, shortest prompts batched together."""
     from transformers import GenerationConfig
 
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=enc.eos, pad_token_id=enc.pad
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=enc.stop, pad_token_id=enc.pad
     )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
-    predictions: dict[int, str] = {}
+    generated: dict[int, list[int]] = {}
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -221,10 +299,19 @@ def generate_greedy(
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
         )
-        texts = enc.tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        predictions.update(zip(idx, texts, strict=True))
+        for i, row in zip(idx, out[:, ids.shape[1] :].tolist(), strict=True):
+            generated[i] = row[: row.index(enc.stop) + 1] if enc.stop in row else row
     model.train(was_training)
-    return [predictions[i] for i in range(len(prompts))]
+    return [generated[i] for i in range(len(prompts))]
+
+
+def generate_greedy(
+    model: Any, enc: Encoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+    device: torch.device,
+) -> list[str]:  # fmt: skip
+    """The texts of `greedy_tokens`, special tokens skipped."""
+    tokens = greedy_tokens(model, enc, prompts, max_new_tokens, batch_size, device)
+    return [enc.tok.decode(t, skip_special_tokens=True) for t in tokens]
 
 
 def score(task: Task, predictions: list[str]) -> EvalResult:

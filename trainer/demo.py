@@ -2,17 +2,19 @@
 
     make demo            # = python -m trainer.demo   (about 5-10 minutes on 2 CPU cores)
     make demo-quick      # = python -m trainer.demo --quick   (about 2-3 minutes)
-    python -m trainer.demo --data ../shared/data/cl_benchmark --tasks agnews yelp
+    python -m trainer.demo --data data/cl_benchmark --tasks agnews yelp
 
 1. Builds a small task stream from data pip brings (BBC news topics, movie-review and
    tweet sentiment; see trainer/demo_data.py), or reads `--data` in the CL benchmark layout.
 2. Starts `jlserve serve` on SmolLM2-135M (version 0).
-3. Trains the stream with JumpLoRA + IncLoRA. After each task the sparse delta is
-   published to the running server (hot-swap, no restart), and every task seen so far
-   is evaluated through the server's OpenAI API, with no task id: the accuracy matrix
-   is what is actually served.
-4. Prints, as it goes, accuracy by task and version, swap times and delta density, and
-   ends with the paths of the report and plots.
+3. Trains the stream with JumpLoRA + IncLoRA on chat-formatted examples (the model's chat
+   template; `data.prompt_format: chat`). After each task the sparse delta is published
+   to the running server (hot-swap, no restart), and every task seen so far is asked
+   through the server's /v1/chat/completions as a plain user message, with no task id:
+   the accuracy matrix is what a chat client actually gets.
+4. Prints, as it goes, accuracy by task and version, swap times and delta density; then
+   asks one question per task the way a chat client does, and ends with the paths of
+   the report and plots.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ MARKER = ".jlserve-demo"  # only directories holding it are cleared on a re-run
 # in-process accuracy agree (the weights are the checkpoint's bf16 values either way).
 ENGINE_ARGS = ("--max-model-len", "512", "--dtype", "float32", "--max-num-seqs", "32")
 
-BUDGETS = {  # rows per task, dev rows per task, max tokens, number of tasks
-    "full": {"train_rows": 64, "eval_rows": 40, "max_length": 144, "tasks": 3},
-    "quick": {"train_rows": 32, "eval_rows": 16, "max_length": 128, "tasks": 2},
+# rows per task, dev rows per task, max tokens (about 30 of them the chat template's system
+# prompt and turn markers), number of tasks
+BUDGETS = {
+    "full": {"train_rows": 64, "eval_rows": 40, "max_length": 176, "tasks": 3},
+    "quick": {"train_rows": 32, "eval_rows": 16, "max_length": 160, "tasks": 2},
 }
 
 
@@ -79,11 +83,32 @@ def build_config(args: argparse.Namespace, data_root: Path, tasks: list[str]) ->
             train_rows=budget["train_rows"],
             eval_rows=budget["eval_rows"],
             max_length=budget["max_length"],
+            prompt_format="chat",
         ),
         adapter=AdapterConfig(gate="jump"),
         method=MethodConfig(name="incLoRA"),
         train=TrainConfig(lr=1e-3, batch_size=8, precision="fp32"),
     )
+
+
+def show_chats(served: ServedModel, cfg: RunConfig, console: Console) -> None:
+    """One dev question per task, asked as a chat client asks it, and the served reply."""
+    from transformers import AutoTokenizer
+
+    from trainer.data import Encoder, load_stream
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    enc = Encoder(tokenizer, cfg.data.max_length, cfg.data.prompt_format)
+    tasks = load_stream(cfg.data, cfg.train.seed)
+    console.print("[bold]4. ask[/]: one dev question per task through /v1/chat/completions")
+    for task in tasks:
+        [(user, ids)] = enc.eval_chats(task)[:1]
+        [reply] = served.chat(
+            [(user, ids)], max_new_tokens=enc.max_target_len(task), stop_token=enc.stop,
+            version=len(tasks),
+        )  # fmt: skip
+        text = " ".join(user.split("\nText: ", 1)[-1].split())[:70]
+        console.print(f"   {task.name}: {text!r}... -> {reply!r} (label {task.dev[0]['label']!r})")
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> Path:
@@ -120,17 +145,22 @@ def run_demo(args: argparse.Namespace, console: Console) -> Path:
     try:
         server.start().wait_ready()
         console.print(f"   serving version 0 at {server.url}")
-        console.print(f"[bold]3. learn[/]: {' -> '.join(tasks)} with JumpLoRA + IncLoRA")
+        console.print(
+            f"[bold]3. learn[/]: {' -> '.join(tasks)} with JumpLoRA + IncLoRA; after each "
+            "task, ask the server through /v1/chat/completions"
+        )
         served = ServedModel(server.url)
+        cfg = build_config(args, data_root, tasks)
         try:
             train(
-                build_config(args, data_root, tasks),
+                cfg,
                 args.out / "run",
                 command="python -m trainer.demo" + (" --quick" if args.quick else ""),
                 publisher=ServerPublisher(server.url, token=None),
                 served=served,
                 on_task_end=lambda metrics: console.print(progress_table(metrics, tasks)),
             )
+            show_chats(served, cfg, console)
         finally:
             served.close()
     finally:
@@ -157,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except JlserveError as exc:
         console.print(f"[red]demo: error:[/] {exc}")
         return 2
-    console.print(f"[bold]4. done[/] in {time.monotonic() - started:.0f} s")
+    console.print(f"[bold]5. done[/] in {time.monotonic() - started:.0f} s")
     console.print(f"   report: {run_dir / 'report.md'}")
     for png in sorted(run_dir.glob("*.png")):
         console.print(f"   plot:   {png}")

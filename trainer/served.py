@@ -1,20 +1,31 @@
 """Greedy generation through a running `jlserve serve`, for `--eval-via URL`.
 
-The accuracy matrix is then measured on what is actually served. Prompts travel as the
-same token ids the in-process evaluation uses (no re-tokenization on the server), with
-temperature 0 and the same stop token and length, and every answer must carry the
-expected `x-jlserve-model-version` header, so a number can never come from another
-version than the one it is recorded for.
+The accuracy matrix is then measured on what is actually served, with temperature 0 and
+the same stop token and length as in process, and every answer must carry the expected
+`x-jlserve-model-version` header, so a number can never come from another version than
+the one it is recorded for.
+
+- `plain` prompts travel to /v1/completions as the token ids the in-process evaluation
+  uses (no re-tokenization on the server).
+- `chat` prompts travel to /v1/chat/completions as a user message, the way any chat client
+  asks; the server applies the chat template itself. Each answer carries the prompt ids the
+  server built (`return_token_ids`), and they must equal the trainer's, so served and
+  in-process evaluation provably see the same prompt.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from trainer.errors import TrainerError
+
+if TYPE_CHECKING:  # the CLI imports this module; torch only when a run starts
+    from trainer.data import Encoder, Task
 
 VERSION_HEADER = "x-jlserve-model-version"
 API_KEY_ENV = "JLSERVE_API_KEY"  # the inference key, if the server was started with one
@@ -57,36 +68,82 @@ class ServedModel:
                 )
             time.sleep(0.5)
 
+    def predict(self, enc: Encoder, task: Task, *, version: int) -> list[str]:
+        """Greedy answers to the task's dev prompts in `enc`'s format, from `version`."""
+        n, stop = enc.max_target_len(task), enc.stop
+        if enc.chat is None:
+            return self.generate(
+                enc.eval_prompts(task), max_new_tokens=n, stop_token=stop, version=version
+            )
+        return self.chat(enc.eval_chats(task), max_new_tokens=n, stop_token=stop, version=version)
+
+    def _post(self, path: str, body: dict[str, Any], version: int) -> dict[str, Any]:
+        try:
+            response = self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise TrainerError(f"--eval-via {self.url}: request failed ({exc})") from None
+        if response.status_code != 200:
+            raise TrainerError(
+                f"--eval-via {self.url}: HTTP {response.status_code}: {response.text[:300]}"
+            )
+        served = response.headers.get(VERSION_HEADER)
+        if served != str(version):
+            raise TrainerError(
+                f"--eval-via {self.url}: answered by version {served}, expected {version}"
+            )
+        return response.json()
+
+    def _sampling(self, max_new_tokens: int, stop_token: int) -> dict[str, Any]:
+        return {
+            "model": self._model_name,
+            "max_tokens": max_new_tokens,
+            "temperature": 0,
+            "stop_token_ids": [stop_token],
+            "skip_special_tokens": True,
+        }
+
     def generate(
         self, prompts: list[list[int]], *, max_new_tokens: int, stop_token: int, version: int
     ) -> list[str]:
-        """Greedy continuations of token-id prompts, from server version `version`."""
+        """Greedy continuations of token-id prompts (/v1/completions), from `version`."""
         if self._model_name is None:
             self.wait_for_version(version)
         texts: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
             body = {
-                "model": self._model_name,
-                "prompt": batch,
-                "max_tokens": max_new_tokens,
-                "temperature": 0,
-                "stop_token_ids": [stop_token],
-                "skip_special_tokens": True,
+                **self._sampling(max_new_tokens, stop_token),
+                "prompt": prompts[start : start + self.batch_size],
             }
-            try:
-                response = self._http.post("/v1/completions", json=body)
-            except httpx.HTTPError as exc:
-                raise TrainerError(f"--eval-via {self.url}: request failed ({exc})") from None
-            if response.status_code != 200:
-                raise TrainerError(
-                    f"--eval-via {self.url}: HTTP {response.status_code}: {response.text[:300]}"
-                )
-            served = response.headers.get(VERSION_HEADER)
-            if served != str(version):
-                raise TrainerError(
-                    f"--eval-via {self.url}: answered by version {served}, expected {version}"
-                )
-            choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+            choices = sorted(self._post("/v1/completions", body, version)["choices"],
+                             key=lambda c: c["index"])  # fmt: skip
             texts += [c["text"] for c in choices]
         return texts
+
+    def chat(
+        self, chats: list[tuple[str, list[int]]], *, max_new_tokens: int, stop_token: int,
+        version: int,
+    ) -> list[str]:  # fmt: skip
+        """Greedy replies to one-turn chats (/v1/chat/completions), from `version`.
+
+        `chats` holds (user message, the prompt ids the trainer built from it); the
+        server's own prompt ids must be the same. Requests run `batch_size` at a time so
+        the server batches them (the chat API takes one conversation per request)."""
+        if self._model_name is None:
+            self.wait_for_version(version)
+        sampling = {**self._sampling(max_new_tokens, stop_token), "return_token_ids": True}
+
+        def ask(chat: tuple[str, list[int]]) -> str:
+            user, expected = chat
+            body = {**sampling, "messages": [{"role": "user", "content": user}]}
+            answer = self._post("/v1/chat/completions", body, version)
+            served = answer.get("prompt_token_ids")
+            if served != expected:
+                raise TrainerError(
+                    f"--eval-via {self.url}: the server's chat prompt differs from the "
+                    f"trainer's ({len(served or [])} vs {len(expected)} tokens); are both "
+                    "using the same tokenizer and chat template?"
+                )
+            return answer["choices"][0]["message"]["content"] or ""
+
+        with ThreadPoolExecutor(max_workers=self.batch_size) as pool:
+            return list(pool.map(ask, chats))

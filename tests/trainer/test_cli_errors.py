@@ -22,7 +22,7 @@ CASES = {
     ),
     "missing-data-dir": (
         "model: {model}\ndata: {{root: {data}/nowhere, tasks: [cb]}}\n",
-        "tasks.json: cannot read",
+        "no tasks.json there; get the benchmark with `jlserve data cl-benchmark",
     ),
     "missing-task-file": (
         "model: {model}\ndata: {{root: {data}, tasks: [nofiles]}}\n",

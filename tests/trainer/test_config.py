@@ -2,7 +2,8 @@
 
 import pytest
 
-from trainer.config import config_yaml, load_config
+from tests.conftest import REPO_ROOT
+from trainer.config import DataConfig, config_yaml, load_config
 from trainer.errors import TrainerError
 
 
@@ -39,3 +40,14 @@ def test_bad_values_are_typed_errors(tmp_path, overrides, message) -> None:
 def test_missing_file_is_typed_error(tmp_path) -> None:
     with pytest.raises(TrainerError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_default_data_root_is_the_checkouts_from_any_directory(tmp_path, monkeypatch) -> None:
+    """The default needs no ../shared and does not depend on the current directory; a path
+    given explicitly is taken as it is."""
+    monkeypatch.chdir(tmp_path)
+    assert DataConfig().root == REPO_ROOT / "data" / "cl_benchmark"
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\n")
+    assert load_config(path).data.root == REPO_ROOT / "data" / "cl_benchmark"
+    assert load_config(path, ["data.root=mine"]).data.root.as_posix() == "mine"

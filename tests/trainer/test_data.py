@@ -1,5 +1,8 @@
 """Prompts, EOS-terminated targets, loss masking, left padding, row caps, normalisation."""
 
+import json
+import shutil
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -67,3 +70,102 @@ def test_load_stream_order_caps_and_errors() -> None:
         load_stream(DataConfig(root=CL_BENCHMARK_DIR, order="nope"), seed=0)
     with pytest.raises(TrainerError, match="not in"):
         load_stream(DataConfig(root=CL_BENCHMARK_DIR, tasks=["nope"]), seed=0)
+
+
+# ---------------------------------------------------------------- data.prompt_format: chat
+
+CHAT_TASK = Task(
+    name="t",
+    instruction="Pick one.",
+    options=["Good", "Bad"],
+    train=[{"sentence": "a fine film", "label": "Good"}, {"sentence": "dull", "label": "Bad"}],
+    dev=[{"sentence": "the film was great " * 40, "label": "Good"}],
+)
+
+
+def _template_ids(tok, messages: list[dict[str, str]], generation: bool) -> list[int]:
+    """What the tokenizer's own template call gives (what vLLM's chat endpoint does)."""
+    return list(
+        tok.apply_chat_template(
+            messages, add_generation_prompt=generation, tokenize=True, return_dict=False
+        )
+    )
+
+
+def _chat_round_trip(model_dir) -> None:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = Encoder(tok, max_length=512, prompt_format="chat")
+    assert enc.stop == tok.convert_tokens_to_ids("<|im_end|>")  # ChatML's end of turn
+    for (prompt, target), row in zip(enc.train_examples(CHAT_TASK), CHAT_TASK.train, strict=True):
+        user = {"role": "user", "content": Encoder.user_text(CHAT_TASK, row["sentence"])}
+        reply = {"role": "assistant", "content": row["label"]}
+        assert prompt == _template_ids(tok, [user], generation=True)
+        full = _template_ids(tok, [user, reply], generation=False)
+        assert full[: len(prompt) + len(target)] == prompt + target
+        assert target[-1] == enc.stop and enc.stop not in target[:-1]
+        assert tok.decode(target, skip_special_tokens=True) == row["label"]
+
+
+def test_chat_prompts_round_trip_through_the_template_tiny(tiny_model_dir) -> None:
+    _chat_round_trip(tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_chat_prompts_round_trip_through_the_template_smollm2(smollm2_dir) -> None:
+    _chat_round_trip(smollm2_dir)
+
+
+def test_a_long_chat_text_is_cut_and_stays_a_template_prompt(tiny_model_dir) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = Encoder(tok, max_length=64, prompt_format="chat")
+    [(user, ids)] = enc.eval_chats(CHAT_TASK)
+    assert len(ids) + enc.max_target_len(CHAT_TASK) <= 64
+    assert len(user) < len(Encoder.user_text(CHAT_TASK, CHAT_TASK.dev[0]["sentence"]))
+    assert user.startswith("Task Instruction: Pick one.\nOptions: Good | Bad\nText: the film")
+    assert ids == _template_ids(tok, [{"role": "user", "content": user}], generation=True)
+    assert enc.eval_prompts(CHAT_TASK) == [ids]
+
+
+def test_chat_without_a_template_is_a_typed_error(tiny_model_dir, tmp_path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    with pytest.raises(TrainerError, match="no chat template; use plain"):
+        Encoder(tok, max_length=64, prompt_format="chat")
+
+
+def test_generation_stops_at_the_end_of_turn_token(tiny_model_dir, tmp_path) -> None:
+    """A model taught to go on talking after its end-of-turn token: with EOS set to another
+    token, the stop is still the template's end of turn, and the answer ends there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import generate_greedy
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({**config, "eos_token": "<|endoftext|>"})
+    )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = Encoder(tok, max_length=96, prompt_format="chat")
+    assert enc.stop == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+    prompt, target = enc.train_examples(CHAT_TASK)[0]
+    chatter = enc.tok(" Bad Bad Bad", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt + target + chatter])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    cpu = torch.device("cpu")
+    assert generate_greedy(model, enc, [prompt], 8, 1, cpu) == ["Good"]
+    # The same model without the end-of-turn stop goes on: the stop is what ends the answer.
+    out = model.generate(
+        input_ids=torch.tensor([prompt]), max_new_tokens=len(target) + len(chatter),
+        do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=enc.pad,
+    )  # fmt: skip
+    assert out[0, len(prompt) :].tolist() == target + chatter

@@ -21,6 +21,11 @@ def test_demo_serves_learns_and_reports(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "served accuracy" in printed and "swap s" in printed and "│ copa" in printed
     assert "report:" in printed and (out / "run" / "report.md").is_file()
+    # Taught and asked in the chat format: one question per task through the chat endpoint.
+    run = json.loads((out / "run" / "run.json").read_text())
+    assert run["config"]["data"]["prompt_format"] == "chat"
+    assert "4. ask" in printed and "/v1/chat/completions" in printed
+    assert "   cb: '" in printed and "   copa: '" in printed
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert [t["task"] for t in metrics["tasks"]] == ["cb", "copa"]
     assert all(t["swap_s"] > 0 for t in metrics["tasks"])  # each delta was hot-swapped

@@ -148,7 +148,12 @@ BAD_INPUTS = {
     "empty task list": ("config", None, ["data.tasks=[]"], "data.tasks"),
     "unknown task": ("config", None, ["data.tasks=[cb, nope]"], "'nope' is not in"),
     "unknown order": ("config", None, ["data.tasks=null", "data.order=nope"], "unknown order"),
-    "missing data root": ("config", None, ["data.root=/nonexistent"], "cannot read"),
+    "missing data root": (
+        "config",
+        None,
+        ["data.root=/nonexistent"],
+        "no tasks.json there; get the benchmark with `jlserve data cl-benchmark --source",
+    ),
     "missing data file": ("data", None, ["data.tasks=[cb]"], "cb/train.json: cannot read"),
     "empty data file": ("data", "[]", ["data.tasks=[cb]"], "cb/train.json: no rows"),
     "tasks.json not a mapping": ("data", "[]", ["data.tasks=[other]"], "expected {"),
@@ -210,4 +215,5 @@ def test_example_configs_parse_and_start_with_their_command() -> None:
     for path in configs:
         first = path.read_text().splitlines()[0]
         assert first.startswith(f"# jlserve train --config configs/{path.name} "), path
-        load_config(path)
+        assert "shared" not in path.read_text(), path  # a clone has no ../shared
+        assert load_config(path).data.root == REPO_ROOT / "data" / "cl_benchmark"

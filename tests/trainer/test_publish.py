@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,7 +21,7 @@ from tests.conftest import CL_BENCHMARK_DIR
 from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
 from trainer.cli import main as trainer_main
 from trainer.config import load_config
-from trainer.data import Encoder, generate_greedy, load_stream
+from trainer.data import Encoder, generate_greedy, greedy_tokens, load_stream, score
 from trainer.errors import TrainerError
 from trainer.publish import ServerPublisher
 from trainer.served import ServedModel
@@ -108,6 +109,41 @@ def test_served_predictions_equal_in_process_predictions(setup):
             local = generate_greedy(model, enc, prompts, n, 8, torch.device("cpu"))
             remote = served.generate(prompts, max_new_tokens=n, stop_token=enc.eos, version=2)
             assert remote == local
+    finally:
+        served.close()
+
+
+def test_served_chat_equals_in_process_chat(setup):
+    """data.prompt_format chat: a user message through /v1/chat/completions (the official
+    client) is answered from the same prompt ids and with the same tokens as greedy
+    generation in process, so both score the same; `predict` checks the prompt ids on
+    every request."""
+    server, ref = setup["url"], setup["ref"]
+    cfg = load_config(setup["cfg"], ["data.prompt_format=chat", "data.max_length=192"])
+    merged = next((ref / "merged").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    enc = Encoder(AutoTokenizer.from_pretrained(merged), cfg.data.max_length, "chat")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    served = ServedModel(server.url)
+    try:
+        for task in load_stream(cfg.data, cfg.train.seed):
+            n, chats = enc.max_target_len(task), enc.eval_chats(task)
+            prompts = [ids for _, ids in chats]
+            local = greedy_tokens(model, enc, prompts, n, 8, torch.device("cpu"))
+            for (user, ids), expected in zip(chats, local, strict=True):
+                reply = client.chat.completions.create(
+                    model=client.models.list().data[0].id,
+                    messages=[{"role": "user", "content": user}],
+                    max_tokens=n, temperature=0,
+                    extra_body={"stop_token_ids": [enc.stop], "return_token_ids": True},
+                )  # fmt: skip
+                assert reply.prompt_token_ids == ids
+                assert reply.choices[0].token_ids == expected
+            texts = [enc.tok.decode(t, skip_special_tokens=True) for t in local]
+            assert score(task, served.predict(enc, task, version=2)) == score(task, texts)
+        user, ids = chats[0]
+        with pytest.raises(TrainerError, match="chat prompt differs from the trainer's"):
+            served.chat([(user, ids[1:])], max_new_tokens=n, stop_token=enc.stop, version=2)
     finally:
         served.close()
 
