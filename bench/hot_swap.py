@@ -113,11 +113,17 @@ def rotated(items: list[str], k: int) -> list[str]:
 def offline_format_timings(
     base: dict[str, torch.Tensor], names: list[str], repeats: int
 ) -> dict[str, Any]:
-    """Parse + plan + apply of the same delta in each format, in this process, rotated."""
+    """Parse + plan + apply of the same delta in each format, in this process, rotated.
+
+    Single-threaded torch: on this shared 2-core machine OpenMP spin-waits otherwise make
+    each sample anything from 0.2 to 3 s, swamping the formats' difference (with one
+    thread: about 60 ms, close to what the server's plan takes)."""
     files = format_files(base, names, version=1)
     digests = TensorDigests(base)
     samples: dict[str, list[dict[str, float]]] = {label: [] for label in files}
     load = [os.getloadavg()[0]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for k in range(repeats):
         for label in rotated(list(files), k):
             t0 = time.perf_counter()
@@ -130,6 +136,7 @@ def offline_format_timings(
             if state.keys() != base.keys():
                 raise RuntimeError("apply lost tensors")
             samples[label].append({"parse_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2})
+    torch.set_num_threads(threads)
     load.append(os.getloadavg()[0])
     return {
         "repeats": repeats,
@@ -145,6 +152,7 @@ def _format_summary(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any
     medians = {
         label: {
             **{k: median([s[k] for s in rows]) for k in ("parse_s", "plan_s", "apply_s")},
+            "parse_plan_s": median([s["parse_s"] + s["plan_s"] for s in rows]),
             "total_s": median([s["parse_s"] + s["plan_s"] + s["apply_s"] for s in rows]),
         }
         for label, rows in samples.items()
@@ -154,6 +162,10 @@ def _format_summary(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any
         "samples": samples,
         "medians": medians,
         "total_over_v1": over_v1,
+        "parse_plan_over_v1": {
+            label: ratio(m["parse_plan_s"], medians["v1"]["parse_plan_s"])
+            for label, m in medians.items()
+        },
         "met": all(r <= MAX_V2_SLOWDOWN for r in over_v1.values()),
     }
 
@@ -243,12 +255,12 @@ def main() -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--targets", choices=["qv", "linear"], default="qv")
     parser.add_argument(
-        "--format-repeats", type=int, default=None, help="offline v1/v2 repeats (15; quick 7)"
+        "--format-repeats", type=int, default=None, help="offline v1/v2 repeats (21; quick 9)"
     )
     args = parser.parse_args()
     require_model(args.model)
     rounds = args.rounds or (1 if args.quick else 3)
-    format_repeats = args.format_repeats or (7 if args.quick else 15)
+    format_repeats = args.format_repeats or (9 if args.quick else 21)
 
     bandwidth = copy_bandwidth()
     print(f"memory copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
@@ -291,7 +303,7 @@ def main() -> None:
                 chain,
                 work / f"state-{rnd}",
                 LOGS / "hot_swap_jlserve.log",
-                (files, 1 if args.quick else 2, rnd),
+                (files, 2 if args.quick else 3, rnd),
             )
             startups.append(startup_s)
             swaps += [{**row, "round": rnd} for row in rows]
