@@ -233,7 +233,8 @@ def jlserve_server(model: Path, state_dir: Path, log_path: Path) -> Server:
     argv = [sys.executable, "-m", "jlserve", "serve", "--model", str(model)]
     argv += ["--state-dir", str(state_dir), "--host", HOST, "--port", str(port)]
     argv += ["--insecure-admin", "--", *ENGINE_ARGS]
-    return _server("jlserve", argv, model, port, log_path)
+    # jlserve serves the model under its resolved path (`models/` may be a symlink).
+    return _server("jlserve", argv, model.resolve(), port, log_path)
 
 
 def vllm_server(
@@ -400,6 +401,9 @@ def require_model(model: Path) -> None:
 
 # ---------------------------------------------------------------------------- synthetic deltas
 
+# The delta file formats the benchmarks compare: name -> (format_version, compression).
+FORMATS: dict[str, tuple[int, str]] = {"v1": (1, "none"), "v2": (2, "none"), "v2+zstd": (2, "zstd")}
+
 TARGETS: dict[str, tuple[str, ...]] = {
     "qv": ("q_proj", "v_proj"),
     "linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -439,6 +443,46 @@ def sparse_update(
         bits[index] = bits[index] ^ flips
         out[name] = flat.view(t.shape)
     return out
+
+
+def trainer_like_update(
+    tensors: dict[str, Any],
+    names: Sequence[str],
+    seed: int,
+    rank: int = 8,
+    alpha: float = 32.0,
+    b_std: float = 5e-3,
+) -> dict[str, Any]:
+    """New values for `names` as the JumpLoRA trainer merges a task: W + (alpha / r) * J(B @ A)
+    in fp32, rounded to the checkpoint dtype (trainer/adapter.py `effective_weight`).
+
+    J keeps the entries of B @ A above one global threshold, set where the trainer's budget
+    floor puts it: as many entries as the adapter has parameters (about 3.5 % of SmolLM2's
+    q/v). A is PEFT's kaiming-uniform init, B ~ N(0, b_std), with b_std set so that the
+    density and the share of XORs with a zero high byte match a real SmolLM2 task delta
+    (docs/delta-format.md, "Size"); the real one compressed slightly better. Unlike
+    `sparse_update`, the changed values, hence the XORs and their compressibility, look
+    like a trainer's.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    updates, budget = {}, 0
+    for name in names:
+        d_out, d_in = tensors[name].shape
+        bound = 1 / d_in**0.5
+        a = (torch.rand(rank, d_in, generator=gen) * 2 - 1) * bound
+        b = torch.randn(d_out, rank, generator=gen) * b_std
+        updates[name] = b @ a
+        budget += rank * (d_in + d_out)
+    magnitudes = torch.cat([z.abs().reshape(-1) for z in updates.values()])
+    theta = torch.kthvalue(magnitudes, magnitudes.numel() - budget).values
+    return {
+        name: torch.add(
+            tensors[name].float(), torch.where(z.abs() > theta, z, 0.0), alpha=alpha / rank
+        ).to(tensors[name].dtype)
+        for name, z in updates.items()
+    }
 
 
 def write_lora_adapter(model: Path, out: Path, r: int, seed: int) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jlserve.checkpoint import TensorDigests, load_tensors, write_checkpoint
 from jlserve.delta import density_report, diff_tensors, plan_update, read_delta, write_delta
-from jlserve.delta.format import SparseDelta
+from jlserve.delta.format import FORMAT_VERSION, SparseDelta
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diff.add_argument("--out", type=Path, required=True, help="delta file to write")
     diff.add_argument("--task", help="task name recorded in the delta (default: target dir name)")
     diff.add_argument("--version", type=int, default=1, help="version the delta produces (>= 1)")
+    diff.add_argument(
+        "--format",
+        choices=["v1", "v2"],
+        default=f"v{FORMAT_VERSION}",
+        help="v2 (default): gap-encoded positions + XOR values, ~3 bytes/coordinate in bf16; "
+        "v1: index + old + new values, 8 bytes/coordinate, for readers older than v2",
+    )
+    diff.add_argument(
+        "--compression",
+        choices=["zstd", "none"],
+        default="zstd",
+        help="v2 only: zstd each section where that makes it smaller (default), or never",
+    )
     diff.set_defaults(func=_diff)
 
     apply = actions.add_parser("apply", help="apply deltas in order and write a new checkpoint")
@@ -45,9 +58,11 @@ def _diff(args: argparse.Namespace) -> int:
     base, target = load_tensors(args.base), load_tensors(args.target)
     task = args.task or args.target.resolve().name
     delta = diff_tensors(base, target, task=task, version=args.version)
-    size = write_delta(delta, args.out)
+    format_version = 1 if args.format == "v1" else 2
+    size = write_delta(delta, args.out, format_version=format_version, compression=args.compression)
     print(
-        f"wrote {args.out}: {delta.nnz} changed coordinates in {len(delta.changes)} tensors, {size} bytes"
+        f"wrote {args.out} (format {args.format}): {delta.nnz} changed coordinates in "
+        f"{len(delta.changes)} tensors, {size} bytes"
     )
     return 0
 
@@ -79,12 +94,19 @@ def _transform(args: argparse.Namespace, *, reverse: bool) -> int:
 
 
 def describe(delta: SparseDelta, file_size: int) -> dict:
-    """Everything `inspect` reports, as one JSON-able dict."""
+    """Everything `inspect` reports, as one JSON-able dict (`delta` read from a file)."""
     per_param = density_report(delta)
     changed_numel = sum(p["numel"] for p in per_param.values())
-    payload = delta.payload_bytes
+    payload = delta.payload_bytes or 0
+    meta = delta.metadata
     return {
-        "metadata": delta.metadata.model_dump(exclude={"params"}),
+        "metadata": meta.model_dump(exclude={"params", "encoding"}),
+        "format": f"v{meta.format_version}",
+        "encoding": (
+            meta.encoding.model_dump()
+            if meta.encoding is not None
+            else {"positions": "int-index", "values": "old-and-new"}
+        ),
         "params": per_param,
         "nnz": delta.nnz,
         "density_of_changed_tensors": delta.nnz / changed_numel if changed_numel else 0.0,
@@ -95,6 +117,17 @@ def describe(delta: SparseDelta, file_size: int) -> dict:
     }
 
 
+def _encoding_line(info: dict) -> str:
+    enc = info["encoding"]
+    if info["format"] == "v1":
+        return "index + old + new values (uncompressed)"
+    return (
+        f"positions {enc['positions']} ({enc['positions_codec']}, {enc['positions_bytes']} "
+        f"bytes raw), values {enc['values']} ({enc['values_codec']}, {enc['values_bytes']} "
+        "bytes raw)"
+    )
+
+
 def _inspect(args: argparse.Namespace) -> int:
     delta = read_delta(args.file)
     info = describe(delta, args.file.stat().st_size)
@@ -102,7 +135,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     meta = info["metadata"]
-    print(f"{args.file}: {meta['format']} v{meta['format_version']}")
+    print(f"{args.file}: {meta['format']} format {info['format']}")
+    print(f"  encoding: {_encoding_line(info)}")
     print(f"  task {meta['task']!r}, produces version {meta['version']}")
     print(f"  parent {meta['parent_fingerprint']}")
     print(f"  child  {meta['child_fingerprint']}")

@@ -16,25 +16,17 @@ import torch
 
 from jlserve.checkpoint import TensorDigests
 from jlserve.delta.format import (
+    BITS_DTYPES,
     VALUE_DTYPES,
     DeltaMetadata,
     ParamChange,
     ParamSpec,
     SparseDelta,
+    bits,
     dtype_name,
+    index_dtype,
 )
 from jlserve.errors import DeltaMismatchError
-
-_BITS_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Raw bit pattern, so comparisons are exact (-0.0 != 0.0, NaN == same NaN)."""
-    return t.contiguous().view(_BITS_DTYPE[t.dtype])
-
-
-def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def diff_tensors(
@@ -58,19 +50,21 @@ def diff_tensors(
                 f"{name}: base is {dtype_name(b.dtype)}{list(b.shape)}, "
                 f"target is {dtype_name(t.dtype)}{list(t.shape)}"
             )
-        if torch.equal(_bits(b), _bits(t)) if b.dtype in _BITS_DTYPE else torch.equal(b, t):
+        if torch.equal(bits(b), bits(t)) if b.dtype in BITS_DTYPES else torch.equal(b, t):
             continue
-        if b.dtype not in _BITS_DTYPE:
+        if b.dtype not in BITS_DTYPES:
             raise DeltaMismatchError(
                 f"{name}: changed, but dtype {dtype_name(b.dtype)} is not supported"
             )
-        flat_b, flat_t = b.reshape(-1), t.reshape(-1)
-        index = (_bits(flat_b) != _bits(flat_t)).nonzero().squeeze(1)  # (nnz,) ascending
+        bits_b, bits_t = bits(b).reshape(-1), bits(t).reshape(-1)
+        index = (bits_b != bits_t).nonzero().squeeze(1)  # (nnz,) ascending
+        old = bits_b[index]
         changes[name] = ParamChange(
             shape=tuple(b.shape),
-            index=index.to(_index_dtype(b.numel())),
-            old=flat_b[index].clone(),
-            new=flat_t[index].clone(),
+            dtype=b.dtype,
+            index=index.to(index_dtype(b.numel())),
+            xor=old ^ bits_t[index],
+            old=old.view(b.dtype),
         )
         specs[name] = ParamSpec(
             shape=list(b.shape), dtype=dtype_name(b.dtype), nnz=int(index.numel())
@@ -135,15 +129,22 @@ def plan_update(
         )
     changed: dict[str, torch.Tensor] = {}
     for name, change in delta.changes.items():
-        values_from, values_to = (change.new, change.old) if reverse else (change.old, change.new)
         index = change.index.long()
         flat = tensors[name].reshape(-1)
-        if not torch.equal(_bits(flat[index]), _bits(values_from)):
+        before = bits(flat)[index]
+        if change.old is not None:  # v1 files (and fresh diffs) also prove it coordinate-wise
+            expected = bits(change.old) ^ change.xor if reverse else bits(change.old)
+            if not torch.equal(before, expected):
+                raise DeltaMismatchError(
+                    f"{source}: {name}: values at the changed coordinates differ from the delta's"
+                )
+        after = before ^ change.xor  # applying and reverting are the same operation
+        if not bool(torch.isfinite(after.view(flat.dtype)).all()):
             raise DeltaMismatchError(
-                f"{source}: {name}: values at the changed coordinates differ from the delta's"
+                f"{source}: {name}: the delta would write NaN or Inf (not made for this model)"
             )
         updated = flat.clone()
-        updated[index] = values_to
+        bits(updated)[index] = after
         changed[name] = updated.view(change.shape)
     new_digests = digests.updated(changed)
     if new_digests.fingerprint != expected_to:

@@ -1,7 +1,9 @@
 """A corpus of bad delta files, generated from a good one, with the message each must give.
 
 Shared by the format tests (parse + plan) and the CLI tests (exit code, files unchanged);
-the serving tests can post the same bytes to the admin API.
+the serving tests can post the same bytes to the admin API. Cases named `v2-...` are
+format v2 files (gap varints, XOR planes, zstd); the others are format v1 files, which
+readers keep accepting.
 """
 
 from __future__ import annotations
@@ -12,11 +14,21 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import zstandard
 from safetensors.torch import load, save
 
-from jlserve.delta import SparseDelta, diff_tensors
-from jlserve.delta.format import INDEX_SUFFIX, METADATA_KEY, NEW_SUFFIX, OLD_SUFFIX
+from jlserve.delta import SparseDelta, codec, diff_tensors
+from jlserve.delta.format import (
+    INDEX_SUFFIX,
+    METADATA_KEY,
+    NEW_SUFFIX,
+    OLD_SUFFIX,
+    POSITIONS_TENSOR,
+    XOR_TENSOR,
+    bits,
+)
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 V = "model.layers.1.self_attn.v_proj.weight"
@@ -43,8 +55,12 @@ def good_delta(
     return diff_tensors(tensors, target, task="good", version=version)
 
 
-def _split(delta: SparseDelta) -> tuple[dict[str, torch.Tensor], dict]:
-    return load(delta.to_bytes()), json.loads(delta.metadata.model_dump_json())
+def _split(delta: SparseDelta, format_version: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the metadata (as a dict) of `delta` written uncompressed."""
+    data = delta.to_bytes(format_version, "none")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    return load(data), json.loads(header["__metadata__"][METADATA_KEY])
 
 
 def _save(tensors: dict[str, torch.Tensor], meta: dict | str | None) -> bytes:
@@ -102,7 +118,7 @@ def format_errors(delta: SparseDelta) -> list[BadDelta]:
         ),
         BadDelta(
             "wrong-format-version",
-            _edit(delta, meta_edit(lambda m: m.update(format_version=2))),
+            _edit(delta, meta_edit(lambda m: m.update(format_version=3))),
             "'format_version'",
         ),
         BadDelta(
@@ -166,7 +182,220 @@ def format_errors(delta: SparseDelta) -> list[BadDelta]:
             "is missing",
         ),
     ]
-    return cases
+    return cases + v2_format_errors(delta)
+
+
+def _v2_file(positions: bytes, planes: bytes, meta: dict, **codecs: str) -> bytes:
+    """A v2 file from raw sections; the metadata's sizes follow the sections given, and
+    `codecs` (positions_codec=..., values_codec=...) names what the stored bytes are."""
+    meta = json.loads(json.dumps(meta))
+    meta["encoding"].update(positions_bytes=len(positions), values_bytes=len(planes))
+    meta["encoding"].update(codecs)
+    return _save(
+        {POSITIONS_TENSOR: codec.as_tensor(positions), XOR_TENSOR: codec.as_tensor(planes)}, meta
+    )
+
+
+def _v2_parts(delta: SparseDelta) -> tuple[list[np.ndarray], bytes, dict]:
+    """Per-parameter gaps (name order), raw XOR planes, metadata of `delta` in v2."""
+    tensors, meta = _split(delta, 2)
+    gaps = [codec.gaps_of(delta.changes[n].index) for n in sorted(delta.changes)]
+    return gaps, bytes(tensors[XOR_TENSOR].numpy()), meta
+
+
+def _varints(gaps: list[np.ndarray]) -> bytes:
+    return b"".join(codec.encode_varints(g) for g in gaps)
+
+
+def v2_format_errors(delta: SparseDelta) -> list[BadDelta]:
+    """Bad v2 files: every field of the new encoding, each alone."""
+    gaps, planes, meta = _v2_parts(delta)
+    positions = _varints(gaps)
+    nnz_q = delta.changes[Q].nnz
+    numel_q = delta.changes[Q].numel
+
+    overflow = [g.copy() for g in gaps]
+    overflow[0][-1] += numel_q  # Q's last position lands past its end
+    short = [gaps[0], gaps[1][:-1]]  # one position fewer than the params declare
+    last = codec.encode_varints(gaps[1][-1:])
+    overlong = positions[: -len(last)] + last[:-1] + bytes([last[-1] | 0x80, 0x00])
+    zero_xor = bytearray(planes)
+    zero_xor[0] = zero_xor[nnz_q] = 0  # Q's first coordinate: low and high byte planes
+    bomb = codec.compress(bytes(100 * 2**20))  # 100 MiB of zeros in about 3 KiB
+
+    def meta_with(**fields) -> dict:
+        return {**meta, **fields}
+
+    def encoding_with(**fields) -> dict:
+        return meta_with(encoding={**meta["encoding"], **fields})
+
+    return [
+        BadDelta(
+            "v2-missing-encoding",
+            _save(_split(delta, 2)[0], {k: v for k, v in meta.items() if k != "encoding"}),
+            "'encoding': required by format_version 2",
+        ),
+        BadDelta(
+            "v1-with-encoding",
+            _save(_split(delta)[0], meta_with(format_version=1)),
+            "'encoding': not part of format_version 1",
+        ),
+        BadDelta(
+            "v2-unknown-codec",
+            _v2_file(positions, planes, encoding_with(positions_codec="lz4")),
+            "'encoding.positions_codec'",
+        ),
+        BadDelta(
+            "v2-missing-section",
+            _save({POSITIONS_TENSOR: codec.as_tensor(positions)}, meta),
+            f"tensor '{XOR_TENSOR}' declared in the metadata is missing",
+        ),
+        BadDelta(
+            "v2-v1-tensor",
+            _save(
+                {**_split(delta, 2)[0], Q + INDEX_SUFFIX: delta.changes[Q].index},
+                meta,
+            ),
+            "is not declared",
+        ),
+        BadDelta(
+            "v2-section-dtype",
+            _save(
+                {
+                    POSITIONS_TENSOR: codec.as_tensor(positions),
+                    XOR_TENSOR: codec.as_tensor(planes).view(torch.int16),
+                },
+                meta,
+            ),
+            "xor section is int16",
+        ),
+        BadDelta(
+            "v2-section-size",
+            _save(
+                {
+                    POSITIONS_TENSOR: codec.as_tensor(positions + b"\x00"),
+                    XOR_TENSOR: codec.as_tensor(planes),
+                },
+                meta,
+            ),
+            "positions section has",
+        ),
+        BadDelta(
+            "v2-xor-size",
+            _v2_file(positions, planes[:-2], meta),
+            "xor section: metadata says",
+        ),
+        BadDelta(
+            "v2-positions-size",
+            _v2_file(positions[:3], planes, meta),
+            "decompressed bytes cannot hold",
+        ),
+        BadDelta(
+            "v2-truncated-varint",
+            _v2_file(positions[:-1] + bytes([positions[-1] | 0x80]), planes, meta),
+            "truncated varint",
+        ),
+        BadDelta(
+            "v2-count-mismatch", _v2_file(_varints(short), planes, meta), "the params declare"
+        ),
+        BadDelta("v2-overlong-varint", _v2_file(overlong, planes, meta), "non-canonical varint"),
+        BadDelta(
+            "v2-varint-too-long",
+            _v2_file(positions[: -len(last)] + b"\x80" * 9 + b"\x01", planes, meta),
+            "varint of 10 bytes",
+        ),
+        BadDelta("v2-gap-overflow", _v2_file(_varints(overflow), planes, meta), "gap overflow"),
+        BadDelta("v2-zero-xor", _v2_file(positions, bytes(zero_xor), meta), "XOR value 0"),
+        BadDelta(
+            "v2-decompression-bomb",
+            _save(
+                {POSITIONS_TENSOR: codec.as_tensor(bomb), XOR_TENSOR: codec.as_tensor(planes)},
+                encoding_with(positions_codec="zstd"),
+            ),
+            f"zstd frame declares {100 * 2**20} bytes, the metadata ",
+        ),
+        BadDelta(
+            "v2-declared-bomb",
+            _v2_file(
+                positions,
+                planes,
+                meta_with(
+                    params={
+                        **meta["params"],
+                        "model.huge.weight": {"shape": [2**40], "dtype": "bfloat16", "nnz": 2**31},
+                    }
+                ),
+            ),
+            "xor section: metadata says",  # the sizes must follow the params exactly ...
+        ),
+        BadDelta(
+            "v2-sections-over-limit",
+            _save(
+                {POSITIONS_TENSOR: codec.as_tensor(positions), XOR_TENSOR: codec.as_tensor(planes)},
+                {
+                    **meta,
+                    "params": {
+                        **meta["params"],
+                        "model.huge.weight": {"shape": [2**40], "dtype": "bfloat16", "nnz": 2**31},
+                    },
+                    "encoding": {
+                        **meta["encoding"],
+                        "positions_bytes": 2**31 + 10,
+                        "values_bytes": 2 * (2**31 + 10),
+                    },
+                },
+            ),
+            "over the limit of",  # ... and are bounded before anything is decompressed
+        ),
+        BadDelta(
+            "v2-zstd-without-size",
+            _save(
+                {
+                    POSITIONS_TENSOR: codec.as_tensor(
+                        zstandard.ZstdCompressor(write_content_size=False).compress(positions)
+                    ),
+                    XOR_TENSOR: codec.as_tensor(planes),
+                },
+                encoding_with(positions_codec="zstd"),
+            ),
+            "does not declare its decompressed size",
+        ),
+        BadDelta(
+            "v2-not-zstd",
+            _save(
+                {POSITIONS_TENSOR: codec.as_tensor(positions), XOR_TENSOR: codec.as_tensor(planes)},
+                encoding_with(positions_codec="zstd"),
+            ),
+            "not a zstd frame",
+        ),
+        BadDelta(
+            "v2-zstd-trailing-bytes",
+            _save(
+                {
+                    POSITIONS_TENSOR: codec.as_tensor(positions),
+                    XOR_TENSOR: codec.as_tensor(codec.compress(planes) + b"junk"),
+                },
+                encoding_with(values_codec="zstd"),
+            ),
+            "4 bytes after the zstd frame",
+        ),
+        BadDelta(
+            "v2-corrupt-zstd",
+            _save(
+                {
+                    POSITIONS_TENSOR: codec.as_tensor(positions),
+                    XOR_TENSOR: codec.as_tensor(_corrupt(codec.compress(planes))),
+                },
+                encoding_with(values_codec="zstd"),
+            ),
+            "xor section: ",
+        ),
+    ]
+
+
+def _corrupt(frame: bytes) -> bytes:
+    """A zstd frame with its header intact and its block data garbled."""
+    return frame[:6] + bytes(b ^ 0x5A for b in frame[6:])
 
 
 def model_errors(delta: SparseDelta) -> list[BadDelta]:
@@ -209,6 +438,48 @@ def model_errors(delta: SparseDelta) -> list[BadDelta]:
         BadDelta(
             "wrong-child",
             _edit(delta, set_meta("child_fingerprint", "sha256:" + "1" * 64)),
+            "does not match the delta's declared child",
+        ),
+        *v2_model_errors(delta),
+    ]
+
+
+def v2_model_errors(delta: SparseDelta) -> list[BadDelta]:
+    """Well-formed v2 files that do not fit the model: with no parent values in the file,
+    the fingerprints are what catch an XOR applied to the wrong parent."""
+    gaps, planes, meta = _v2_parts(delta)
+    positions = _varints(gaps)
+    nnz_q = delta.changes[Q].nnz
+    # The same coordinates, XORed against another parent: one more bit flips in each.
+    other_parent = bytes(b ^ 0x01 if i < nnz_q else b for i, b in enumerate(planes))
+    # An XOR that turns Q's first value into a NaN (exponent all ones, mantissa non-zero).
+    to_nan = bytearray(planes)
+    nan_xor = int(bits(delta.changes[Q].old[:1])[0]) ^ 0x7FC0
+    to_nan[0], to_nan[nnz_q] = nan_xor & 0xFF, (nan_xor >> 8) & 0xFF
+    renamed = {
+        "model.layers.0.self_attn.extra_proj.weight" if k == Q else k: v
+        for k, v in meta["params"].items()
+    }
+    return [
+        BadDelta(
+            "v2-unknown-parameter",
+            _v2_file(positions, planes, {**meta, "params": renamed}),
+            "unknown parameter",
+        ),
+        BadDelta(
+            "v2-wrong-parent",
+            _v2_file(positions, planes, {**meta, "parent_fingerprint": "sha256:" + "0" * 64}),
+            "lineage mismatch",
+        ),
+        BadDelta(
+            "v2-xor-wrong-parent",
+            _v2_file(positions, other_parent, meta),
+            "does not match the delta's declared child",
+        ),
+        BadDelta("v2-nan-result", _v2_file(positions, bytes(to_nan), meta), "NaN or Inf"),
+        BadDelta(
+            "v2-wrong-child",
+            _v2_file(positions, planes, {**meta, "child_fingerprint": "sha256:" + "1" * 64}),
             "does not match the delta's declared child",
         ),
     ]

@@ -58,11 +58,14 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(tmp_path, tiny_mod
     assert {"OA", "BWT", "FWT", "base_OA", "gain_over_base"} <= acc.keys()
     assert 0 < metrics["density"]["cb"]["density"] < 1
     assert len(metrics["support_overlap"]["jaccard"]) == 2
-    # Applying the deltas to the base reproduces every merged checkpoint bit for bit.
+    # Applying the deltas (format v2, the default) to the base reproduces every merged
+    # checkpoint bit for bit.
     tensors = load_tensors(tiny_model_dir)
     digests = TensorDigests(tensors)
     for v in info["versions"][1:]:
-        update = plan_update(tensors, digests, read_delta(run / "deltas" / v["delta"]))
+        delta = read_delta(run / "deltas" / v["delta"])
+        assert delta.metadata.format_version == 2
+        update = plan_update(tensors, digests, delta)
         tensors = {**tensors, **update.changed}
         digests = update.digests
         merged = load_tensors(run / "merged" / v["merged"])

@@ -52,16 +52,17 @@ def chain(tiny_model_dir, tmp_path_factory) -> list[Path]:
 
 
 def test_diff_apply_revert_round_trip(capsys, chain, tmp_path):
+    """A v1 and a v2 delta in one chain: applied, then reverted, bit for bit."""
     v0, v1, v2 = chain
     d1, d2 = tmp_path / "d1.safetensors", tmp_path / "d2.safetensors"
-    assert (
-        run(capsys, "delta", "diff", "--base", v0, "--target", v1, "--out", d1, "--task", "a")[0]
-        == 0
+    code, out, _ = run(
+        capsys, "delta", "diff", "--base", v0, "--target", v1, "--out", d1, "--format", "v1"
     )
+    assert code == 0 and "(format v1)" in out
     code, out, _ = run(
         capsys, "delta", "diff", "--base", v1, "--target", v2, "--out", d2, "--version", 2
     )
-    assert code == 0 and "changed coordinates" in out
+    assert code == 0 and "changed coordinates" in out and "(format v2)" in out
 
     assert (
         run(
@@ -100,6 +101,8 @@ def test_diff_apply_revert_round_trip(capsys, chain, tmp_path):
     )
     assert code == 0
     assert fingerprint(load_tensors(tmp_path / "m0")) == fingerprint(load_tensors(v0))
+    reverted, original = load_tensors(tmp_path / "m0"), load_tensors(v0)
+    assert all(torch.equal(reverted[n], original[n]) for n in original)
 
 
 def test_inspect_reports_metadata_density_and_size(capsys, chain, tmp_path):
@@ -110,10 +113,25 @@ def test_inspect_reports_metadata_density_and_size(capsys, chain, tmp_path):
     info = json.loads(out)
     assert code == 0
     assert info["metadata"]["task"] == "news" and info["metadata"]["version"] == 1
-    assert info["nnz"] == 10 and info["payload_bytes_per_changed_coordinate"] == 8
+    assert info["format"] == "v2" and info["encoding"]["positions"] == "gap-varint"
+    # 10 coordinates ~1 in 400 apart: one- or two-byte gaps + bf16 XORs, no zstd (too few)
+    enc = info["encoding"]
+    assert info["nnz"] == 10 and enc["values_bytes"] == 20
+    assert info["payload_bytes"] == enc["positions_bytes"] + enc["values_bytes"]
+    assert info["payload_bytes_per_changed_coordinate"] <= 4
     assert info["file_bytes"] == d1.stat().st_size
     code, out, _ = run(capsys, "delta", "inspect", d1)
     assert code == 0 and "q_proj" in out and "bytes per changed coordinate" in out
+    assert "format v2" in out and "encoding: positions gap-varint" in out
+
+
+def test_format_v1_is_still_written_on_request(capsys, chain, tmp_path):
+    v0, v1, _ = chain
+    d1 = tmp_path / "d1.safetensors"
+    run(capsys, "delta", "diff", "--base", v0, "--target", v1, "--out", d1, "--format", "v1")
+    _, out, _ = run(capsys, "delta", "inspect", d1, "--json")
+    info = json.loads(out)
+    assert info["format"] == "v1" and info["payload_bytes_per_changed_coordinate"] == 8
 
 
 def test_apply_refuses_the_wrong_parent_and_writes_nothing(capsys, chain, tmp_path):

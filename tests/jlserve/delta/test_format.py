@@ -27,29 +27,79 @@ def delta(tensors):
     return good_delta(tensors)
 
 
-def test_round_trip_preserves_everything(tmp_path, delta):
+@pytest.mark.parametrize(("format_version", "compression"), [(2, "zstd"), (2, "none"), (1, "none")])
+def test_round_trip_preserves_everything(tmp_path, delta, format_version, compression):
     path = tmp_path / "d.safetensors"
-    size = write_delta(delta, path)
+    size = write_delta(delta, path, format_version=format_version, compression=compression)
     assert size == path.stat().st_size
     back = read_delta(path)
-    assert back.metadata == delta.metadata
+    assert back.metadata.format_version == format_version
+    assert back.metadata.model_dump(exclude={"format_version", "encoding"}) == (
+        delta.metadata.model_dump(exclude={"format_version", "encoding"})
+    )
     assert back.changes.keys() == delta.changes.keys()
     for name, change in delta.changes.items():
         got = back.changes[name]
-        assert got.shape == change.shape
-        for a, b in ((got.index, change.index), (got.old, change.old), (got.new, change.new)):
+        assert got.shape == change.shape and got.dtype == change.dtype
+        for a, b in ((got.index, change.index), (got.xor, change.xor)):
             assert a.dtype == b.dtype and a.equal(b)
+        if format_version == 1:  # v1 carries the values themselves, v2 only their XOR
+            assert got.old.equal(change.old) and got.new.equal(change.new)
+        else:
+            assert got.old is None
 
 
-def test_a_large_bf16_delta_costs_about_8_bytes_per_coordinate(tmp_path, tensors):
+@pytest.fixture(scope="module")
+def dense_delta(tensors):
+    """Every entry of every projection changed (values + 1): all gaps are 0."""
     target = {
         name: (t + 1).to(t.dtype) if t.dim() == 2 and "proj" in name else t
         for name, t in tensors.items()
     }
-    delta = diff_tensors(tensors, target, task="dense", version=1)
-    assert delta.payload_bytes == 8 * delta.nnz  # int32 index + bf16 old + bf16 new
-    size = write_delta(delta, tmp_path / "d.safetensors")
-    assert 8 < size / delta.nnz < 8.1  # the header is small beside the data
+    return diff_tensors(tensors, target, task="dense", version=1)
+
+
+def test_v2_records_its_encoding(delta, dense_delta):
+    raw = parse_delta(delta.to_bytes(2, "none")).metadata.encoding
+    assert (raw.positions, raw.values) == ("gap-varint", "xor-byteplanes")
+    assert (raw.positions_codec, raw.values_codec) == ("none", "none")
+    assert raw.values_bytes == 2 * delta.nnz  # bf16 XORs
+    # zstd is kept only where it makes a section smaller: not on 10 coordinates ...
+    small = parse_delta(delta.to_bytes(2, "zstd")).metadata.encoding
+    assert (small.positions_codec, small.values_codec) == ("none", "none")
+    # ... but on a large delta (all gaps 0, XOR high bytes mostly alike)
+    packed = parse_delta(dense_delta.to_bytes(2, "zstd")).metadata.encoding
+    assert (packed.positions_codec, packed.values_codec) == ("zstd", "zstd")
+    assert packed.values_bytes == 2 * dense_delta.nnz
+
+
+def test_a_large_bf16_delta_costs_8_bytes_per_coordinate_in_v1(dense_delta):
+    back = parse_delta(dense_delta.to_bytes(1))
+    assert back.payload_bytes == 8 * dense_delta.nnz  # int32 index + bf16 old + bf16 new
+
+
+def test_v2_costs_at_most_3_bytes_per_coordinate_and_zstd_helps(dense_delta):
+    raw = parse_delta(dense_delta.to_bytes(2, "none"))
+    assert raw.payload_bytes == 3 * dense_delta.nnz  # one-byte gap + bf16 XOR
+    packed = dense_delta.to_bytes(2, "zstd")
+    assert len(packed) < len(dense_delta.to_bytes(2, "none")) / 2
+
+
+def test_v2_of_a_v2_file_is_the_same_file(delta):
+    data = delta.to_bytes()
+    assert parse_delta(data).to_bytes() == data
+
+
+def test_v1_needs_the_parent_values(delta):
+    with pytest.raises(DeltaFormatError, match="cannot write format v1"):
+        parse_delta(delta.to_bytes(2)).to_bytes(1)
+
+
+def test_empty_delta_round_trips_in_both_formats(tensors):
+    empty = diff_tensors(tensors, tensors, task="noop", version=1)
+    for version in (1, 2):
+        back = parse_delta(empty.to_bytes(version))
+        assert back.nnz == 0 and back.metadata.format_version == version
 
 
 def test_overwrite_goes_through_a_temp_file(tmp_path, delta):
@@ -73,6 +123,16 @@ def test_size_limit(tmp_path, delta):
         parse_delta(path.read_bytes(), max_bytes=size - 1)
 
 
+def test_decompressed_size_counts_against_the_limit(dense_delta):
+    """A well-compressed v2 file may not expand past the caller's limit either."""
+    data = dense_delta.to_bytes(2, "zstd")
+    raw = 3 * dense_delta.nnz
+    assert len(data) < raw
+    parse_delta(data, max_bytes=raw)
+    with pytest.raises(DeltaFormatError, match=f"decompressed sections total {raw} bytes"):
+        parse_delta(data, max_bytes=raw - 1)
+
+
 @pytest.mark.parametrize("name", FORMAT_CASES)
 def test_malformed_file_is_refused(name):
     case = {c.name: c for c in format_errors(good_delta(synthetic_tensors()))}[name]
@@ -82,6 +142,12 @@ def test_malformed_file_is_refused(name):
     assert case.message in message
     assert message.startswith("upload.safetensors: ")
     assert "\n" not in message
+
+
+def test_corpus_covers_the_v2_fields():
+    for kind in ("gap-overflow", "truncated-varint", "decompression-bomb", "zero-xor"):
+        assert f"v2-{kind}" in FORMAT_CASES
+    assert "v2-xor-wrong-parent" in MODEL_CASES
 
 
 @pytest.mark.parametrize("name", MODEL_CASES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
-from jlserve.delta import diff_tensors, plan_update
+from jlserve.delta import diff_tensors, parse_delta, plan_update
 from jlserve.errors import DeltaMismatchError
 
 
@@ -26,14 +26,21 @@ def perturbed(tensors, seed: int, density: float = 0.02):
     return out
 
 
-def test_chain_of_deltas_reproduces_every_checkpoint_bit_for_bit(base):
+@pytest.mark.parametrize("formats", [(2, 2, 2), (1, 2, 1), (2, 1, 2)])
+def test_chain_of_deltas_reproduces_every_checkpoint_bit_for_bit(base, formats):
+    """Through the files: v1 and v2 deltas mixed in one chain, applied then reverted."""
     versions = [base]
     for seed in range(3):
         versions.append(perturbed(versions[-1], seed))
     deltas = [
-        diff_tensors(versions[k], versions[k + 1], task=f"t{k + 1}", version=k + 1)
+        parse_delta(
+            diff_tensors(versions[k], versions[k + 1], task=f"t{k + 1}", version=k + 1).to_bytes(
+                formats[k]
+            )
+        )
         for k in range(3)
     ]
+    assert [d.metadata.format_version for d in deltas] == list(formats)
     model, digests = dict(base), TensorDigests(base)
     for k, delta in enumerate(deltas, start=1):
         planned = plan_update(model, digests, delta)
@@ -78,7 +85,24 @@ def test_lineage_error_names_both_fingerprints(base):
     assert delta.metadata.parent_fingerprint in str(info.value)
 
 
-def test_reverting_requires_the_child(base):
+@pytest.mark.parametrize("format_version", [1, 2])
+def test_reverting_requires_the_child(base, format_version):
     delta = diff_tensors(base, perturbed(base, 3), task="t", version=1)
+    delta = parse_delta(delta.to_bytes(format_version))
     with pytest.raises(DeltaMismatchError, match="child"):
         plan_update(base, TensorDigests(base), delta, reverse=True)
+
+
+def test_a_v2_delta_on_a_look_alike_parent_is_refused(base):
+    """Without parent values in the file, the fingerprints catch an XOR applied to the
+    wrong parent, even when its lineage claim is forged to name the model."""
+    other = perturbed(base, 4)
+    delta = parse_delta(diff_tensors(other, perturbed(other, 5), task="t", version=1).to_bytes())
+    forged = type(delta)(
+        metadata=delta.metadata.model_copy(update={"parent_fingerprint": fingerprint(base)}),
+        changes=delta.changes,
+    )
+    snapshot = {k: v.clone() for k, v in base.items()}
+    with pytest.raises(DeltaMismatchError, match="does not match the delta's declared child"):
+        plan_update(base, TensorDigests(base), forged)
+    assert all(snapshot[k].equal(base[k]) for k in base)

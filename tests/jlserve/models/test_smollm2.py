@@ -28,72 +28,55 @@ def test_checkpoint_is_smollm2_135m(smollm2_dir):
     assert (smollm2_dir / "tokenizer.json").is_file()
 
 
-def test_sparse_round_trip_is_bit_exact(smollm2_dir, tmp_path, capsys):
-    """A 1 %-dense change to every q/v projection: diff -> apply -> revert, all exact."""
-    base = load_tensors(smollm2_dir)
-    gen = torch.Generator().manual_seed(0)
-    target = dict(base)
-    for name, t in base.items():
+def _qv_change(tensors: dict, seed: int, density: float) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(tensors)
+    for name, t in tensors.items():
         if name.endswith(("q_proj.weight", "v_proj.weight")):
-            mask = torch.rand(t.shape, generator=gen) < 0.01
-            target[name] = torch.where(
+            mask = torch.rand(t.shape, generator=gen) < density
+            out[name] = torch.where(
                 mask, t + 0.01 * torch.randn(t.shape, generator=gen).to(t.dtype), t
             )
-    write_checkpoint(target, tmp_path / "target", like=smollm2_dir)
-    delta = tmp_path / "task1.safetensors"
-    assert (
-        main(
-            [
-                "delta",
-                "diff",
-                "--base",
-                str(smollm2_dir),
-                "--target",
-                str(tmp_path / "target"),
-                "--out",
-                str(delta),
-            ]
-        )
-        == 0
-    )
+    return out
+
+
+def _cli(*argv) -> None:
+    assert main([str(a) for a in argv]) == 0
+
+
+def test_sparse_round_trip_is_bit_exact(smollm2_dir, tmp_path, capsys):
+    """Two 1 %-dense changes to every q/v projection, the first delta in format v1, the
+    second in v2: diff -> apply both -> revert both, all exact."""
+    base = load_tensors(smollm2_dir)
+    v1 = _qv_change(base, 0, 0.01)
+    v2 = _qv_change(v1, 1, 0.01)
+    write_checkpoint(v1, tmp_path / "v1", like=smollm2_dir)
+    write_checkpoint(v2, tmp_path / "v2", like=smollm2_dir)
+    d1, d2 = tmp_path / "task1.safetensors", tmp_path / "task2.safetensors"
+    _cli("delta", "diff", "--base", smollm2_dir, "--target", tmp_path / "v1", "--out", d1,
+         "--format", "v1")  # fmt: skip
+    _cli("delta", "diff", "--base", tmp_path / "v1", "--target", tmp_path / "v2", "--out", d2,
+         "--version", 2)  # fmt: skip
     capsys.readouterr()
-    assert main(["delta", "inspect", str(delta), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["payload_bytes_per_changed_coordinate"] == 8  # bf16: int32 index + old + new
-    assert info["file_bytes"] - info["payload_bytes"] < 64 * 1024  # header: names and metadata
-    assert (
-        main(
-            [
-                "delta",
-                "apply",
-                "--model",
-                str(smollm2_dir),
-                "--delta",
-                str(delta),
-                "--out",
-                str(tmp_path / "applied"),
-            ]
-        )
-        == 0
-    )
+    info = {}
+    for d in (d1, d2):
+        _cli("delta", "inspect", d, "--json")
+        info[d] = json.loads(capsys.readouterr().out)
+    assert info[d1]["format"] == "v1"
+    assert info[d1]["payload_bytes_per_changed_coordinate"] == 8  # int32 index + old + new
+    assert info[d1]["file_bytes"] - info[d1]["payload_bytes"] < 64 * 1024  # header: names
+    assert info[d2]["format"] == "v2"
+    assert info[d2]["bytes_per_changed_coordinate"] < 4  # whole file, header included
+
+    _cli("delta", "apply", "--model", smollm2_dir, "--delta", d1, "--delta", d2,
+         "--out", tmp_path / "applied")  # fmt: skip
     applied = load_tensors(tmp_path / "applied")
-    assert all(torch.equal(applied[n], target[n]) for n in target)
-    assert (
-        main(
-            [
-                "delta",
-                "revert",
-                "--model",
-                str(tmp_path / "applied"),
-                "--delta",
-                str(delta),
-                "--out",
-                str(tmp_path / "back"),
-            ]
-        )
-        == 0
-    )
-    assert fingerprint(load_tensors(tmp_path / "back")) == fingerprint(base)
+    assert all(torch.equal(applied[n], v2[n]) for n in v2)
+    _cli("delta", "revert", "--model", tmp_path / "applied", "--delta", d1, "--delta", d2,
+         "--out", tmp_path / "back")  # fmt: skip
+    back = load_tensors(tmp_path / "back")
+    assert fingerprint(back) == fingerprint(base)
+    assert all(torch.equal(back[n], base[n]) for n in base)
 
 
 def test_vllm_serves_a_chat_answer(smollm2_dir):

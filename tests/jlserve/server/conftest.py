@@ -1,4 +1,7 @@
-"""A chain of three deltas on the tiny model and the merged checkpoint of each version."""
+"""A chain of three deltas on the tiny model and the merged checkpoint of each version.
+
+The deltas mix the file formats (v2, v1, v2), so every serving test that walks the chain
+(apply, rollback, restart, watch) meets both."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from jlserve.delta import diff_tensors, write_delta
 
 # Each version touches different matrices, so every fused group (qkv, gate_up) and the
 # unfused tensors (norms, embeddings, lm_head) are exercised.
+FORMATS = (2, 1, 2)  # the delta file format of each version
 TOUCHED = (
     (
         "model.layers.0.self_attn.q_proj.weight",
@@ -55,7 +59,8 @@ def delta_chain(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             flat[idx] += torch.randn(idx.numel(), generator=gen).to(flat.dtype)
             target[name] = flat.view(current[name].shape)
         path = root / f"task{version}.safetensors"
-        write_delta(diff_tensors(current, target, task=f"task{version}", version=version), path)
+        delta = diff_tensors(current, target, task=f"task{version}", version=version)
+        write_delta(delta, path, format_version=FORMATS[version - 1])
         out = root / f"merged-v{version}"
         write_checkpoint(target, out, like=tiny_model_dir)
         deltas.append(path)
