@@ -27,9 +27,8 @@ if ((${#missing[@]})); then
   command -v apt-get >/dev/null 2>&1 || cannot "${missing[*]} missing and no apt-get"
   echo "podman-setup: installing ${missing[*]} from Debian"
   apt-get update -qq || cannot "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" uidmap slirp4netns fuse-overlayfs containernetworking-plugins \
-    >/dev/null || cannot "apt-get install ${missing[*]} failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || cannot "apt-get install ${missing[*]} failed"
 fi
 : "${CONTAINERS_CONF:?set CONTAINERS_CONF to docker/podman/containers.conf}"
 
@@ -51,7 +50,7 @@ if ! podman image exists "$base_image"; then
     --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["python3"]' \
-    - "$base_image" >/dev/null
+    --quiet - "$base_image" >/dev/null
 fi
 
 podman run --rm --network host "$base_image" python -c 'import sys; assert sys.version_info[:2] == (3, 11)' \
