@@ -58,13 +58,14 @@ test-fast: setup
 # builds a stand-in for the base image from Debian's packages once. pip in the build
 # gets this machine's CA bundle and local wheel folder (torch's CPU wheel; both named by
 # pip's configuration here) through docker/podman/pip.conf, instead of PyTorch's index.
-# Image layers stay in podman's storage, so a rebuild reuses them.
-IMAGE        ?= jlserve:cpu
+# Image layers stay in podman's storage, so a rebuild reuses them. IMAGE is the name
+# docker/compose.yaml runs; the pip settings are read only when an image is built.
+IMAGE        := jlserve:cpu
 BASE_STANDIN := localhost/jlserve-standin/python:3.11-bookworm
 pip_setting   = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
-WHEELS_DIR   := $(firstword $(foreach d,$(call pip_setting,find-links),$(wildcard $(d))))
-CA_BUNDLE    := $(firstword $(wildcard $(call pip_setting,cert)) /etc/ssl/certs/ca-certificates.crt)
-IMAGE_ARGS   := --build-arg BASE_IMAGE=$(BASE_STANDIN) \
+WHEELS_DIR    = $(firstword $(foreach d,$(call pip_setting,find-links),$(wildcard $(d))))
+CA_BUNDLE     = $(firstword $(wildcard $(call pip_setting,cert)) /etc/ssl/certs/ca-certificates.crt)
+IMAGE_ARGS    = --build-arg BASE_IMAGE=$(BASE_STANDIN) \
 	-v $(abspath docker/podman/pip.conf):/etc/pip.conf:ro \
 	-v $(CA_BUNDLE):/run/jlserve-build/ca-bundle.crt:ro \
 	$(if $(WHEELS_DIR),-v $(WHEELS_DIR):/run/jlserve-build/wheels:ro --build-arg TORCH_INDEX_URL=)
