@@ -20,7 +20,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export JLSERVE_SMOLLM2_DIR := $(abspath $(MODEL))
 
 .PHONY: setup model test test-fast lint demo demo-quick serve bench bench-quick lock clean \
-	podman-ready image test-container
+	podman-ready image image-gpu-standin test-container
 
 setup: $(STAMP)
 
@@ -65,12 +65,12 @@ BASE_STANDIN := localhost/jlserve-standin/python:3.11-bookworm
 pip_setting   = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
 WHEELS_DIR    = $(firstword $(foreach d,$(call pip_setting,find-links),$(wildcard $(d))))
 CA_BUNDLE     = $(firstword $(wildcard $(call pip_setting,cert)) /etc/ssl/certs/ca-certificates.crt)
-IMAGE_ARGS    = --build-arg BASE_IMAGE=$(BASE_STANDIN) \
-	-v $(abspath docker/podman/pip.conf):/etc/pip.conf:ro \
-	-v $(CA_BUNDLE):/run/jlserve-build/ca-bundle.crt:ro \
+PIP_MOUNTS    = -v $(abspath docker/podman/pip.conf):/etc/pip.conf:ro \
+	-v $(CA_BUNDLE):/run/jlserve-build/ca-bundle.crt:ro
+IMAGE_ARGS    = --build-arg BASE_IMAGE=$(BASE_STANDIN) $(PIP_MOUNTS) \
 	$(if $(WHEELS_DIR),-v $(WHEELS_DIR):/run/jlserve-build/wheels:ro --build-arg TORCH_INDEX_URL=)
 
-podman-ready image test-container: export CONTAINERS_CONF := $(abspath docker/podman/containers.conf)
+podman-ready image image-gpu-standin test-container: export CONTAINERS_CONF := $(abspath docker/podman/containers.conf)
 
 podman-ready:
 	docker/podman/setup.sh $(BASE_STANDIN)
@@ -78,6 +78,13 @@ podman-ready:
 image: podman-ready
 	nice -n 10 podman build --format docker --network host $(IMAGE_ARGS) \
 	  -f docker/Dockerfile.cpu -t $(IMAGE) .
+
+# Dockerfile.gpu as far as this machine allows (no CUDA base image, no GPU): on the
+# stand-in base, so vLLM and CUDA torch come from PyPI instead of vLLM's image (10 GB,
+# 12 min). It builds and imports; serving needs a GPU. Not part of CI.
+image-gpu-standin: podman-ready
+	nice -n 10 podman build --format docker --network host $(PIP_MOUNTS) \
+	  --build-arg VLLM_IMAGE=$(BASE_STANDIN) -f docker/Dockerfile.gpu -t jlserve:gpu-standin .
 
 test-container: setup model image
 	JLSERVE_TEST_CONTAINERS=1 $(PY) -m pytest -q -ra -s -m container tests/docker
