@@ -163,6 +163,8 @@ def stack(tmp_path_factory):
     s.compose("up", "-d", "--no-build", SERVICE)
     yield s
     s.compose("down", "-v", "-t", "30")
+    # podman-compose 1.0.3 leaves the project's network; each takes one of podman's subnets.
+    podman("network", "rm", f"{s.project}_default")
 
 
 def test_first_start_prepares_the_model_and_answers_chat(stack):
