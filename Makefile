@@ -1,5 +1,6 @@
 # jlserve: every target sets itself up (venv, pinned install, default model) and reuses
-# what is already there. `make test` is the CI entry point (.ci/run).
+# what is already there. `make test` is the CI entry point (.ci/run), then
+# `make test-container` where podman works.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -18,7 +19,8 @@ export DO_NOT_TRACK := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export JLSERVE_SMOLLM2_DIR := $(abspath $(MODEL))
 
-.PHONY: setup model test test-fast lint demo demo-quick serve bench bench-quick lock clean
+.PHONY: setup model test test-fast lint demo demo-quick serve bench bench-quick lock clean \
+	podman-ready image image-gpu-standin test-container
 
 setup: $(STAMP)
 
@@ -46,10 +48,46 @@ lint: setup
 	$(VENV)/bin/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
 
 test: setup model lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not container"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not container"
+
+# Containers (docs/deployment.md), built and run with podman: no Docker engine and no
+# image registry here, so docker/podman/setup.sh installs podman where missing and
+# builds a stand-in for the base image from Debian's packages once. pip in the build
+# gets this machine's CA bundle and local wheel folder (torch's CPU wheel; both named by
+# pip's configuration here) through docker/podman/pip.conf, instead of PyTorch's index.
+# Image layers stay in podman's storage, so a rebuild reuses them. IMAGE is the name
+# docker/compose.yaml runs; the pip settings are read only when an image is built.
+IMAGE        := jlserve:cpu
+BASE_STANDIN := localhost/jlserve-standin/python:3.11-bookworm
+pip_setting   = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
+WHEELS_DIR    = $(firstword $(foreach d,$(call pip_setting,find-links),$(wildcard $(d))))
+CA_BUNDLE     = $(firstword $(wildcard $(call pip_setting,cert)) /etc/ssl/certs/ca-certificates.crt)
+PIP_MOUNTS    = -v $(abspath docker/podman/pip.conf):/etc/pip.conf:ro \
+	-v $(CA_BUNDLE):/run/jlserve-build/ca-bundle.crt:ro
+IMAGE_ARGS    = --build-arg BASE_IMAGE=$(BASE_STANDIN) $(PIP_MOUNTS) \
+	$(if $(WHEELS_DIR),-v $(WHEELS_DIR):/run/jlserve-build/wheels:ro --build-arg TORCH_INDEX_URL=)
+
+podman-ready image image-gpu-standin test-container: export CONTAINERS_CONF := $(abspath docker/podman/containers.conf)
+
+podman-ready:
+	docker/podman/setup.sh $(BASE_STANDIN)
+
+image: podman-ready
+	nice -n 10 podman build --format docker --network host $(IMAGE_ARGS) \
+	  -f docker/Dockerfile.cpu -t $(IMAGE) .
+
+# Dockerfile.gpu as far as this machine allows (no CUDA base image, no GPU): on the
+# stand-in base, so vLLM and CUDA torch come from PyPI instead of vLLM's image (10 GB,
+# 12 min). It builds and imports; serving needs a GPU. Not part of CI.
+image-gpu-standin: podman-ready
+	nice -n 10 podman build --format docker --network host $(PIP_MOUNTS) \
+	  --build-arg VLLM_IMAGE=$(BASE_STANDIN) -f docker/Dockerfile.gpu -t jlserve:gpu-standin .
+
+test-container: setup model image
+	JLSERVE_TEST_CONTAINERS=1 $(PY) -m pytest -q -ra -s -m container tests/docker
 
 demo: setup model
 	$(PY) -m trainer.demo
