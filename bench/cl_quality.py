@@ -182,6 +182,7 @@ def main() -> int:
     }
     settings = {**{k: v for k, v in base_cfg.items() if k != "model"}, "overrides": args.set}
     rows_dir.mkdir(parents=True, exist_ok=True)
+    write_summary(args, tag, model, settings)  # what is already on disk
     for name in args.variants:
         row_path = rows_dir / f"{name}.json"
         if row_path.is_file() and not args.force:
@@ -194,12 +195,20 @@ def main() -> int:
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))
+        write_summary(args, tag, model, settings)  # after every variant: a long run is readable
+    return 0
 
+
+def write_summary(args: argparse.Namespace, tag: str, model: Path, settings: dict) -> None:
+    """bench/results/cl_quality_<tag>.json and .md from every finished variant of the tag."""
+    rows_dir = RESULTS / "cl_quality" / tag
     rows = [
         json.loads((rows_dir / f"{name}.json").read_text())
         for name in VARIANTS
         if (rows_dir / f"{name}.json").is_file()
     ]
+    if not rows:
+        return
     by_name = {r["variant"]: r for r in rows}
     result = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -217,8 +226,7 @@ def main() -> int:
     stem = "cl_quality_quick" if args.quick else f"cl_quality_{tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    return 0
+    print(markdown(result), flush=True)
 
 
 if __name__ == "__main__":
