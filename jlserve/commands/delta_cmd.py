@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jlserve.checkpoint import TensorDigests, load_tensors, write_checkpoint
-from jlserve.delta import density_report, diff_tensors, plan_update, read_delta, write_delta
-from jlserve.delta.format import SparseDelta
+from jlserve.commands import positive_int
+
+if TYPE_CHECKING:
+    from jlserve.delta.format import SparseDelta
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diff.add_argument("--target", type=Path, required=True, help="child checkpoint directory")
     diff.add_argument("--out", type=Path, required=True, help="delta file to write")
     diff.add_argument("--task", help="task name recorded in the delta (default: target dir name)")
-    diff.add_argument("--version", type=int, default=1, help="version the delta produces (>= 1)")
+    diff.add_argument(
+        "--version",
+        type=positive_int,
+        help="advisory version label stored in the file (servers number versions themselves)",
+    )
     diff.set_defaults(func=_diff)
 
     apply = actions.add_parser("apply", help="apply deltas in order and write a new checkpoint")
@@ -41,7 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=_inspect)
 
 
+# Commands import torch-based modules when they run, so `jlserve update` stays light.
+
+
 def _diff(args: argparse.Namespace) -> int:
+    from jlserve.checkpoint import load_tensors
+    from jlserve.delta import diff_tensors, write_delta
+
     base, target = load_tensors(args.base), load_tensors(args.target)
     task = args.task or args.target.resolve().name
     delta = diff_tensors(base, target, task=task, version=args.version)
@@ -62,6 +74,9 @@ def _revert(args: argparse.Namespace) -> int:
 
 def _transform(args: argparse.Namespace, *, reverse: bool) -> int:
     """Validate every delta (files, then lineage in order) before writing anything."""
+    from jlserve.checkpoint import TensorDigests, load_tensors, write_checkpoint
+    from jlserve.delta import plan_update, read_delta
+
     deltas = [read_delta(path) for path in args.delta]
     order = list(zip(args.delta, deltas, strict=True))
     if reverse:
@@ -80,6 +95,8 @@ def _transform(args: argparse.Namespace, *, reverse: bool) -> int:
 
 def describe(delta: SparseDelta, file_size: int) -> dict:
     """Everything `inspect` reports, as one JSON-able dict."""
+    from jlserve.delta import density_report
+
     per_param = density_report(delta)
     changed_numel = sum(p["numel"] for p in per_param.values())
     payload = delta.payload_bytes
@@ -96,6 +113,8 @@ def describe(delta: SparseDelta, file_size: int) -> dict:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from jlserve.delta import read_delta
+
     delta = read_delta(args.file)
     info = describe(delta, args.file.stat().st_size)
     if args.json:
@@ -103,7 +122,8 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     meta = info["metadata"]
     print(f"{args.file}: {meta['format']} v{meta['format_version']}")
-    print(f"  task {meta['task']!r}, produces version {meta['version']}")
+    label = f", labelled version {meta['version']}" if meta["version"] is not None else ""
+    print(f"  task {meta['task']!r}{label}")
     print(f"  parent {meta['parent_fingerprint']}")
     print(f"  child  {meta['child_fingerprint']}")
     for name, p in info["params"].items():

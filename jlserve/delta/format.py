@@ -34,15 +34,14 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from jlserve.checkpoint import atomic_write_bytes
 from jlserve.errors import DeltaFormatError
+from jlserve.vocab import DEFAULT_MAX_FILE_BYTES, FINGERPRINT_PATTERN
 
 FORMAT_NAME = "jlserve.sparse_delta"
 FORMAT_VERSION = 1
 METADATA_KEY = "jlserve.delta"
 INDEX_SUFFIX, OLD_SUFFIX, NEW_SUFFIX = "::index", "::old", "::new"
 
-DEFAULT_MAX_FILE_BYTES = 2 * 1024**3  # 2 GiB: far above any sparse delta of a <10B model
 MAX_HEADER_BYTES = 16 * 1024**2  # a header this large is an attack or a bug
-FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 # Checkpoint dtypes a delta may carry, by their safetensors/metadata names.
 VALUE_DTYPES: dict[str, torch.dtype] = {
@@ -79,7 +78,9 @@ class DeltaMetadata(BaseModel):
     format: Literal["jlserve.sparse_delta"] = FORMAT_NAME
     format_version: Literal[1] = FORMAT_VERSION
     task: str = Field(min_length=1, max_length=256)
-    version: int = Field(ge=1, description="the model version this delta produces")
+    # Advisory since serving contract v2: the server assigns version numbers and orders
+    # updates by fingerprint; files written before (which always carry it) still load.
+    version: int | None = Field(None, ge=1, description="advisory: the producer's version label")
     parent_fingerprint: str = Field(pattern=FINGERPRINT_PATTERN)
     child_fingerprint: str = Field(pattern=FINGERPRINT_PATTERN)
     params: dict[str, ParamSpec]

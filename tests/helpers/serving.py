@@ -34,7 +34,8 @@ class ServerProcess(LocalServer):
 
     @property
     def model_name(self) -> str:
-        return str(self.model.resolve())
+        """What `/v1/models` lists: the checkpoint folder's name (`--served-model-name`)."""
+        return self.model.resolve().name
 
     @property
     def inference_headers(self) -> dict[str, str]:

@@ -1,4 +1,7 @@
-"""A chain of three deltas on the tiny model and the merged checkpoint of each version."""
+"""A chain of three deltas on the tiny model and the merged checkpoint of each version.
+
+The deltas carry no version number, as `jlserve delta diff` writes them: the server
+orders them by lineage (parent fingerprint) and numbers versions itself."""
 
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ TOUCHED = (
 @dataclass(frozen=True)
 class DeltaChain:
     base: Path
-    deltas: list[Path]  # deltas[i] produces version i + 1
-    merged: list[Path]  # merged[v] is the checkpoint of version v (merged[0] is base)
+    deltas: list[Path]  # deltas[i] takes merged[i] to merged[i + 1]
+    merged: list[Path]  # merged[i] is the checkpoint after i deltas (merged[0] is base)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +58,7 @@ def delta_chain(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             flat[idx] += torch.randn(idx.numel(), generator=gen).to(flat.dtype)
             target[name] = flat.view(current[name].shape)
         path = root / f"task{version}.safetensors"
-        write_delta(diff_tensors(current, target, task=f"task{version}", version=version), path)
+        write_delta(diff_tensors(current, target, task=f"task{version}"), path)
         out = root / f"merged-v{version}"
         write_checkpoint(target, out, like=tiny_model_dir)
         deltas.append(path)
