@@ -379,10 +379,11 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluate / export
 
-    def evaluate(self, i: int) -> None:
-        """Row i of the accuracy matrix: every task seen so far, on version i + 1."""
+    def evaluate(self, i: int, fingerprint: str) -> None:
+        """Row i of the accuracy matrix: every task seen so far, on version i + 1 (the
+        model `fingerprint`; a server is identified by it, not by its version number)."""
         if self.served is not None:
-            self.served.wait_for_version(i + 1)
+            self.served.wait_for_fingerprint(fingerprint)
         self.model.eval()
         with self.autocast():
             for j in range(i + 1):
@@ -396,7 +397,7 @@ class Recipe:
                         self.enc.eval_prompts(task),
                         max_new_tokens=self.enc.max_target_len(task),
                         stop_token=self.enc.eos,
-                        version=i + 1,
+                        fingerprint=fingerprint,
                     )
                     r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
@@ -499,7 +500,7 @@ class Recipe:
                 if self.publisher is not None:  # before evaluating: --eval-via needs it served
                     self.publish(i, task, delta, log)
                 with self.method.eval_view(kept, merged):
-                    self.evaluate(i)
+                    self.evaluate(i, delta.metadata.child_fingerprint)
                 self.export(i, task, merged, delta, log)
                 self.console.print(self._summary(i, log))
                 if self.on_task_end is not None:

@@ -3,8 +3,10 @@
 The accuracy matrix is then measured on what is actually served. Prompts travel as the
 same token ids the in-process evaluation uses (no re-tokenization on the server), with
 temperature 0 and the same stop token and length, and every answer must carry the
-expected `x-jlserve-model-version` header, so a number can never come from another
-version than the one it is recorded for.
+expected `x-jlserve-model-fingerprint` header, so a number can never come from another
+model than the one it is recorded for. The fingerprint, not the server's version
+number, identifies the model: numbers are the server's own (after a rollback, another
+server or a restarted run they name other weights).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import httpx
 
 from trainer.errors import TrainerError
 
-VERSION_HEADER = "x-jlserve-model-version"
+FINGERPRINT_HEADER = "x-jlserve-model-fingerprint"
 API_KEY_ENV = "JLSERVE_API_KEY"  # the inference key, if the server was started with one
 
 
@@ -28,6 +30,7 @@ class ServedModel:
         self.batch_size = batch_size
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._model_name: str | None = None
+        self._ready: str | None = None  # the fingerprint last seen served
 
     def close(self) -> None:
         self._http.close()
@@ -41,28 +44,30 @@ class ServedModel:
             raise TrainerError(f"--eval-via {self.url}{path}: HTTP {response.status_code}")
         return response
 
-    def wait_for_version(self, version: int, timeout_s: float = 300.0) -> None:
-        """Block until the server serves `version` (a watched directory applies it later)."""
+    def wait_for_fingerprint(self, fingerprint: str, timeout_s: float = 300.0) -> None:
+        """Block until the server serves the model `fingerprint` (a watched directory
+        applies it later)."""
         deadline = time.monotonic() + timeout_s
         while True:
             response = self._get("/v1/models")
             self._model_name = response.json()["data"][0]["id"]
-            served = int(response.headers.get(VERSION_HEADER, "-1"))
-            if served == version:
+            served = response.headers.get(FINGERPRINT_HEADER)
+            if served == fingerprint:
+                self._ready = fingerprint
                 return
             if time.monotonic() > deadline:
                 raise TrainerError(
-                    f"--eval-via {self.url}: still serving version {served} after {timeout_s:.0f} s, "
-                    f"waiting for {version}"
+                    f"--eval-via {self.url}: still serving {served} after {timeout_s:.0f} s, "
+                    f"waiting for {fingerprint}"
                 )
             time.sleep(0.5)
 
     def generate(
-        self, prompts: list[list[int]], *, max_new_tokens: int, stop_token: int, version: int
+        self, prompts: list[list[int]], *, max_new_tokens: int, stop_token: int, fingerprint: str
     ) -> list[str]:
-        """Greedy continuations of token-id prompts, from server version `version`."""
-        if self._model_name is None:
-            self.wait_for_version(version)
+        """Greedy continuations of token-id prompts, from the served model `fingerprint`."""
+        if self._ready != fingerprint:
+            self.wait_for_fingerprint(fingerprint)
         texts: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
@@ -82,10 +87,10 @@ class ServedModel:
                 raise TrainerError(
                     f"--eval-via {self.url}: HTTP {response.status_code}: {response.text[:300]}"
                 )
-            served = response.headers.get(VERSION_HEADER)
-            if served != str(version):
+            served = response.headers.get(FINGERPRINT_HEADER)
+            if served != fingerprint:
                 raise TrainerError(
-                    f"--eval-via {self.url}: answered by version {served}, expected {version}"
+                    f"--eval-via {self.url}: answered by model {served}, expected {fingerprint}"
                 )
             choices = sorted(response.json()["choices"], key=lambda c: c["index"])
             texts += [c["text"] for c in choices]
