@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ TOKEN_FILE_ENV = "JLSERVE_ADMIN_TOKEN_FILE"
 TOKEN_ENV = "JLSERVE_ADMIN_TOKEN"
 DEFAULT_TIMEOUT_S = 600.0
 STATUS_TIMEOUT_S = 30.0
+STATUS_POLL_S = 0.2
 
 Response = TypeVar("Response", bound=BaseModel)
 
@@ -87,9 +89,15 @@ class AdminClient:
             return self._outcome_after_timeout(data)
 
     def _outcome_after_timeout(self, data: bytes) -> ApplyResponse:
+        """Ask what is served once no swap is in progress (waiting at most `timeout_s`
+        more), and compare it with the delta's child."""
         child = delta_child_fingerprint(data)
+        deadline = time.monotonic() + self.timeout_s
         try:
             status = self.status()
+            while status.swap_in_progress and time.monotonic() < deadline:
+                time.sleep(STATUS_POLL_S)
+                status = self.status()
         except (AdminRequestError, httpx.TimeoutException) as exc:
             raise ServerUnreachableError(
                 f"{self.url}: no answer within {self.timeout_s:g} s, and the outcome is "
