@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ TOKEN_FILE_ENV = "JLSERVE_ADMIN_TOKEN_FILE"
 TOKEN_ENV = "JLSERVE_ADMIN_TOKEN"
 DEFAULT_TIMEOUT_S = 600.0
 STATUS_TIMEOUT_S = 30.0
-STATUS_POLL_S = 0.2
+RESEND_TIMEOUT_S = 60.0  # after a timeout, how long the same delta sent again may take
 
 Response = TypeVar("Response", bound=BaseModel)
 
@@ -80,48 +79,42 @@ class AdminClient:
         return self.update_bytes(read_delta_bytes(delta_file), if_match)
 
     def update_bytes(self, data: bytes, if_match: str | None = None) -> ApplyResponse:
-        """Apply a delta. If the answer does not come in time, the outcome is learned by
-        fingerprint: the server serves the delta's child (done) or not (an error)."""
+        """Apply a delta. If no answer comes in time, the outcome is learned by fingerprint
+        (see `_send_again`)."""
         headers = {IF_MATCH_HEADER: if_match} if if_match else {}
         try:
             return self._call("POST", "/admin/deltas", ApplyResponse, content=data, headers=headers)
         except httpx.TimeoutException:
-            return self._outcome_after_timeout(data)
+            return self._send_again(data, headers)
 
-    def _outcome_after_timeout(self, data: bytes) -> ApplyResponse:
-        """Ask what is served once no swap is in progress (waiting at most `timeout_s`
-        more), and compare it with the delta's child."""
-        child = delta_child_fingerprint(data)
-        deadline = time.monotonic() + self.timeout_s
+    def _send_again(self, data: bytes, headers: dict[str, str]) -> ApplyResponse:
+        """After a timeout the first request may or may not have been applied. The same
+        delta sent again waits behind it and is answered by fingerprint: `applied:
+        false` when its child is already served (the first request did it), a fresh
+        apply when it was not applied, a refusal naming the served model otherwise."""
+        waited = f"no answer within {self.timeout_s:g} s"
         try:
-            status = self.status()
-            while status.swap_in_progress and time.monotonic() < deadline:
-                time.sleep(STATUS_POLL_S)
-                status = self.status()
-        except (AdminRequestError, httpx.TimeoutException) as exc:
-            raise ServerUnreachableError(
-                f"{self.url}: no answer within {self.timeout_s:g} s, and the outcome is "
-                f"unknown ({exc}); check `jlserve status` for fingerprint {child}"
-            ) from None
-        if child is None or status.fingerprint != child:
-            raise AdminRequestError(
-                f"{self.url}: no answer within {self.timeout_s:g} s; the delta is NOT served: "
-                f"the server serves version {status.version} ({status.fingerprint})"
-                + (f", the delta produces {child}" if child else "")
-                + (" and is still swapping" if status.swap_in_progress else "")
+            result = self._call(
+                "POST",
+                "/admin/deltas",
+                ApplyResponse,
+                content=data,
+                headers=headers,
+                timeout=max(self.timeout_s, RESEND_TIMEOUT_S),
             )
-        return ApplyResponse(
-            applied=False,
-            version=status.version,
-            fingerprint=status.fingerprint,
-            previous_version=status.version,
-            previous_fingerprint=status.fingerprint,
-            task=status.chain[-1].task if status.chain else "",
-            nnz=status.chain[-1].nnz if status.chain else 0,
-            apply_path=status.apply_path,
-            swap_policy=status.swap_policy,
-            note=f"no answer within {self.timeout_s:g} s; the server serves the delta's child",
+        except httpx.TimeoutException:
+            raise ServerUnreachableError(
+                f"{self.url}: {waited}, nor to the same delta sent again; the outcome is "
+                f"unknown: `jlserve status` shows whether {delta_child_fingerprint(data)} is served"
+            ) from None
+        except AdminRequestError as exc:
+            raise AdminRequestError(f"{self.url}: {waited}; sent again: {exc}") from None
+        how = (
+            "applied now (the first request had not applied it)"
+            if result.applied
+            else "its model was already served (the first request applied it)"
         )
+        return result.model_copy(update={"note": f"{waited}; sent again: {how}"})
 
     def status(self) -> StatusResponse:
         return self._call("GET", "/admin/status", StatusResponse, timeout=STATUS_TIMEOUT_S)

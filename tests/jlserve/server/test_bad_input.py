@@ -8,8 +8,6 @@ The server runs with an admin token, an inference API key and a small upload lim
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +19,14 @@ import pytest
 from jlserve.checkpoint import load_tensors
 from jlserve.delta import read_delta
 from tests.helpers.bad_deltas import format_errors, good_delta, model_errors, synthetic_tensors
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, greedy, start_all
+from tests.helpers.serving import (
+    ADMIN_TOKEN,
+    ServerProcess,
+    admin_headers,
+    greedy,
+    server_processes,
+    start_all,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -372,21 +377,8 @@ def test_no_path_from_a_request_is_ever_opened(shared, delta_chain):
     assert greedy(shared.server) == shared.outputs
 
 
-def _server_processes(server: ServerProcess) -> list[int]:
-    """Every process of the server's group: API server, engine core, workers."""
-    assert server.proc is not None
-    pgid = os.getpgid(server.proc.pid)
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getpgid(int(entry)) == pgid:
-                    pids.append(int(entry))
-    return pids
-
-
 def test_secrets_are_on_no_command_line_and_in_no_environment(shared):
-    pids = _server_processes(shared.server)
+    pids = server_processes(shared.server)
     assert len(pids) >= 2  # the API server and vLLM's engine core at least
     for pid in pids:
         for what in ("cmdline", "environ"):

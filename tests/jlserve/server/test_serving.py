@@ -13,6 +13,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -20,12 +21,15 @@ import httpx
 import openai
 import pytest
 
+from jlserve.client import AdminClient
+from jlserve.delta import read_delta
 from tests.helpers.serving import (
     ADMIN_TOKEN,
     ServerProcess,
     admin_headers,
     greedy,
     outputs_only,
+    stalled_stream,
     start_all,
 )
 
@@ -151,6 +155,20 @@ def test_if_match_is_a_compare_and_swap(at_base, delta_chain, base_outputs):
     # but a rollback guarded by a stale fingerprint is refused
     r = rollback(at_base, to_version=0, headers={"If-Match": other})
     assert r.status_code == 412 and status(at_base)["fingerprint"] == ok.json()["fingerprint"]
+
+
+def test_a_client_that_times_out_learns_the_update_was_applied(at_base, delta_chain):
+    """The swap waits (drain) for a stalled stream; the client gives up first and sends
+    the delta again, which is answered by fingerprint once the first attempt is done."""
+    reader = stalled_stream(at_base)
+    time.sleep(1.0)  # let the server fill the socket buffers and block
+    threading.Timer(4.0, reader.close).start()  # the stall ends after the client gave up
+    with AdminClient(at_base.url, ADMIN_TOKEN, timeout_s=2.0) as client:
+        result = client.update_bytes(delta_chain.deltas[0].read_bytes())
+    child = read_delta(delta_chain.deltas[0]).metadata.child_fingerprint
+    assert result.note is not None and "no answer within 2 s; sent again" in result.note
+    assert result.fingerprint == child == status(at_base)["fingerprint"]
+    assert len(status(at_base)["chain"]) == 1  # applied once
 
 
 def test_rollback_by_fingerprint_or_number_matches_a_fresh_server(

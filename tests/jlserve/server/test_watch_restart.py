@@ -1,10 +1,12 @@
-"""`--watch DIR` on a read-only mount, the preempt policy, and restart from the state dir."""
+"""`--watch DIR` on a read-only mount, the preempt policy, restart from the state dir,
+and (last) a dead engine."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +15,14 @@ import httpx
 import pytest
 
 from jlserve.delta import read_delta
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, greedy, start_all
+from tests.helpers.serving import (
+    ADMIN_TOKEN,
+    ServerProcess,
+    admin_headers,
+    greedy,
+    server_processes,
+    start_all,
+)
 from tests.jlserve.server.test_serving import _streams_during_updates, overlapping
 
 pytestmark = pytest.mark.slow
@@ -150,3 +159,29 @@ def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
     assert after["next_version"] == served["next_version"]  # numbers are never reused
     assert greedy(server) == before
     assert f"restored model version {served['version']}" in server.log_path.read_text()
+
+
+def test_a_dead_engine_fails_health_until_the_server_exits(setup):
+    """Last, it ends the server: vLLM's engine core is killed as a crash would. /health
+    never answers OK again (503 degraded, naming the dead engine, while the API server
+    lives), then vLLM's own shutdown ends the server so a supervisor restarts it."""
+    server, _source, _watch = setup
+    assert server.proc is not None
+    core = next(
+        p for p, cmd in server_processes(server).items() if cmd.startswith(b"VLLM::EngineCore")
+    )
+    os.kill(core, signal.SIGKILL)
+    answers: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 120
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{server.url}/health", timeout=5)
+            answers.append((r.status_code, r.text))
+        except httpx.HTTPError:
+            answers.append((0, "unreachable"))
+        time.sleep(0.1)
+    assert server.proc.poll() is not None, "the server kept running without an engine"
+    codes = [code for code, _ in answers]
+    first_failure = next(i for i, code in enumerate(codes) if code != 200)
+    assert 200 not in codes[first_failure:]
+    assert any(code == 503 and "the vLLM engine died" in text for code, text in answers)
