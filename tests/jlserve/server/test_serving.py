@@ -357,12 +357,14 @@ class Swap:
     answered: float
 
 
-async def _stream(client: openai.AsyncOpenAI, model: str, prompt: str, delay: float) -> Streamed:
+async def _stream(
+    client: openai.AsyncOpenAI, model: str, prompt: str, delay: float, max_tokens: int = 32
+) -> Streamed:
     await asyncio.sleep(delay)
     raw = await client.completions.with_raw_response.create(
         model=model,
         prompt=prompt,
-        max_tokens=32,
+        max_tokens=max_tokens,
         temperature=0,
         stream=True,
         extra_body={"ignore_eos": True},
@@ -373,11 +375,13 @@ async def _stream(client: openai.AsyncOpenAI, model: str, prompt: str, delay: fl
 
 
 async def _streams_during_updates(
-    server: ServerProcess, deltas
+    server: ServerProcess, deltas, max_tokens: int = 32
 ) -> tuple[list[Streamed], list[Swap]]:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     requests = [
-        asyncio.create_task(_stream(client, server.model_name, STREAM_PROMPTS[i % 8], 0.05 * i))
+        asyncio.create_task(
+            _stream(client, server.model_name, STREAM_PROMPTS[i % 8], 0.05 * i, max_tokens)
+        )
         for i in range(16)
     ]
     swaps = []

@@ -132,7 +132,9 @@ def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_c
     server, _source, _watch = setup
     r = httpx.post(f"{server.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers())
     assert r.status_code == 200, r.text
-    results, swaps = asyncio.run(_streams_during_updates(server, delta_chain.deltas))
+    # streams long enough to outlive the swaps (a swap answers only after the engine
+    # resumed, so short streams could finish first under either policy)
+    results, swaps = asyncio.run(_streams_during_updates(server, delta_chain.deltas, 200))
     assert [r.status for r in results] == [200] * 16
     assert all(len(r.text) > 0 for r in results)
     # unlike drain, responses keep streaming while the weights change under them
