@@ -232,9 +232,8 @@ def jlserve_server(model: Path, state_dir: Path, log_path: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "jlserve", "serve", "--model", str(model)]
     argv += ["--state-dir", str(state_dir), "--host", HOST, "--port", str(port)]
-    argv += ["--insecure-admin", "--", *ENGINE_ARGS]
-    # jlserve serves the model under its resolved path (`models/` may be a symlink).
-    return _server("jlserve", argv, model.resolve(), port, log_path)
+    argv += ["--insecure-admin", "--served-model-name", str(model), "--", *ENGINE_ARGS]
+    return _server("jlserve", argv, model, port, log_path)
 
 
 def vllm_server(

@@ -148,24 +148,26 @@ async def swapper(
 ) -> list[Swap]:
     """Apply the next delta every `every_s`; every third swap rolls the last one back."""
     swaps: list[Swap] = []
-    version = 0
+    chain = [0]  # the server's version numbers of the served chain (it never reuses one)
     n = 0
     while time.perf_counter() + every_s < stop_at:
         await asyncio.sleep(every_s)
         n += 1
-        rollback = (n % 3 == 0 and version > 0) or version == len(deltas)
+        depth = len(chain) - 1  # deltas applied
+        rollback = (n % 3 == 0 and depth > 0) or depth == len(deltas)
         start = time.perf_counter() - t0
         if rollback:
-            r = await http.post("/admin/rollback", json={"to_version": version - 1})
+            r = await http.post("/admin/rollback", json={"to_version": chain[-2]})
         else:
-            r = await http.post("/admin/deltas", content=deltas[version].read_bytes())
+            r = await http.post("/admin/deltas", content=deltas[depth].read_bytes())
         end = time.perf_counter() - t0
-        target = version - 1 if rollback else version + 1
-        server_s = r.json()["timings"]["total_s"] if r.status_code == 200 else None
+        ok = r.status_code == 200
+        target = r.json()["version"] if ok else chain[-1]
+        server_s = r.json()["timings"]["total_s"] if ok else None
         swaps.append(
             Swap(
                 "rollback" if rollback else "apply",
-                version,
+                chain[-1],
                 target,
                 start,
                 end,
@@ -173,8 +175,8 @@ async def swapper(
                 server_s,
             )
         )
-        if r.status_code == 200:
-            version = target
+        if ok:
+            chain = chain[:-1] if rollback else [*chain, target]
     return swaps
 
 

@@ -11,6 +11,7 @@
 #   JLSERVE_HOST / JLSERVE_PORT  [0.0.0.0 / 8000]
 #   JLSERVE_WATCH             optional directory whose new delta files are applied
 #   JLSERVE_SWAP_POLICY       drain | preempt [drain]
+#   JLSERVE_DRAIN_TIMEOUT     seconds a drain waits for running requests [30]
 # Arguments are passed to vLLM's engine (e.g. --tensor-parallel-size 2).
 set -euo pipefail
 
@@ -35,10 +36,9 @@ fi
 
 args=(serve --model "$model" --state-dir "$state"
       --host "${JLSERVE_HOST:-0.0.0.0}" --port "${JLSERVE_PORT:-8000}"
-      --admin-token-file "$token_file" --swap-policy "${JLSERVE_SWAP_POLICY:-drain}")
+      --admin-token-file "$token_file" --swap-policy "${JLSERVE_SWAP_POLICY:-drain}"
+      --drain-timeout "${JLSERVE_DRAIN_TIMEOUT:-30}")
 [[ -n "${JLSERVE_WATCH:-}" ]] && args+=(--watch "$JLSERVE_WATCH")
-if [[ -n "${JLSERVE_API_KEY_FILE:-}" ]]; then
-  VLLM_API_KEY="$(<"$JLSERVE_API_KEY_FILE")"
-  export VLLM_API_KEY
-fi
+# The key stays in its file (read by the server), never in an environment or argv.
+[[ -n "${JLSERVE_API_KEY_FILE:-}" ]] && args+=(--api-key-file "$JLSERVE_API_KEY_FILE")
 exec "$jlserve" "${args[@]}" -- "$@"

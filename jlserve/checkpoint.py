@@ -11,7 +11,6 @@ only the touched tensors need re-hashing (see `TensorDigests`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from jlserve.errors import CheckpointError
+from jlserve.fsutil import atomic_write_bytes as atomic_write_bytes  # re-exported
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -122,33 +122,6 @@ def fingerprint_dir(model_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a part.
-
-    The directory is synced after the rename, so once this returns the new file survives
-    a power loss too (an acknowledged update is never lost). A failure of that sync is
-    ignored: the new file is already the visible one, and some filesystems cannot sync
-    directories.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def prepare_output_dir(out_dir: Path) -> None:

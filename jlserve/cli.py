@@ -3,8 +3,10 @@
 Sub-commands register themselves with `register(subparsers)`; each parser sets
 `func(args) -> int`. Commands from other installed packages (the trainer's
 `jlserve train`) arrive through the `jlserve.commands` entry-point group, so this
-package never imports them. A `JlserveError` becomes one line on stderr and exit
-code 2; anything else is a bug and keeps its traceback.
+package never imports them; they are loaded only when a built-in command was not asked
+for, so `jlserve update|status|rollback` import neither torch nor vLLM. A
+`JlserveError` becomes one line on stderr and exit code 2; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ BUILTIN_COMMANDS = (model_cmd, delta_cmd, serve_cmd, admin_cmd)
 PLUGIN_GROUP = "jlserve.commands"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; plug-in commands are left out when `argv` names a built-in command."""
     parser = argparse.ArgumentParser(prog="jlserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"jlserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in BUILTIN_COMMANDS:
         module.register(subparsers)
+    if argv is not None and argv and argv[0] in subparsers.choices:
+        return parser
     for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
         try:
             register = entry_point.load()
@@ -42,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except JlserveError as exc:

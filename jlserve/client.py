@@ -6,7 +6,9 @@ URL and token come from flags or the environment (`JLSERVE_URL`,
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +18,22 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from jlserve.errors import AdminRequestError, ServerUnreachableError
-from jlserve.server.schemas import ErrorBody, RollbackRequest, StatusResponse, UpdateResponse
+from jlserve.server.schemas import (
+    IF_MATCH_HEADER,
+    ApplyResponse,
+    ErrorBody,
+    RollbackRequest,
+    RollbackResponse,
+    StatusResponse,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "JLSERVE_URL"
 TOKEN_FILE_ENV = "JLSERVE_ADMIN_TOKEN_FILE"
 TOKEN_ENV = "JLSERVE_ADMIN_TOKEN"
+DEFAULT_TIMEOUT_S = 600.0
+STATUS_TIMEOUT_S = 30.0
+RESEND_TIMEOUT_S = 60.0  # after a timeout, how long the same delta sent again may take
 
 Response = TypeVar("Response", bound=BaseModel)
 
@@ -37,11 +49,25 @@ def resolve_token(token_file: Path | None, env: Mapping[str, str] = os.environ) 
     return env.get(TOKEN_ENV) or None
 
 
+def delta_child_fingerprint(data: bytes) -> str | None:
+    """The child fingerprint a delta file declares, read from its safetensors header
+    alone (no torch); None if the bytes do not look like a delta. The server validates
+    the file fully: this is only for a client to recognise its delta's outcome."""
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size])
+        child = json.loads(header["__metadata__"]["jlserve.delta"])["child_fingerprint"]
+    except (struct.error, ValueError, KeyError, TypeError):
+        return None
+    return child if isinstance(child, str) else None
+
+
 class AdminClient:
-    def __init__(self, url: str, token: str | None, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.url = url
+        self.timeout_s = timeout_s
 
     def __enter__(self) -> AdminClient:
         return self
@@ -49,22 +75,76 @@ class AdminClient:
     def __exit__(self, *_exc: object) -> None:
         self._http.close()
 
-    def update(self, delta_file: Path) -> UpdateResponse:
-        return self.update_bytes(read_delta_bytes(delta_file))
+    def update(self, delta_file: Path, if_match: str | None = None) -> ApplyResponse:
+        return self.update_bytes(read_delta_bytes(delta_file), if_match)
 
-    def update_bytes(self, data: bytes) -> UpdateResponse:
-        return self._call("POST", "/admin/deltas", UpdateResponse, content=data)
+    def update_bytes(self, data: bytes, if_match: str | None = None) -> ApplyResponse:
+        """Apply a delta. If no answer comes in time, the outcome is learned by fingerprint
+        (see `_send_again`)."""
+        headers = {IF_MATCH_HEADER: if_match} if if_match else {}
+        try:
+            return self._call("POST", "/admin/deltas", ApplyResponse, content=data, headers=headers)
+        except httpx.TimeoutException:
+            return self._send_again(data, headers)
+
+    def _send_again(self, data: bytes, headers: dict[str, str]) -> ApplyResponse:
+        """After a timeout the first request may or may not have been applied. The same
+        delta sent again waits behind it and is answered by fingerprint: `applied:
+        false` when its child is already served (the first request did it), a fresh
+        apply when it was not applied, a refusal naming the served model otherwise."""
+        waited = f"no answer within {self.timeout_s:g} s"
+        try:
+            result = self._call(
+                "POST",
+                "/admin/deltas",
+                ApplyResponse,
+                content=data,
+                headers=headers,
+                timeout=max(self.timeout_s, RESEND_TIMEOUT_S),
+            )
+        except httpx.TimeoutException:
+            raise ServerUnreachableError(
+                f"{self.url}: {waited}, nor to the same delta sent again; the outcome is "
+                f"unknown: `jlserve status` shows whether {delta_child_fingerprint(data)} is served"
+            ) from None
+        except AdminRequestError as exc:
+            raise AdminRequestError(f"{self.url}: {waited}; sent again: {exc}") from None
+        how = (
+            "applied now (the first request had not applied it)"
+            if result.applied
+            else "its model was already served (the first request applied it)"
+        )
+        return result.model_copy(update={"note": f"{waited}; sent again: {how}"})
 
     def status(self) -> StatusResponse:
-        return self._call("GET", "/admin/status", StatusResponse)
+        return self._call("GET", "/admin/status", StatusResponse, timeout=STATUS_TIMEOUT_S)
 
-    def rollback(self, to_version: int) -> UpdateResponse:
-        body = RollbackRequest(to_version=to_version).model_dump()
-        return self._call("POST", "/admin/rollback", UpdateResponse, json=body)
+    def rollback(
+        self,
+        to_version: int | None = None,
+        to_fingerprint: str | None = None,
+        if_match: str | None = None,
+    ) -> RollbackResponse:
+        try:
+            body = RollbackRequest(to_version=to_version, to_fingerprint=to_fingerprint)
+        except ValidationError as exc:
+            raise AdminRequestError(f"rollback: {exc.errors()[0]['msg']}") from None
+        headers = {IF_MATCH_HEADER: if_match} if if_match else {}
+        return self._call(
+            "POST",
+            "/admin/rollback",
+            RollbackResponse,
+            json=body.model_dump(exclude_none=True),
+            headers=headers,
+        )
 
     def _call(self, method: str, path: str, model: type[Response], **kwargs: object) -> Response:
+        """One request; a timeout propagates (as httpx.TimeoutException) to the caller that
+        knows how to learn the outcome, every other failure is an AdminRequestError."""
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise
         except httpx.TransportError as exc:
             raise ServerUnreachableError(f"{self.url}: cannot reach the server ({exc})") from None
         except httpx.HTTPError as exc:
@@ -88,13 +168,15 @@ def read_delta_bytes(delta_file: Path) -> bytes:
 
 @dataclass
 class ReplicaOutcome:
-    """What one replica of a fleet did with an update."""
+    """What one replica of a fleet did with an update, and which model it serves after."""
 
     url: str
-    result: UpdateResponse | None = None  # set when the replica applied the delta
+    result: ApplyResponse | None = None  # set when the replica answered the update
     error: str | None = None  # set when it refused or could not be reached
-    rolled_back_to: int | None = None  # set when it was returned to its previous version
-    rollback_error: str | None = None  # set when that return failed: versions are mixed
+    rolled_back_to: str | None = None  # fingerprint it was returned to after a failure
+    rollback_error: str | None = None  # set when that return failed
+    fingerprint: str | None = None  # what it serves at the end (asked after the rollout)
+    version: int | None = None
 
 
 def update_fleet(
@@ -103,9 +185,9 @@ def update_fleet(
     """Apply one delta to several replicas behind a load balancer, one after another.
 
     A replica that fails stops the rollout. With `rollback_on_failure` (the default) the
-    replicas already updated are rolled back to their previous version, so the fleet
-    is never left at mixed versions silently: every outcome says what happened, and a
-    rollback that fails is reported as such.
+    replicas this rollout changed are rolled back to the model they served before (by
+    fingerprint). Finally every reachable replica is asked what it serves, so a mix of
+    models is always visible in the outcomes, never silent.
     """
     data = read_delta_bytes(delta_file)
     outcomes: list[ReplicaOutcome] = []
@@ -118,17 +200,24 @@ def update_fleet(
         except AdminRequestError as exc:
             outcome.error = str(exc)
             break
-    failed = any(o.error for o in outcomes)
-    if failed and rollback_on_failure:
+    if any(o.error for o in outcomes) and rollback_on_failure:
         for outcome in outcomes:
-            if outcome.result is None:
+            if outcome.result is None or not outcome.result.applied:
                 continue
+            previous = outcome.result.previous_fingerprint
             try:
                 with AdminClient(outcome.url, token) as client:
-                    client.rollback(outcome.result.previous_version)
-                outcome.rolled_back_to = outcome.result.previous_version
+                    client.rollback(to_fingerprint=previous, if_match=outcome.result.fingerprint)
+                outcome.rolled_back_to = previous
             except AdminRequestError as exc:
                 outcome.rollback_error = str(exc)
+    for outcome in outcomes:
+        try:
+            with AdminClient(outcome.url, token) as client:
+                status = client.status()
+            outcome.fingerprint, outcome.version = status.fingerprint, status.version
+        except (AdminRequestError, httpx.TimeoutException):
+            continue
     return outcomes
 
 

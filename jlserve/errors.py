@@ -34,6 +34,22 @@ class VersionConflictError(JlserveError):
     """An update or rollback names a version that does not follow the served one."""
 
 
+class DrainTimeoutError(JlserveError):
+    """Admitted requests were still running when the drain deadline passed (nothing changed)."""
+
+
+class PreconditionFailedError(JlserveError):
+    """`If-Match` named a fingerprint other than the served one (compare-and-swap lost)."""
+
+
+class DegradedError(JlserveError):
+    """The server no longer knows which weights the engine holds; it refuses every change."""
+
+
+class EngineUpdateError(Exception):
+    """The engine failed (or timed out) while changing weights. Not a user error: 500."""
+
+
 class AdminRequestError(JlserveError):
     """The admin API refused a request (the CLI client prints the server's message)."""
 

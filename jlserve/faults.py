@@ -13,12 +13,18 @@ Steps (in the order a swap reaches them; see `SwapCoordinator._swap`):
     state_write    API server: engine holds the new weights, state.json not yet written
     after_commit   API server: state.json written and the new version adopted; the
                    engine is still paused and held requests not yet released
+    plugin_import  API server startup: the endpoint plugin module is being imported (a
+                   failure here is what a broken install looks like to vLLM)
+    restore_apply  API server: a swap failed and the previous tensors are about to be
+                   loaded back (a failure here leaves the engine's weights unknown)
 
 Actions:
 
     kill     SIGKILL this process (a crash: no cleanup, no finally blocks)
     raise    an `InjectedFault` (reported like any engine failure)
     enospc   OSError(ENOSPC), as a full disk would raise
+    hang     block for HANG_S seconds, as a stuck engine would (use it in the worker:
+             `mid_apply`; the API server's engine-call timeout must fire first)
 
 Each armed fault fires once per process, the first time its step is reached, so a
 server can recover from it (the restore after a failed apply reaches `mid_apply` again).
@@ -31,13 +37,14 @@ import errno
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from enum import StrEnum
 
-from jlserve.engine.protocol import EngineUpdateError
-from jlserve.errors import ServeConfigError
+from jlserve.errors import EngineUpdateError, ServeConfigError
 
 FAULT_ENV = "JLSERVE_FAULT_INJECT"
+HANG_S = 120.0
 
 
 class FaultStep(StrEnum):
@@ -45,12 +52,15 @@ class FaultStep(StrEnum):
     MID_APPLY = "mid_apply"
     STATE_WRITE = "state_write"
     AFTER_COMMIT = "after_commit"
+    RESTORE_APPLY = "restore_apply"
+    PLUGIN_IMPORT = "plugin_import"
 
 
 class FaultAction(StrEnum):
     KILL = "kill"
     RAISE = "raise"
     ENOSPC = "enospc"
+    HANG = "hang"
 
 
 class InjectedFault(EngineUpdateError):
@@ -88,6 +98,9 @@ def fault_point(step: FaultStep) -> None:
     sys.stderr.flush()
     if action is FaultAction.KILL:
         os.kill(os.getpid(), signal.SIGKILL)
+    if action is FaultAction.HANG:
+        time.sleep(HANG_S)
+        return
     if action is FaultAction.ENOSPC:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {step})")
     raise InjectedFault(f"injected fault at {step}")

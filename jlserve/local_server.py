@@ -42,7 +42,7 @@ class LocalServer:
     flags: Sequence[str] = ()  # jlserve serve flags, e.g. ("--insecure-admin",)
     engine_args: Sequence[str] = ()  # after `--`: vLLM engine args
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment
-    api_key: str | None = None  # vLLM's inference key (`--api-key`)
+    api_key: str | None = None  # the inference key (written to a 0600 file next to the log)
     port: int = field(default_factory=free_port)
     startup_timeout_s: float = 300.0
     proc: subprocess.Popen | None = None
@@ -54,12 +54,20 @@ class LocalServer:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "jlserve", "serve", "--model", str(self.model)]
         cmd += ["--state-dir", str(self.state_dir), "--port", str(self.port), *self.flags]
-        cmd += ["--api-key", self.api_key] if self.api_key else []
+        cmd += ["--api-key-file", str(self.api_key_file)] if self.api_key else []
         return [*cmd, "--", *self.engine_args]
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.log_path.with_name(self.log_path.stem + ".api-key")
 
     def start(self) -> LocalServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1") | dict(self.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.api_key:  # a secret travels in a file, never on a command line
+            fd = os.open(self.api_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.api_key)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -3,9 +3,14 @@
 A state directory holds
 
     state.json         the base checkpoint (path + fingerprint), the chain of applied
-                       deltas (version 1..N, in order) and the history of operations
+                       deltas (in order) and the history of operations
     deltas/            the applied delta files, byte for byte as uploaded
     rolled_back/       delta files undone by a rollback (kept for inspection)
+    watch.json         what `--watch` did with each file it saw (see server.watch)
+
+A model is identified by its fingerprint. The server numbers each version it accepts
+(1, 2, ...) and never reuses a number, even after a rollback, so a number names one set
+of weights for the life of the state dir (`last_version` remembers the highest).
 
 Every write is atomic (write to a temporary file, fsync, rename), and `state.json` is
 written last: a delta file without a chain entry is an update that never happened, so a
@@ -24,9 +29,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jlserve.checkpoint import atomic_write_bytes
 from jlserve.errors import StateError
 from jlserve.faults import FaultStep, fault_point
+from jlserve.fsutil import atomic_write_bytes
 
 STATE_FILE = "state.json"
 DELTAS_DIR = "deltas"
@@ -49,9 +54,10 @@ class ChainEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, description="assigned by the server; never reused")
     task: str
     fingerprint: str
+    parent_fingerprint: str | None = None  # None in state files written before contract v2
     file: str  # relative to the state directory
     nnz: int
     applied_at: str
@@ -64,6 +70,7 @@ class HistoryEvent(BaseModel):
     version: int  # the version after the operation
     from_version: int
     fingerprint: str
+    from_fingerprint: str | None = None  # None in state files written before contract v2
     task: str | None = None
     seconds: float
     at: str
@@ -77,6 +84,12 @@ class StateFile(BaseModel):
     base: BaseCheckpoint
     chain: list[ChainEntry] = Field(default_factory=list)
     history: list[HistoryEvent] = Field(default_factory=list)
+    last_version: int = Field(0, ge=0, description="highest version number ever assigned")
+
+    def highest_version(self) -> int:
+        """`last_version`, or what a state file written before it existed implies."""
+        seen = [e.version for e in self.chain] + [h.version for h in self.history]
+        return max([self.last_version, *seen])
 
 
 class VersionStore:
@@ -138,6 +151,17 @@ class VersionStore:
     def fingerprint(self) -> str:
         return self._state.chain[-1].fingerprint if self._state.chain else self.base.fingerprint
 
+    @property
+    def next_version(self) -> int:
+        """The number the next accepted delta gets."""
+        return self._state.highest_version() + 1
+
+    def version_of(self, fingerprint: str) -> int | None:
+        """The version of the served chain (0 = base) whose model is `fingerprint`."""
+        if fingerprint == self.base.fingerprint:
+            return 0
+        return next((e.version for e in self._state.chain if e.fingerprint == fingerprint), None)
+
     def read_delta_bytes(self, entry: ChainEntry) -> bytes:
         try:
             return (self.root / entry.file).read_bytes()
@@ -161,6 +185,7 @@ class VersionStore:
             version=entry.version,
             from_version=self.version,
             fingerprint=entry.fingerprint,
+            from_fingerprint=self.fingerprint,
             task=entry.task,
             seconds=seconds,
             at=entry.applied_at,
@@ -170,6 +195,7 @@ class VersionStore:
                 update={
                     "chain": [*self._state.chain, entry],
                     "history": [*self._state.history, event],
+                    "last_version": max(self._state.highest_version(), entry.version),
                 }
             ),
             fault_step=FaultStep.STATE_WRITE,
@@ -185,12 +211,17 @@ class VersionStore:
             version=to_version,
             from_version=self.version,
             fingerprint=fingerprint,
+            from_fingerprint=self.fingerprint,
             seconds=seconds,
             at=utc_now(),
         )
         self._write(
             self._state.model_copy(
-                update={"chain": kept, "history": [*self._state.history, event]}
+                update={
+                    "chain": kept,
+                    "history": [*self._state.history, event],
+                    "last_version": self._state.highest_version(),
+                }
             ),
             fault_step=FaultStep.STATE_WRITE,
         )

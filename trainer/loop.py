@@ -409,12 +409,12 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluate / export
 
-    def evaluate(self, i: int) -> None:
-        """Row i of the accuracy matrix on version i + 1: every task seen so far and the next
+    def evaluate(self, i: int, fingerprint: str) -> None:
+        """Row i of the accuracy matrix on version i + 1 (the model `fingerprint`; a server is
+        identified by it, not by its version number): every task seen so far and the next
         one (for FWT). i = -1: the base row, every task of the stream on version 0."""
-        version = i + 1
         if self.served is not None:
-            self.served.wait_for_version(version)
+            self.served.wait_for_fingerprint(fingerprint)
         self.model.eval()
         columns = len(self.tasks) if i < 0 else min(i + 2, len(self.tasks))
         with self.autocast():
@@ -425,7 +425,7 @@ class Recipe:
                         self.model, self.enc, task, self.cfg.train.eval_batch_size, self.device
                     )
                 else:
-                    predictions = self.served.predict(self.enc, task, version=version)
+                    predictions = self.served.predict(self.enc, task, fingerprint=fingerprint)
                     r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
 
@@ -519,7 +519,7 @@ class Recipe:
         self.setup()
         last = len(self.tasks) if self.stop_after is None else min(self.stop_after, len(self.tasks))
         if self.is_main and self.accuracy.base[0] is None:  # the base row, once per run
-            self.evaluate(-1)
+            self.evaluate(-1, self.base_fingerprint)
             self._write_run_json()
         for i in range(self.completed, last):
             task = self.tasks[i]
@@ -531,7 +531,7 @@ class Recipe:
                 if self.publisher is not None:  # before evaluating: --eval-via needs it served
                     self.publish(i, task, delta, log)
                 with self.method.eval_view(kept, merged):
-                    self.evaluate(i)
+                    self.evaluate(i, delta.metadata.child_fingerprint)
                 self.export(i, task, merged, delta, log)
                 self.console.print(self._summary(i, log))
                 if self.on_task_end is not None:

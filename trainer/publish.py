@@ -10,7 +10,8 @@ Two ways, one interface:
 
 Publishing is idempotent, so `--resume` after a crash between publishing and the
 task's commit point does not fail or double-apply: a server already serving the delta's
-child fingerprint is left alone.
+child fingerprint answers `applied: false` and is left alone. The server numbers the
+versions itself; the version in a delta file is only the run's label.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from jlserve.checkpoint import atomic_write_bytes
 from jlserve.client import AdminClient
 from jlserve.delta import SparseDelta
 from jlserve.errors import AdminRequestError, ServerUnreachableError
+from jlserve.fsutil import atomic_write_bytes
 from trainer.errors import TrainerError
 
 
@@ -73,14 +74,16 @@ class ServerPublisher:
             backoff, attempt = min(2 * backoff, self.max_backoff_s), attempt + 1
 
     def _publish_once(self, delta: SparseDelta, data: bytes) -> Receipt:
-        meta = delta.metadata
         with AdminClient(self.url, self.token) as client:
-            status = client.status()
-            if status.fingerprint == meta.child_fingerprint:
-                return Receipt(f"v{meta.version} already served by {self.url}")
             result = client.update_bytes(data)
+        task = delta.metadata.task
+        if not result.applied:
+            return Receipt(f"{task} already served by {self.url} as version {result.version}")
         swap_s = result.timings.total_s
-        return Receipt(f"published v{result.version} to {self.url}: swap {swap_s:.3f} s", swap_s)
+        return Receipt(
+            f"published {task} to {self.url} as version {result.version}: swap {swap_s:.3f} s",
+            swap_s,
+        )
 
 
 class DirectoryPublisher:

@@ -2,8 +2,10 @@
 
 The accuracy matrix is then measured on what is actually served, with temperature 0 and
 the same stop token and length as in process, and every answer must carry the expected
-`x-jlserve-model-version` header, so a number can never come from another version than
-the one it is recorded for.
+`x-jlserve-model-fingerprint` header, so a number can never come from another model than
+the one it is recorded for. The fingerprint, not the server's version number, identifies
+the model: numbers are the server's own (after a rollback, another server or a restarted
+run they name other weights).
 
 - `plain` prompts travel to /v1/completions as the token ids the in-process evaluation
   uses (no re-tokenization on the server).
@@ -27,7 +29,7 @@ from trainer.errors import TrainerError
 if TYPE_CHECKING:  # the CLI imports this module; torch only when a run starts
     from trainer.data import Encoder, Task
 
-VERSION_HEADER = "x-jlserve-model-version"
+FINGERPRINT_HEADER = "x-jlserve-model-fingerprint"
 API_KEY_ENV = "JLSERVE_API_KEY"  # the inference key, if the server was started with one
 
 
@@ -39,6 +41,7 @@ class ServedModel:
         self.batch_size = batch_size
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._model_name: str | None = None
+        self._ready: str | None = None  # the fingerprint last seen served
 
     def close(self) -> None:
         self._http.close()
@@ -52,32 +55,36 @@ class ServedModel:
             raise TrainerError(f"--eval-via {self.url}{path}: HTTP {response.status_code}")
         return response
 
-    def wait_for_version(self, version: int, timeout_s: float = 300.0) -> None:
-        """Block until the server serves `version` (a watched directory applies it later)."""
+    def wait_for_fingerprint(self, fingerprint: str, timeout_s: float = 300.0) -> None:
+        """Block until the server serves the model `fingerprint` (a watched directory
+        applies it later)."""
         deadline = time.monotonic() + timeout_s
         while True:
             response = self._get("/v1/models")
             self._model_name = response.json()["data"][0]["id"]
-            served = int(response.headers.get(VERSION_HEADER, "-1"))
-            if served == version:
+            served = response.headers.get(FINGERPRINT_HEADER)
+            if served == fingerprint:
+                self._ready = fingerprint
                 return
             if time.monotonic() > deadline:
                 raise TrainerError(
-                    f"--eval-via {self.url}: still serving version {served} after {timeout_s:.0f} s, "
-                    f"waiting for {version}"
+                    f"--eval-via {self.url}: still serving {served} after {timeout_s:.0f} s, "
+                    f"waiting for {fingerprint}"
                 )
             time.sleep(0.5)
 
-    def predict(self, enc: Encoder, task: Task, *, version: int) -> list[str]:
-        """Greedy answers to the task's dev prompts in `enc`'s format, from `version`."""
+    def predict(self, enc: Encoder, task: Task, *, fingerprint: str) -> list[str]:
+        """Greedy answers to the task's dev prompts in `enc`'s format, from the served model `fingerprint`."""
         n, stop = enc.max_target_len(task), enc.stop
         if enc.chat is None:
             return self.generate(
-                enc.eval_prompts(task), max_new_tokens=n, stop_token=stop, version=version
+                enc.eval_prompts(task), max_new_tokens=n, stop_token=stop, fingerprint=fingerprint
             )
-        return self.chat(enc.eval_chats(task), max_new_tokens=n, stop_token=stop, version=version)
+        return self.chat(
+            enc.eval_chats(task), max_new_tokens=n, stop_token=stop, fingerprint=fingerprint
+        )
 
-    def _post(self, path: str, body: dict[str, Any], version: int) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], fingerprint: str) -> dict[str, Any]:
         try:
             response = self._http.post(path, json=body)
         except httpx.HTTPError as exc:
@@ -86,10 +93,10 @@ class ServedModel:
             raise TrainerError(
                 f"--eval-via {self.url}: HTTP {response.status_code}: {response.text[:300]}"
             )
-        served = response.headers.get(VERSION_HEADER)
-        if served != str(version):
+        served = response.headers.get(FINGERPRINT_HEADER)
+        if served != fingerprint:
             raise TrainerError(
-                f"--eval-via {self.url}: answered by version {served}, expected {version}"
+                f"--eval-via {self.url}: answered by model {served}, expected {fingerprint}"
             )
         return response.json()
 
@@ -103,39 +110,39 @@ class ServedModel:
         }
 
     def generate(
-        self, prompts: list[list[int]], *, max_new_tokens: int, stop_token: int, version: int
+        self, prompts: list[list[int]], *, max_new_tokens: int, stop_token: int, fingerprint: str
     ) -> list[str]:
-        """Greedy continuations of token-id prompts (/v1/completions), from `version`."""
-        if self._model_name is None:
-            self.wait_for_version(version)
+        """Greedy continuations of token-id prompts (/v1/completions), from the served model `fingerprint`."""
+        if self._ready != fingerprint:
+            self.wait_for_fingerprint(fingerprint)
         texts: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             body = {
                 **self._sampling(max_new_tokens, stop_token),
                 "prompt": prompts[start : start + self.batch_size],
             }
-            choices = sorted(self._post("/v1/completions", body, version)["choices"],
+            choices = sorted(self._post("/v1/completions", body, fingerprint)["choices"],
                              key=lambda c: c["index"])  # fmt: skip
             texts += [c["text"] for c in choices]
         return texts
 
     def chat(
         self, chats: list[tuple[str, list[int]]], *, max_new_tokens: int, stop_token: int,
-        version: int,
+        fingerprint: str,
     ) -> list[str]:  # fmt: skip
-        """Greedy replies to one-turn chats (/v1/chat/completions), from `version`.
+        """Greedy replies to one-turn chats (/v1/chat/completions), from the served model `fingerprint`.
 
         `chats` holds (user message, the prompt ids the trainer built from it); the
         server's own prompt ids must be the same. Requests run `batch_size` at a time so
         the server batches them (the chat API takes one conversation per request)."""
-        if self._model_name is None:
-            self.wait_for_version(version)
+        if self._ready != fingerprint:
+            self.wait_for_fingerprint(fingerprint)
         sampling = {**self._sampling(max_new_tokens, stop_token), "return_token_ids": True}
 
         def ask(chat: tuple[str, list[int]]) -> str:
             user, expected = chat
             body = {**sampling, "messages": [{"role": "user", "content": user}]}
-            answer = self._post("/v1/chat/completions", body, version)
+            answer = self._post("/v1/chat/completions", body, fingerprint)
             served = answer.get("prompt_token_ids")
             if served != expected:
                 raise TrainerError(

@@ -9,7 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from jlserve.client import DEFAULT_URL, URL_ENV, AdminClient, resolve_token, update_fleet
+from jlserve.client import (
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_URL,
+    URL_ENV,
+    AdminClient,
+    resolve_token,
+    update_fleet,
+)
 from jlserve.errors import AdminRequestError
 from jlserve.server.schemas import UpdateResponse
 
@@ -27,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="admin token file (default: $JLSERVE_ADMIN_TOKEN_FILE, else $JLSERVE_ADMIN_TOKEN)",
     )
     common.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for an answer; an update that times out is then checked "
+        f"by fingerprint (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
     update = subparsers.add_parser(
         "update",
@@ -34,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="apply a delta to a running server (or to several replicas, one after another)",
     )
     update.add_argument("--delta", type=Path, required=True, help="delta file (.safetensors)")
+    update.add_argument(
+        "--if-match",
+        metavar="FINGERPRINT",
+        help="apply only if the server serves this model (compare-and-swap)",
+    )
     update.add_argument(
         "--urls-file",
         type=Path,
@@ -50,7 +69,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
     rollback = subparsers.add_parser("rollback", parents=[common], help="serve an earlier version")
-    rollback.add_argument("--to", type=int, required=True, help="version to serve (0 = base)")
+    rollback.add_argument(
+        "--to",
+        required=True,
+        help="version number (0 = base) or fingerprint (sha256:...) of the served chain",
+    )
+    rollback.add_argument(
+        "--if-match", metavar="FINGERPRINT", help="only if the server serves this model"
+    )
     rollback.set_defaults(func=_rollback)
 
 
@@ -70,18 +96,24 @@ def _client(args: argparse.Namespace) -> AdminClient:
     urls = _urls(args)
     if len(urls) > 1:
         raise AdminRequestError(f"{args.command} takes one --url, got {len(urls)}")
-    return AdminClient(urls[0], resolve_token(args.admin_token_file))
+    return AdminClient(urls[0], resolve_token(args.admin_token_file), args.timeout)
 
 
 def _print_update(result: UpdateResponse, as_json: bool) -> int:
     if as_json:
         print(result.model_dump_json(indent=2))
+    elif not result.applied:
+        print(
+            f"already served: model version {result.version} ({result.fingerprint}); nothing done"
+        )
     else:
         t = result.timings
         print(
             f"model version {result.previous_version} -> {result.version} ({result.fingerprint}); "
             f"swap {t.total_s:.3f} s (requests held {t.paused_s:.3f} s, apply {t.apply_s:.3f} s)"
         )
+    if result.note and not as_json:
+        print(f"note: {result.note}")
     return 0
 
 
@@ -89,7 +121,9 @@ def _update(args: argparse.Namespace) -> int:
     urls = _urls(args)
     if len(urls) == 1:
         with _client(args) as client:
-            return _print_update(client.update(args.delta), args.json)
+            return _print_update(client.update(args.delta, args.if_match), args.json)
+    if args.if_match:
+        raise AdminRequestError("--if-match takes one --url (replicas may serve different models)")
     outcomes = update_fleet(
         urls,
         resolve_token(args.admin_token_file),
@@ -101,32 +135,58 @@ def _update(args: argparse.Namespace) -> int:
     for outcome in outcomes:
         if outcome.result is not None:
             r = outcome.result
-            line = f"{outcome.url}: version {r.previous_version} -> {r.version}, swap {r.timings.total_s:.3f} s"
+            line = (
+                f"{outcome.url}: version {r.previous_version} -> {r.version}, "
+                f"swap {r.timings.total_s:.3f} s"
+                if r.applied
+                else f"{outcome.url}: already served (version {r.version})"
+            )
             if outcome.rolled_back_to is not None:
                 line += f"; rolled back to {outcome.rolled_back_to}"
             if outcome.rollback_error:
                 line += f"; ROLLBACK FAILED: {outcome.rollback_error}"
         else:
             line = f"{outcome.url}: FAILED: {outcome.error}"
+        served = (
+            f"version {outcome.version} {outcome.fingerprint}" if outcome.fingerprint else "unknown"
+        )
+        line += f"; serves {served}"
         print(line, file=sys.stdout if outcome.error is None else sys.stderr)
     skipped = urls[len(outcomes) :]
     for url in skipped:
         print(f"{url}: not attempted (rollout stopped)", file=sys.stderr)
     failed = [o.url for o in outcomes if o.error]
-    if not failed:
+    child = next((o.result.fingerprint for o in outcomes if o.result), None)
+    on_new = [o.url for o in outcomes if o.fingerprint is not None and o.fingerprint == child]
+    elsewhere = [o.url for o in outcomes if o.fingerprint not in (None, child)]
+    unknown = [o.url for o in outcomes if o.fingerprint is None] + skipped
+    if not failed and not elsewhere and not unknown:
         return 0
-    mixed = [o.url for o in outcomes if o.result and o.rolled_back_to is None]
-    state = (
-        f"MIXED VERSIONS: {', '.join(mixed)} run the new version"
-        if mixed
-        else "no replica runs the new version"
-    )
-    raise AdminRequestError(f"update failed on {', '.join(failed)}; {state}")
+    if on_new and (elsewhere or unknown):
+        state = f"MIXED VERSIONS: {', '.join(on_new)} serve the new model {child}"
+    elif on_new:
+        state = f"every replica reached serves the new model {child}"
+    else:
+        state = "no replica serves the new model"
+    if elsewhere:
+        state += f"; {', '.join(elsewhere)} serve another model"
+    if unknown:
+        state += f"; {', '.join(unknown)}: model unknown"
+    raise AdminRequestError(f"update failed on {', '.join(failed) or 'no replica'}; {state}")
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    target = str(args.to)
+    by_fingerprint = target.startswith("sha256:")
+    if not by_fingerprint and not target.isdigit():
+        raise AdminRequestError(f"--to {target}: give a version number or a sha256: fingerprint")
     with _client(args) as client:
-        return _print_update(client.rollback(args.to), args.json)
+        result = (
+            client.rollback(to_fingerprint=target, if_match=args.if_match)
+            if by_fingerprint
+            else client.rollback(to_version=int(target), if_match=args.if_match)
+        )
+    return _print_update(result, args.json)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -137,9 +197,14 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(f"version {status.version}  {status.fingerprint}")
     print(f"base    {status.base.path}  ({status.base.fingerprint})")
-    print(f"swap policy {status.swap_policy}, apply path {status.apply_path}")
+    print(
+        f"swap policy {status.swap_policy} (drain timeout {status.drain_timeout_s:g} s, then "
+        f"{status.drain_timeout_action}), apply path {status.apply_path}"
+    )
     for entry in status.chain:
-        print(f"  v{entry.version}  {entry.task}  nnz={entry.nnz}  {entry.applied_at}")
+        print(
+            f"  v{entry.version}  {entry.fingerprint}  {entry.task}  nnz={entry.nnz}  {entry.applied_at}"
+        )
     if status.last_update:
         print(f"last update: {status.last_update.timings.total_s:.3f} s")
     if status.degraded:

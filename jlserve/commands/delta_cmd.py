@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jlserve.checkpoint import TensorDigests, load_tensors, write_checkpoint
-from jlserve.delta import density_report, diff_tensors, plan_update, read_delta, write_delta
-from jlserve.delta.format import FORMAT_VERSION, SparseDelta
+from jlserve.commands import positive_int
+from jlserve.vocab import DELTA_FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from jlserve.delta.format import SparseDelta
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,11 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diff.add_argument("--target", type=Path, required=True, help="child checkpoint directory")
     diff.add_argument("--out", type=Path, required=True, help="delta file to write")
     diff.add_argument("--task", help="task name recorded in the delta (default: target dir name)")
-    diff.add_argument("--version", type=int, default=1, help="version the delta produces (>= 1)")
+    diff.add_argument(
+        "--version",
+        type=positive_int,
+        help="advisory version label stored in the file (servers number versions themselves)",
+    )
     diff.add_argument(
         "--format",
         choices=["v1", "v2"],
-        default=f"v{FORMAT_VERSION}",
+        default=f"v{DELTA_FORMAT_VERSION}",
         help="v2 (default): gap-encoded positions + XOR values, ~3 bytes/coordinate in bf16; "
         "v1: index + old + new values, 8 bytes/coordinate, for readers older than v2",
     )
@@ -54,7 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=_inspect)
 
 
+# Commands import torch-based modules when they run, so `jlserve update` stays light.
+
+
 def _diff(args: argparse.Namespace) -> int:
+    from jlserve.checkpoint import load_tensors
+    from jlserve.delta import diff_tensors, write_delta
+
     base, target = load_tensors(args.base), load_tensors(args.target)
     task = args.task or args.target.resolve().name
     delta = diff_tensors(base, target, task=task, version=args.version)
@@ -77,6 +90,9 @@ def _revert(args: argparse.Namespace) -> int:
 
 def _transform(args: argparse.Namespace, *, reverse: bool) -> int:
     """Validate every delta (files, then lineage in order) before writing anything."""
+    from jlserve.checkpoint import TensorDigests, load_tensors, write_checkpoint
+    from jlserve.delta import plan_update, read_delta
+
     deltas = [read_delta(path) for path in args.delta]
     order = list(zip(args.delta, deltas, strict=True))
     if reverse:
@@ -95,6 +111,8 @@ def _transform(args: argparse.Namespace, *, reverse: bool) -> int:
 
 def describe(delta: SparseDelta, file_size: int) -> dict:
     """Everything `inspect` reports, as one JSON-able dict (`delta` read from a file)."""
+    from jlserve.delta import density_report
+
     per_param = density_report(delta)
     changed_numel = sum(p["numel"] for p in per_param.values())
     payload = delta.payload_bytes or 0
@@ -129,6 +147,8 @@ def _encoding_line(info: dict) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from jlserve.delta import read_delta
+
     delta = read_delta(args.file)
     info = describe(delta, args.file.stat().st_size)
     if args.json:
@@ -137,7 +157,8 @@ def _inspect(args: argparse.Namespace) -> int:
     meta = info["metadata"]
     print(f"{args.file}: {meta['format']} format {info['format']}")
     print(f"  encoding: {_encoding_line(info)}")
-    print(f"  task {meta['task']!r}, produces version {meta['version']}")
+    label = f", labelled version {meta['version']}" if meta["version"] is not None else ""
+    print(f"  task {meta['task']!r}{label}")
     print(f"  parent {meta['parent_fingerprint']}")
     print(f"  child  {meta['child_fingerprint']}")
     for name, p in info["params"].items():

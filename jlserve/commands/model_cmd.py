@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jlserve.checkpoint import fingerprint_dir
-
 PREPARABLE = ("smollm2", "tiny")
 
 
@@ -25,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from jlserve.checkpoint import fingerprint_dir  # torch: only when the command runs
+
     if args.name == "smollm2":
         from jlserve.models.smollm2 import prepare_smollm2
 

@@ -2,23 +2,19 @@
 
 Checks every jlserve flag first (an unusable admin setup is refused before vLLM spends
 seconds loading), then replaces this process with vLLM's server, which loads jlserve's
-endpoint plugin and worker extension (see jlserve.engine.launch).
+endpoint plugin and worker extension (see jlserve.engine.launch). No secret travels on
+the command line or in the environment: the plugin reads the token and key files.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from pathlib import Path
 
-from jlserve.checkpoint import weight_files
-from jlserve.delta.format import DEFAULT_MAX_FILE_BYTES
-from jlserve.engine.launch import exec_vllm_server, vllm_server_argv, vllm_server_env
-from jlserve.engine.protocol import SwapPolicy
-from jlserve.server.config import ServeConfig, read_admin_token
-
-API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own variable: keeps the key out of `ps` output
+from jlserve.commands import positive_int
+from jlserve.errors import ServeConfigError
+from jlserve.vocab import DEFAULT_MAX_FILE_BYTES, DrainTimeoutAction, SwapPolicy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,20 +25,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--model", type=Path, required=True, help="base HF checkpoint directory")
     serve.add_argument(
+        "--served-model-name",
+        help="the model name clients use (default: the checkpoint folder's name)",
+    )
+    serve.add_argument(
         "--state-dir",
         type=Path,
         help="where applied deltas and versions are kept (default: under $XDG_STATE_HOME/jlserve)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="key for the inference routes (vLLM's --api-key)")
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the key of the inference routes (vLLM's key check)",
+    )
     serve.add_argument("--admin-token-file", type=Path, help="file holding the admin bearer token")
     serve.add_argument(
         "--insecure-admin",
         action="store_true",
         help="no admin token; only allowed on a loopback --host",
     )
-    serve.add_argument("--watch", type=Path, help="apply delta files that appear in this directory")
+    serve.add_argument(
+        "--watch", type=Path, help="apply delta files that appear in this directory (read only)"
+    )
     serve.add_argument(
         "--swap-policy",
         choices=[p.value for p in SwapPolicy],
@@ -50,8 +56,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="drain: running requests finish on the old version first; preempt: swap at once",
     )
     serve.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a drain waits for running requests (default 30)",
+    )
+    serve.add_argument(
+        "--drain-timeout-action",
+        choices=[a.value for a in DrainTimeoutAction],
+        default=DrainTimeoutAction.REFUSE.value,
+        help="past the drain timeout: refuse the update (nothing changes) or preempt",
+    )
+    serve.add_argument(
+        "--engine-timeout",
+        type=_positive_float,
+        default=300.0,
+        help="seconds any engine call of a swap may take before the swap fails (default 300)",
+    )
+    serve.add_argument(
         "--max-delta-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_FILE_BYTES,
         help=f"largest delta upload accepted, in bytes (default {DEFAULT_MAX_FILE_BYTES}: 2 GiB)",
     )
@@ -66,37 +90,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_serve)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
 
 
-def default_state_dir(model: Path) -> Path:
-    """One state dir per model path, so two models never share versions by accident."""
-    root = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "jlserve"
-    resolved = model.resolve()
-    return root / f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:12]}"
-
-
 def _serve(args: argparse.Namespace) -> int:
+    # Heavy imports only when serving, so the admin commands stay light.
+    from jlserve.checkpoint import weight_files
+    from jlserve.engine.launch import exec_vllm_server, vllm_server_argv, vllm_server_env
+    from jlserve.server.config import (
+        ServeConfig,
+        default_state_dir,
+        read_admin_token,
+        read_secret_file,
+    )
+
     weight_files(args.model)  # fail fast on a directory that is not a checkpoint
+    if os.environ.get("VLLM_API_KEY"):
+        raise ServeConfigError(
+            "VLLM_API_KEY is set: jlserve serve keeps secrets out of process environments; "
+            "unset it and pass --api-key-file FILE"
+        )
     config = ServeConfig(
-        model=args.model.resolve(),
         state_dir=(args.state_dir or default_state_dir(args.model)).resolve(),
-        host=args.host,
         admin_token_file=args.admin_token_file.resolve() if args.admin_token_file else None,
         insecure_admin=args.insecure_admin,
+        api_key_file=args.api_key_file.resolve() if args.api_key_file else None,
         watch_dir=args.watch.resolve() if args.watch else None,
         swap_policy=SwapPolicy(args.swap_policy),
+        drain_timeout_s=args.drain_timeout,
+        drain_timeout_action=DrainTimeoutAction(args.drain_timeout_action),
+        engine_timeout_s=args.engine_timeout,
         max_delta_bytes=args.max_delta_bytes,
     )
-    read_admin_token(config)  # refuse now rather than after the engine loaded
+    read_admin_token(config, args.host)  # refuse now rather than after the engine loaded
+    if config.api_key_file is not None:
+        read_secret_file(config.api_key_file, "inference key")
     import torch  # vLLM imports it anyway; only to know whether a GPU is there
 
     on_cpu = not torch.cuda.is_available()
-    argv = vllm_server_argv(config.model, args.host, args.port, args.vllm_args, on_cpu=on_cpu)
-    extra_env = config.to_env() | ({API_KEY_ENV: args.api_key} if args.api_key else {})
-    env = vllm_server_env(os.environ, extra_env, cpu_dense=args.cpu_dense_weights, on_cpu=on_cpu)
+    model = args.model.resolve()
+    name = args.served_model_name or model.name
+    argv = vllm_server_argv(model, name, args.host, args.port, args.vllm_args, on_cpu=on_cpu)
+    env = vllm_server_env(
+        os.environ, config.to_env(), cpu_dense=args.cpu_dense_weights, on_cpu=on_cpu
+    )
     exec_vllm_server(argv, env)

@@ -45,17 +45,16 @@ from safetensors.torch import save as save_safetensors_bytes
 from jlserve.checkpoint import atomic_write_bytes
 from jlserve.delta import codec
 from jlserve.errors import DeltaFormatError
+from jlserve.vocab import DEFAULT_MAX_FILE_BYTES, DELTA_FORMAT_VERSION, FINGERPRINT_PATTERN
 
 FORMAT_NAME = "jlserve.sparse_delta"
-FORMAT_VERSION = 2  # what writers produce by default; readers accept 1 and 2
+FORMAT_VERSION = DELTA_FORMAT_VERSION  # what writers produce by default; readers accept 1 and 2
 METADATA_KEY = "jlserve.delta"
 INDEX_SUFFIX, OLD_SUFFIX, NEW_SUFFIX = "::index", "::old", "::new"  # v1
 POSITIONS_TENSOR, XOR_TENSOR = "jlserve::positions", "jlserve::xor"  # v2
 
-DEFAULT_MAX_FILE_BYTES = 2 * 1024**3  # 2 GiB: far above any sparse delta of a <10B model
 MAX_HEADER_BYTES = 16 * 1024**2  # a header this large is an attack or a bug
 MAX_PARAM_NUMEL = 2**48  # far above any weight matrix; keeps index arithmetic in int64
-FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 Compression = Literal["none", "zstd"]
 
@@ -129,7 +128,9 @@ class DeltaMetadata(BaseModel):
     format: Literal["jlserve.sparse_delta"] = FORMAT_NAME
     format_version: Literal[1, 2] = FORMAT_VERSION
     task: str = Field(min_length=1, max_length=256)
-    version: int = Field(ge=1, description="the model version this delta produces")
+    # Advisory since serving contract v2: the server assigns version numbers and orders
+    # updates by fingerprint; files written before (which always carry it) still load.
+    version: int | None = Field(None, ge=1, description="advisory: the producer's version label")
     parent_fingerprint: str = Field(pattern=FINGERPRINT_PATTERN)
     child_fingerprint: str = Field(pattern=FINGERPRINT_PATTERN)
     params: dict[str, ParamSpec]

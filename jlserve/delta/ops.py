@@ -34,10 +34,13 @@ def diff_tensors(
     target: Mapping[str, torch.Tensor],
     *,
     task: str,
-    version: int,
+    version: int | None = None,
     extra: Mapping[str, str | int | float | bool] | None = None,
 ) -> SparseDelta:
-    """The sparse delta taking `base` to `target` (same names, shapes and dtypes)."""
+    """The sparse delta taking `base` to `target` (same names, shapes and dtypes).
+
+    `version` is only a label for the producer's bookkeeping: servers identify models
+    by fingerprint and number versions themselves."""
     if set(base) != set(target):
         only = sorted(set(base) ^ set(target))
         raise DeltaMismatchError(f"checkpoints have different parameters, e.g. {only[0]!r}")
@@ -124,7 +127,7 @@ def plan_update(
     if current_fp != expected_from:
         role = "child (to revert)" if reverse else "parent"
         raise DeltaMismatchError(
-            f"{source}: lineage mismatch: delta v{meta.version} ({meta.task}) needs {role} "
+            f"{source}: lineage mismatch: delta {meta.task!r} needs {role} "
             f"{expected_from}, the model is {current_fp}"
         )
     changed: dict[str, torch.Tensor] = {}

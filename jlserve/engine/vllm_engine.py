@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 import torch
 
-from jlserve.engine.protocol import ApplyPath, EngineUpdateError, SwapPolicy, WeightLayout
+from jlserve.engine.protocol import WeightLayout
 from jlserve.engine.wire import to_wire
+from jlserve.errors import EngineUpdateError
+from jlserve.vocab import ApplyPath, SwapPolicy
 
 # vLLM's pause modes: "wait" drains running requests, "keep" freezes them and (with the
 # cache cleared) recomputes them after resume. Both queue new requests until resume.
 _PAUSE_MODE = {SwapPolicy.DRAIN: "wait", SwapPolicy.PREEMPT: "keep"}
 DEAD_ENGINE_POLL_S = 0.5
+DEFAULT_CALL_TIMEOUT_S = 300.0
 T = TypeVar("T")
 
 
 class VllmEngine:
-    """Adapter from jlserve's swap steps to `AsyncLLM` calls and worker-extension RPCs."""
+    """Adapter from jlserve's swap steps to `AsyncLLM` calls and worker-extension RPCs.
 
-    def __init__(self, engine_client: Any) -> None:
+    Every call is bounded by `call_timeout_s`: a stuck engine makes the swap fail (and
+    the coordinator degrade) instead of holding requests forever.
+    """
+
+    def __init__(self, engine_client: Any, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
         self._client = engine_client
+        self._call_timeout_s = call_timeout_s
         self._layout: WeightLayout | None = None
 
     async def weight_layout(self) -> WeightLayout:
@@ -66,17 +75,30 @@ class VllmEngine:
         if not await self._unless_dead("reset_prefix_cache", reset):
             raise EngineUpdateError("vLLM refused to reset the prefix cache")
 
+    async def label_weights(self, label: str) -> str | None:
+        """vLLM's `weight_version` (on `AsyncLLM` since 0.32): attached to its outputs."""
+        if not hasattr(self._client, "update_weight_version"):
+            return None
+        await self._unless_dead("update_weight_version", self._client.update_weight_version(label))
+        return await self._unless_dead("get_weight_version", self._client.get_weight_version())
+
+    def dead_reason(self) -> str | None:
+        if self._client.errored:
+            return f"the vLLM engine died ({self._client.dead_error})"
+        return None
+
     async def _rpc(self, method: str, kwargs: dict | None = None) -> list:
         return await self._unless_dead(method, self._client.collective_rpc(method, kwargs=kwargs))
 
     async def _unless_dead(self, what: str, call: Awaitable[T]) -> T:
-        """Await an engine call, failing as soon as the engine is dead.
+        """Await an engine call, failing as soon as the engine is dead or the call timed out.
 
         A call to an engine core that died (a worker was killed) never completes in
         vLLM 0.32, and a swap stuck on it would keep the server from shutting down, so
-        the call is raced against the engine's `errored` flag.
+        the call is raced against the engine's `errored` flag and a deadline.
         """
         task = asyncio.ensure_future(call)
+        deadline = time.monotonic() + self._call_timeout_s
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=DEAD_ENGINE_POLL_S)
@@ -85,6 +107,12 @@ class VllmEngine:
                 if self._client.errored:
                     task.cancel()
                     raise EngineUpdateError(f"{what}: the engine died")
+                if time.monotonic() > deadline:
+                    task.cancel()
+                    raise EngineUpdateError(
+                        f"{what}: no answer from the engine within {self._call_timeout_s:g} s "
+                        "(--engine-timeout)"
+                    )
         except EngineUpdateError:
             raise
         except Exception as exc:  # any engine-side failure becomes one typed error

@@ -20,9 +20,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from jlserve.engine.protocol import ApplyPath
 from jlserve.engine.wire import WireTensor, from_wire
 from jlserve.faults import FaultStep, fault_point
+from jlserve.vocab import ApplyPath
 
 
 class JlserveWorkerExtension:

@@ -18,10 +18,21 @@ from jlserve.server.errors import AdminHTTPError, error_response
 
 
 class AdminAuth:
-    """`token=None` means the explicit insecure loopback mode (checked at startup)."""
+    """`token=None` means the explicit insecure loopback mode (checked at startup).
 
-    def __init__(self, token: str | None) -> None:
+    The plugin installs the guard before it knows vLLM's bind address: an auth made with
+    `configured=False` refuses every admin request (503) until `configure` is called.
+    """
+
+    def __init__(self, token: str | None = None, *, configured: bool = True) -> None:
+        self._configured = False
+        self._digest: bytes | None = None
+        if configured:
+            self.configure(token)
+
+    def configure(self, token: str | None) -> None:
         self._digest = None if token is None else hashlib.sha256(token.encode()).digest()
+        self._configured = True
 
     def check(self, authorization: str | None) -> None:
         """Raise 401 without a bearer token and 403 with a wrong one.
@@ -29,6 +40,8 @@ class AdminAuth:
         Both sides are hashed first so the comparison is constant-time and independent
         of the token's length; the token itself is never logged or echoed.
         """
+        if not self._configured:
+            raise AdminHTTPError(503, "starting", "admin routes are not configured yet")
         if self._digest is None:
             return
         scheme, _, given = (authorization or "").partition(" ")

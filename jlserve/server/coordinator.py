@@ -6,14 +6,18 @@ follows one path, under one lock:
 
     validate (parse, plan against the host copy)  -> nothing changed yet; errors are 4xx
     save the delta file                            -> not yet part of any version
-    hold new requests at the HTTP layer; drain or preempt the running ones
+    hold new requests at the HTTP layer; drain (bounded) or preempt the running ones
     pause the engine -> load weights -> clear prefix cache -> write state.json
-    commit host copy, bump version                 -> resume engine, release requests
+    commit host copy, assign the version number    -> resume engine, release requests
 
-If anything fails between pause and commit, the previous tensors (still on the host)
-are loaded back, so the engine serves the previous version exactly; resume and the
-release of held requests happen in `finally` blocks. Requests are never dropped: they
-wait at the gate (or inside vLLM's paused scheduler) and run after the swap.
+Identity is the fingerprint: a delta applies when its parent is the served model, a
+delta whose child is already served is answered as done (`applied: false`), and the
+server numbers the versions it accepts. If anything fails between pause and commit, the
+previous tensors (still on the host) are loaded back, so the engine serves the previous
+version exactly. If even that fails, or the engine dies, the coordinator is degraded:
+it refuses every change and `/health` fails, so an orchestrator restarts the server,
+which then restores the recorded version. Every wait is bounded: the drain by
+`drain_timeout_s`, every engine call by the engine's own call timeout.
 """
 
 from __future__ import annotations
@@ -24,18 +28,32 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from jlserve.checkpoint import TensorDigests, load_tensors
 from jlserve.delta import SparseDelta, parse_delta, plan_update
 from jlserve.engine.groups import complete_groups
-from jlserve.engine.protocol import ApplyPath, ServingEngine, SwapPolicy, WeightLayout
-from jlserve.errors import VersionConflictError
+from jlserve.engine.protocol import ServingEngine, WeightLayout
+from jlserve.errors import (
+    DegradedError,
+    DrainTimeoutError,
+    PreconditionFailedError,
+    VersionConflictError,
+)
 from jlserve.faults import FaultStep, fault_point
 from jlserve.server.metrics import SwapMetrics
-from jlserve.server.schemas import StatusResponse, Timings, UpdateResponse
+from jlserve.server.schemas import (
+    ApplyResponse,
+    RollbackRequest,
+    RollbackResponse,
+    StatusResponse,
+    Timings,
+    UpdateResponse,
+)
 from jlserve.store import ChainEntry, VersionStore, utc_now
+from jlserve.vocab import ApplyPath, DrainTimeoutAction, SwapPolicy
 
 log = logging.getLogger("jlserve.swap")
 
@@ -75,6 +93,10 @@ class RequestGate:
     def is_closed(self) -> bool:
         return not self._open.is_set()
 
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
     async def drained(self) -> None:
         await self._idle.wait()
 
@@ -89,6 +111,15 @@ class _Plan:
     timings: Timings = field(default_factory=Timings)
 
 
+@dataclass(frozen=True)
+class SwapSettings:
+    """How swaps treat running requests (see docs/serving.md, "Swap policies")."""
+
+    policy: SwapPolicy = SwapPolicy.DRAIN
+    drain_timeout_s: float = 30.0
+    drain_timeout_action: DrainTimeoutAction = DrainTimeoutAction.REFUSE
+
+
 class SwapCoordinator:
     def __init__(
         self,
@@ -97,7 +128,7 @@ class SwapCoordinator:
         store: VersionStore,
         tensors: dict[str, torch.Tensor],
         digests: TensorDigests,
-        policy: SwapPolicy,
+        settings: SwapSettings,
         metrics: SwapMetrics,
         max_delta_bytes: int,
     ) -> None:
@@ -106,13 +137,14 @@ class SwapCoordinator:
         self._store = store
         self._tensors = tensors
         self._digests = digests
-        self._policy = policy
+        self._settings = settings
         self._metrics = metrics
         self.max_delta_bytes = max_delta_bytes
         self._lock = asyncio.Lock()
         self.gate = RequestGate()
         self._last_update: UpdateResponse | None = None
         self._degraded: str | None = None
+        self._engine_label: str | None = None
         self._version = 0
 
     # ------------------------------------------------------------------ startup
@@ -123,17 +155,20 @@ class SwapCoordinator:
         engine: ServingEngine,
         model_dir: Path,
         state_dir: Path,
-        policy: SwapPolicy,
+        settings: SwapSettings,
         metrics: SwapMetrics,
         max_delta_bytes: int,
     ) -> SwapCoordinator:
         """Load the base checkpoint, open its state dir and bring the engine to the latest
-        recorded version (the engine starts on the base checkpoint)."""
+        recorded version (the engine starts on the base checkpoint). Any failure raises:
+        the server must not start on a version other than the recorded one."""
         tensors = await asyncio.to_thread(load_tensors, model_dir)
         digests = await asyncio.to_thread(TensorDigests, tensors)
         store = VersionStore.open(state_dir, model_dir, digests.fingerprint)
         layout = await engine.weight_layout()
-        coordinator = cls(engine, layout, store, tensors, digests, policy, metrics, max_delta_bytes)
+        coordinator = cls(
+            engine, layout, store, tensors, digests, settings, metrics, max_delta_bytes
+        )
         await coordinator._restore()
         return coordinator
 
@@ -155,6 +190,8 @@ class SwapCoordinator:
                 overlay.update(plan.changed)
                 digests = plan.digests
             await self._swap(_Plan(overlay, digests, chain[-1].version), commit=None)
+            if self._degraded:
+                raise DegradedError(self._degraded)
             log.info(
                 "restored model version %d (%s) from %s: %d deltas replayed in %.2f s",
                 self._version,
@@ -164,13 +201,16 @@ class SwapCoordinator:
                 time.perf_counter() - start,
             )
         else:
+            self._engine_label = await self._engine.label_weights(self._label())
             log.info(
                 "serving base model version 0 (%s); state in %s", self.fingerprint, self._store.root
             )
         log.info(
-            "weights are applied via the %s path; swap policy %s",
+            "weights are applied via the %s path; swap policy %s (drain timeout %.1f s, then %s)",
             self._layout.apply_path,
-            self._policy,
+            self._settings.policy,
+            self._settings.drain_timeout_s,
+            self._settings.drain_timeout_action,
         )
         self._metrics.version.set(self._version)
 
@@ -184,6 +224,15 @@ class SwapCoordinator:
     def fingerprint(self) -> str:
         return self._digests.fingerprint
 
+    @property
+    def store_root(self) -> Path:
+        return self._store.root
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the engine's weights are unknown or it cannot serve; None when healthy."""
+        return self._degraded or self._engine.dead_reason()
+
     def status(self) -> StatusResponse:
         return StatusResponse(
             version=self._version,
@@ -192,87 +241,163 @@ class SwapCoordinator:
             chain=self._store.chain,
             history=self._store.history,
             last_update=self._last_update,
-            swap_policy=self._policy,
+            next_version=self._store.next_version,
+            swap_policy=self._settings.policy,
+            drain_timeout_s=self._settings.drain_timeout_s,
+            drain_timeout_action=self._settings.drain_timeout_action,
             apply_path=self._layout.apply_path,
             swap_in_progress=self._lock.locked(),
-            degraded=self._degraded,
+            engine_weight_version=self._engine_label,
+            degraded=self.degraded,
         )
-
-    def chain_fingerprint(self, version: int) -> str | None:
-        """The fingerprint the served chain had at `version` (None if never reached)."""
-        if version == 0:
-            return self._store.base.fingerprint
-        return next((e.fingerprint for e in self._store.chain if e.version == version), None)
 
     # ------------------------------------------------------------------ operations
 
-    async def apply_delta(self, data: bytes, source: str) -> UpdateResponse:
+    async def apply_delta(
+        self, data: bytes, source: str, if_match: str | None = None
+    ) -> ApplyResponse:
         """Validate `data` (a delta file) and make its child the served version."""
-        return await _shielded(self._apply_delta(data, source))
+        return await _shielded(self._apply_delta(data, source, if_match))
 
-    async def rollback(self, to_version: int) -> UpdateResponse:
+    async def rollback(
+        self, request: RollbackRequest, if_match: str | None = None
+    ) -> RollbackResponse:
         """Serve exactly the weights of an earlier version of the current chain."""
-        return await _shielded(self._rollback(to_version))
+        return await _shielded(self._rollback(request, if_match))
 
-    async def _apply_delta(self, data: bytes, source: str) -> UpdateResponse:
+    def _check_usable(self, if_match: str | None, expected_parent: str | None = None) -> None:
+        """Refuse any change while degraded, or when `If-Match` names another model.
+
+        `expected_parent` is the model the request itself expects; a re-send whose
+        If-Match names it is let through so it can be answered as already applied.
+        """
+        reason = self.degraded
+        if reason:
+            raise DegradedError(f"server degraded, updates refused: {reason}")
+        if if_match is not None and if_match not in (self.fingerprint, expected_parent):
+            raise PreconditionFailedError(
+                f"If-Match {if_match} is not the served model {self.fingerprint} "
+                f"(version {self._version}); nothing changed"
+            )
+
+    async def _apply_delta(self, data: bytes, source: str, if_match: str | None) -> ApplyResponse:
         started = time.perf_counter()
         try:
             delta = await asyncio.to_thread(
                 parse_delta, data, source=source, max_bytes=self.max_delta_bytes
             )
             parsed = time.perf_counter()
+            meta = delta.metadata
             async with self._lock:
-                meta = delta.metadata
-                if meta.version != self._version + 1:
-                    raise VersionConflictError(
-                        f"{source}: delta produces version {meta.version} ({meta.task}), but the "
-                        f"server is at version {self._version} and accepts only version "
-                        f"{self._version + 1} next"
-                    )
+                self._check_usable(if_match, expected_parent=meta.parent_fingerprint)
+                previous, previous_fp = self._version, self.fingerprint
+                if meta.child_fingerprint == previous_fp:  # a re-send: already served
+                    return self._answer_apply(delta, _Plan({}, self._digests, previous), False)
+                if if_match is not None and if_match != previous_fp:
+                    self._check_usable(if_match)  # its parent, but not served: 412
                 plan = await asyncio.to_thread(self._plan_apply, delta, source)
                 plan.timings.parse_s = parsed - started
                 plan.timings.plan_s = time.perf_counter() - parsed
                 t = time.perf_counter()
                 file = await asyncio.to_thread(
-                    self._store.stage_delta, meta.version, plan.digests.fingerprint, data
+                    self._store.stage_delta, plan.version, plan.digests.fingerprint, data
                 )
                 plan.timings.stage_s = time.perf_counter() - t
                 entry = ChainEntry(
-                    version=meta.version,
+                    version=plan.version,
                     task=meta.task,
                     fingerprint=plan.digests.fingerprint,
+                    parent_fingerprint=previous_fp,
                     file=file,
                     nnz=delta.nnz,
                     applied_at=utc_now(),
                 )
-                previous = self._version
                 await self._swap(
                     plan, commit=lambda s: self._store.commit_apply(entry, s), started=started
                 )
+                self._record(plan, previous, previous_fp, "apply")
+                return self._answer_apply(delta, plan, True, previous, previous_fp)
         except Exception as exc:
             self._metrics.rejected.labels(reason=type(exc).__name__).inc()
             raise
-        return self._record(plan, previous, "apply", task=meta.task, nnz=delta.nnz)
 
     def _plan_apply(self, delta: SparseDelta, source: str) -> _Plan:
         plan = plan_update(self._tensors, self._digests, delta, source=source)
-        return _Plan(plan.changed, plan.digests, delta.metadata.version)
+        return _Plan(plan.changed, plan.digests, self._store.next_version)
 
-    async def _rollback(self, to_version: int) -> UpdateResponse:
+    def _answer_apply(
+        self,
+        delta: SparseDelta,
+        plan: _Plan,
+        applied: bool,
+        previous: int | None = None,
+        previous_fp: str | None = None,
+    ) -> ApplyResponse:
+        response = ApplyResponse(
+            applied=applied,
+            version=self._version,
+            fingerprint=self.fingerprint,
+            previous_version=self._version if previous is None else previous,
+            previous_fingerprint=previous_fp or self.fingerprint,
+            task=delta.metadata.task,
+            nnz=delta.nnz,
+            delta_version=delta.metadata.version,
+            apply_path=self._layout.apply_path,
+            swap_policy=self._settings.policy,
+            timings=plan.timings,
+        )
+        if applied:
+            self._last_update = response
+        return response
+
+    async def _rollback(self, request: RollbackRequest, if_match: str | None) -> RollbackResponse:
         started = time.perf_counter()
         async with self._lock:
-            if not 0 <= to_version <= self._version:
-                raise VersionConflictError(
-                    f"cannot roll back to version {to_version}: the server is at version "
-                    f"{self._version} (choose 0..{self._version})"
+            self._check_usable(if_match)
+            to_version = self._target_version(request)
+            previous, previous_fp = self._version, self.fingerprint
+            plan = _Plan({}, self._digests, previous)
+            if to_version != previous:
+                plan = await asyncio.to_thread(self._plan_rollback, to_version)
+                plan.timings.plan_s = time.perf_counter() - started
+                await self._swap(
+                    plan,
+                    commit=lambda s: self._store.commit_rollback(to_version, s),
+                    started=started,
                 )
-            previous = self._version
-            plan = await asyncio.to_thread(self._plan_rollback, to_version)
-            plan.timings.plan_s = time.perf_counter() - started
-            await self._swap(
-                plan, commit=lambda s: self._store.commit_rollback(to_version, s), started=started
+                self._record(plan, previous, previous_fp, "rollback")
+            response = RollbackResponse(
+                applied=to_version != previous,
+                version=self._version,
+                fingerprint=self.fingerprint,
+                previous_version=previous,
+                previous_fingerprint=previous_fp,
+                apply_path=self._layout.apply_path,
+                swap_policy=self._settings.policy,
+                timings=plan.timings,
             )
-        return self._record(plan, previous, "rollback")
+            if response.applied:
+                self._last_update = response
+            return response
+
+    def _target_version(self, request: RollbackRequest) -> int:
+        """The chain version a rollback request names; refused when not in the chain."""
+        if request.to_fingerprint is not None:
+            found = self._store.version_of(request.to_fingerprint)
+            if found is None:
+                raise VersionConflictError(
+                    f"cannot roll back to {request.to_fingerprint}: not a model of the served "
+                    f"chain (base or versions {[e.version for e in self._store.chain]})"
+                )
+            return found
+        chain = [0, *(e.version for e in self._store.chain)]
+        wanted = request.to_version
+        if wanted is None or wanted not in chain:
+            raise VersionConflictError(
+                f"cannot roll back to version {wanted}: the served chain is "
+                f"{chain} (version numbers are never reused)"
+            )
+        return wanted
 
     def _plan_rollback(self, to_version: int) -> _Plan:
         overlay: dict[str, torch.Tensor] = {}
@@ -292,35 +417,22 @@ class SwapCoordinator:
             digests = plan.digests
         return _Plan(overlay, digests, to_version)
 
-    def _record(
-        self,
-        plan: _Plan,
-        previous: int,
-        operation: str,
-        task: str | None = None,
-        nnz: int | None = None,
-    ) -> UpdateResponse:
+    def _record(self, plan: _Plan, previous: int, previous_fp: str, operation: str) -> None:
         self._metrics.update_seconds.labels(operation=operation).observe(plan.timings.total_s)
-        self._last_update = UpdateResponse(
-            version=self._version,
-            previous_version=previous,
-            fingerprint=self.fingerprint,
-            task=task,
-            nnz=nnz,
-            apply_path=self._layout.apply_path,
-            swap_policy=self._policy,
-            timings=plan.timings,
-        )
         log.info(
-            "%s: version %d -> %d (%s) in %.3f s (requests held %.3f s)",
+            "%s: version %d (%s) -> %d (%s) in %.3f s (requests held %.3f s)",
             operation,
             previous,
+            previous_fp,
             self._version,
             self.fingerprint,
             plan.timings.total_s,
             plan.timings.paused_s,
         )
-        return self._last_update
+
+    def _label(self) -> str:
+        """The engine's weight_version label of the served model."""
+        return f"{self._version}:{self.fingerprint}"
 
     # ------------------------------------------------------------------ the swap
 
@@ -340,10 +452,11 @@ class SwapCoordinator:
         timings = plan.timings
         held = time.perf_counter()
         self.gate.close()
+        paused = False
         try:
-            if self._policy is SwapPolicy.DRAIN:
-                await self.gate.drained()
-            await self._engine.pause(self._policy)
+            pause_as = await self._drain()
+            paused = True  # from here on, resume (even if pausing itself failed midway)
+            await self._engine.pause(pause_as)
             t = time.perf_counter()
             timings.wait_s = t - held
             try:
@@ -363,26 +476,74 @@ class SwapCoordinator:
             self._version = plan.version
             self._metrics.version.set(plan.version)
             fault_point(FaultStep.AFTER_COMMIT)
+            await self._relabel()
         finally:
             try:
-                await self._engine.resume()
+                if paused:
+                    await self._resume()
             finally:
                 self.gate.open()
                 timings.paused_s = time.perf_counter() - held
                 timings.total_s = time.perf_counter() - started
 
+    async def _drain(self) -> SwapPolicy:
+        """Wait (bounded) for admitted requests; returns how to pause the engine.
+
+        Under `drain`, requests still running at the deadline make the update fail
+        (`refuse`: nothing changed) or are preempted (`preempt`).
+        """
+        if self._settings.policy is SwapPolicy.PREEMPT:
+            return SwapPolicy.PREEMPT
+        try:
+            await asyncio.wait_for(self.gate.drained(), self._settings.drain_timeout_s)
+        except TimeoutError:
+            running = self.gate.in_flight
+            if self._settings.drain_timeout_action is DrainTimeoutAction.REFUSE:
+                raise DrainTimeoutError(
+                    f"{running} request(s) still running after the drain timeout of "
+                    f"{self._settings.drain_timeout_s:g} s; update refused, nothing changed "
+                    "(retry later, or serve with --drain-timeout-action preempt)"
+                ) from None
+            log.warning(
+                "drain timeout (%.1f s): preempting %d running request(s)",
+                self._settings.drain_timeout_s,
+                running,
+            )
+            return SwapPolicy.PREEMPT
+        return SwapPolicy.DRAIN
+
+    async def _resume(self) -> None:
+        """Resume the engine; a failure degrades the server (it is reported there, so the
+        swap's own outcome, or its original error, is what the caller gets)."""
+        try:
+            await self._engine.resume()
+        except Exception as exc:
+            self._degrade(f"resuming the engine failed: {exc}")
+
+    async def _relabel(self) -> None:
+        """Give the engine the new weight_version label; a failure is only logged."""
+        try:
+            self._engine_label = await self._engine.label_weights(self._label())
+        except Exception as exc:
+            log.warning("could not set the engine's weight_version: %s", exc)
+            self._engine_label = None
+
     async def _restore_weights(self, old: Mapping[str, torch.Tensor]) -> None:
         """Put the previous version's tensors back after a failed swap."""
         try:
+            fault_point(FaultStep.RESTORE_APPLY)
             await self._engine.load_weights(old)
             await self._engine.reset_prefix_cache()
         except Exception as exc:  # the engine now holds unknown weights: say so loudly
-            self._degraded = (
-                f"update failed and restoring version {self._version} failed too: {exc}"
+            self._degrade(
+                f"an update failed and restoring version {self._version} failed too: {exc}"
             )
-            log.critical(self._degraded)
         else:
             log.warning("update failed; version %d restored in the engine", self._version)
+
+    def _degrade(self, reason: str) -> None:
+        self._degraded = self._degraded or reason
+        log.critical("DEGRADED: %s; /health now fails and updates are refused", reason)
 
 
 class _Overlay(Mapping[str, torch.Tensor]):
@@ -404,7 +565,10 @@ class _Overlay(Mapping[str, torch.Tensor]):
         return len(self._base)
 
 
-async def _shielded(operation: Awaitable[UpdateResponse]) -> UpdateResponse:
+Answer = TypeVar("Answer", bound=UpdateResponse)
+
+
+async def _shielded(operation: Awaitable[Answer]) -> Answer:
     """Run a swap to completion even if the HTTP request that started it is cancelled
     (a client disconnect must not stop a swap between pause and resume)."""
     return await asyncio.shield(asyncio.ensure_future(operation))

@@ -5,11 +5,14 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from jlserve.engine.protocol import EngineUpdateError
 from jlserve.errors import (
+    DegradedError,
     DeltaFormatError,
     DeltaMismatchError,
+    DrainTimeoutError,
+    EngineUpdateError,
     JlserveError,
+    PreconditionFailedError,
     StateError,
     VersionConflictError,
 )
@@ -29,8 +32,11 @@ class AdminHTTPError(Exception):
 # Most specific first: a user's bad file is 400, a file that does not fit the model 409.
 _STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (DeltaFormatError, 400, "invalid_delta"),
+    (PreconditionFailedError, 412, "precondition_failed"),
     (VersionConflictError, 409, "version_conflict"),
     (DeltaMismatchError, 409, "delta_mismatch"),
+    (DrainTimeoutError, 503, "drain_timeout"),
+    (DegradedError, 503, "degraded"),
     (StateError, 500, "state_error"),
     (EngineUpdateError, 500, "engine_error"),
     (JlserveError, 400, "bad_request"),

@@ -1,10 +1,13 @@
-"""ASGI middleware: hold inference requests during a swap, and label every response.
+"""ASGI middleware: hold inference requests during a swap, label every response, and
+fail `/health` while the server is degraded.
 
 Inference requests pass the coordinator's gate before reaching vLLM: while a swap runs
 they wait here (nothing is dropped), and the version they are admitted under is the one
 that serves them under the drain policy, because the swap waits for every admitted
-request to finish. Every response carries `x-jlserve-model-version`. Pure ASGI (not
-BaseHTTPMiddleware) so streamed responses pass through untouched.
+request to finish. Every response carries `x-jlserve-model-version` and
+`x-jlserve-model-fingerprint`. A degraded server (engine weights unknown, or the engine
+died) answers `/health` with 503 and the reason, so an orchestrator restarts it. Pure
+ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jlserve.server.coordinator import SwapCoordinator
-from jlserve.server.schemas import VERSION_HEADER
+from jlserve.server.errors import AdminHTTPError, error_response
+from jlserve.server.schemas import FINGERPRINT_HEADER, VERSION_HEADER
+
+HEALTH_PATH = "/health"
 
 # Routes that never touch the model weights: not held during a swap.
 UNGATED_PREFIXES = (
@@ -43,15 +49,22 @@ class ModelVersionMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if path == HEALTH_PATH and (reason := coordinator.degraded):
+            await error_response(AdminHTTPError(503, "degraded", reason))(scope, receive, send)
+            return
         gated = not path.startswith(UNGATED_PREFIXES)
         if gated:
             await coordinator.gate.admit()
-        admitted_version = coordinator.version
+        admitted = (coordinator.version, coordinator.fingerprint)
 
         async def send_with_version(message: Message) -> None:
             if message["type"] == "http.response.start":
-                version = admitted_version if gated else coordinator.version
-                MutableHeaders(scope=message).append(VERSION_HEADER, str(version))
+                version, fingerprint = (
+                    admitted if gated else (coordinator.version, coordinator.fingerprint)
+                )
+                headers = MutableHeaders(scope=message)
+                headers.append(VERSION_HEADER, str(version))
+                headers.append(FINGERPRINT_HEADER, fingerprint)
             await send(message)
 
         try:

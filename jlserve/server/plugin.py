@@ -1,11 +1,15 @@
 """The `vllm.endpoint_plugins` entry that attaches jlserve to vLLM's OpenAI server.
 
-vLLM builds its own app and routes; this plugin adds the admin router, the version
-middleware and the error handler (`attach_router`, while the app is built), then creates
-the swap coordinator on the running engine (`init_state`, before the server listens, so
-a restarted server is at its latest version before it answers anything). It is loaded
-only when named in `VLLM_PLUGINS`, which `jlserve serve` sets. The composition root:
-the only module that knows both the HTTP side and the vLLM engine adapter.
+vLLM builds its own app and routes; this plugin adds the admin router, the admin guard,
+the version middleware and the error handler (`attach_router`, while the app is built),
+then, knowing vLLM's parsed arguments, configures the guard for the address vLLM really
+binds and creates the swap coordinator on the running engine (`init_state`, before the
+server listens, so a restarted server is at its recorded version before it answers
+anything). Every failure raises, and vLLM then refuses to start: never serve without
+the admin guard or on a version other than the recorded one. It is loaded only when
+named in `VLLM_PLUGINS` (`jlserve serve` sets it; under vLLM's own server the user
+does). The composition root: the only module that knows both the HTTP side and the
+vLLM engine adapter.
 """
 
 from __future__ import annotations
@@ -14,15 +18,22 @@ import asyncio
 import logging
 import sys
 from argparse import Namespace
+from pathlib import Path
 from typing import Any
 
-from jlserve.engine.launch import ENDPOINT_PLUGIN_NAME
+from jlserve.engine.http import add_inference_key_check
+from jlserve.engine.launch import ENDPOINT_PLUGIN_NAME, WORKER_EXTENSION
 from jlserve.engine.vllm_engine import VllmEngine
 from jlserve.errors import ServeConfigError
-from jlserve.faults import armed_faults
+from jlserve.faults import FaultStep, armed_faults, fault_point
 from jlserve.server.auth import AdminAuth, AdminAuthMiddleware
-from jlserve.server.config import ServeConfig, read_admin_token
-from jlserve.server.coordinator import SwapCoordinator
+from jlserve.server.config import (
+    ServeConfig,
+    default_state_dir,
+    read_admin_token,
+    read_secret_file,
+)
+from jlserve.server.coordinator import SwapCoordinator, SwapSettings
 from jlserve.server.errors import AdminHTTPError, admin_error_handler
 from jlserve.server.metrics import SwapMetrics
 from jlserve.server.middleware import ModelVersionMiddleware
@@ -30,6 +41,7 @@ from jlserve.server.routes import ADMIN_PREFIX, build_admin_router
 from jlserve.server.watch import DeltaWatcher
 
 log = logging.getLogger("jlserve")
+fault_point(FaultStep.PLUGIN_IMPORT)  # tests only: a plugin that cannot load
 
 
 def _setup_logging() -> None:
@@ -49,22 +61,20 @@ class JlserveEndpointPlugin:
     def __init__(self) -> None:
         self.coordinator: SwapCoordinator | None = None
         self._config: ServeConfig | None = None
+        self._auth = AdminAuth(configured=False)  # refuses (503) until init_state
         self._background: set[asyncio.Task] = set()
 
     def attach_router(self, app: Any) -> None:
-        # Errors here propagate and stop the server: never serve without the admin guard.
         _setup_logging()
         self._config = ServeConfig.from_env()
-        auth = AdminAuth(read_admin_token(self._config))
-        if self._config.admin_token_file is None:
-            log.warning(
-                "admin routes are NOT authenticated (--insecure-admin on %s)", self._config.host
-            )
         faults = armed_faults()
         if faults:
             log.warning("FAULT INJECTION ARMED (%s): for tests only", faults)
+        if self._config.api_key_file is not None:
+            key = read_secret_file(self._config.api_key_file, "inference key")
+            add_inference_key_check(app, key)
         app.add_middleware(ModelVersionMiddleware, coordinator=lambda: self.coordinator)
-        app.add_middleware(AdminAuthMiddleware, auth=auth, prefix=ADMIN_PREFIX)
+        app.add_middleware(AdminAuthMiddleware, auth=self._auth, prefix=ADMIN_PREFIX)
         app.add_exception_handler(AdminHTTPError, admin_error_handler)
         app.include_router(build_admin_router(lambda: self.coordinator))
 
@@ -76,14 +86,31 @@ class JlserveEndpointPlugin:
             raise ServeConfigError(
                 "jlserve needs a single API server process (--api-server-count 1)"
             )
+        if getattr(args, "worker_extension_cls", None) != WORKER_EXTENSION:
+            raise ServeConfigError(
+                f"jlserve needs vLLM's --worker-extension-cls {WORKER_EXTENSION} "
+                f"(got {getattr(args, 'worker_extension_cls', None)!r})"
+            )
+        host, uds = getattr(args, "host", None), getattr(args, "uds", None)
+        token = read_admin_token(config, host, uds)
+        model = Path(args.model)
+        if not model.is_dir():
+            raise ServeConfigError(
+                f"--model {args.model}: jlserve needs a local checkpoint directory"
+            )
+        if token is None:
+            log.warning("admin routes are NOT authenticated (--insecure-admin on %s)", host)
         self.coordinator = await SwapCoordinator.open(
-            VllmEngine(engine_client),
-            model_dir=config.model,
-            state_dir=config.state_dir,
-            policy=config.swap_policy,
+            VllmEngine(engine_client, call_timeout_s=config.engine_timeout_s),
+            model_dir=model.resolve(),
+            state_dir=config.state_dir or default_state_dir(model),
+            settings=SwapSettings(
+                config.swap_policy, config.drain_timeout_s, config.drain_timeout_action
+            ),
             metrics=SwapMetrics(),
             max_delta_bytes=config.max_delta_bytes,
         )
+        self._auth.configure(token)
         if config.watch_dir is not None:
             watcher = DeltaWatcher(config.watch_dir, self.coordinator, config.watch_interval_s)
             task = asyncio.create_task(watcher.run(), name="jlserve-watch")

@@ -10,14 +10,20 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 
-from jlserve.engine.protocol import EngineUpdateError
-from jlserve.errors import JlserveError
+from jlserve.errors import EngineUpdateError, JlserveError
 from jlserve.server.coordinator import SwapCoordinator
 from jlserve.server.errors import AdminHTTPError, as_admin_error
-from jlserve.server.schemas import ErrorBody, RollbackRequest, StatusResponse, UpdateResponse
+from jlserve.server.schemas import (
+    IF_MATCH_HEADER,
+    ApplyResponse,
+    ErrorBody,
+    RollbackRequest,
+    RollbackResponse,
+    StatusResponse,
+)
 
 ADMIN_PREFIX = "/admin"
-_ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 409, 413, 500, 503)}
+_ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 409, 412, 413, 500, 503)}
 
 
 def build_admin_router(coordinator: Callable[[], SwapCoordinator | None]) -> APIRouter:
@@ -33,21 +39,23 @@ def build_admin_router(coordinator: Callable[[], SwapCoordinator | None]) -> API
 
     router = APIRouter(prefix=ADMIN_PREFIX, responses=_ERRORS)
 
-    @router.post("/deltas", response_model=UpdateResponse)
-    async def post_delta(request: Request) -> UpdateResponse:
-        """Apply a delta file (the request body): validated fully before anything changes."""
+    @router.post("/deltas", response_model=ApplyResponse)
+    async def post_delta(request: Request) -> ApplyResponse:
+        """Apply a delta file (the request body) whose parent is the served model; a delta
+        whose child is already served answers `applied: false`. Optional `If-Match:
+        <fingerprint>` makes it a compare-and-swap."""
         coord = current()
         data = await _read_body(request, coord.max_delta_bytes)
         try:
-            return await coord.apply_delta(data, source="upload")
+            return await coord.apply_delta(data, "upload", _if_match(request))
         except (JlserveError, EngineUpdateError) as exc:
             raise as_admin_error(exc) from None
 
-    @router.post("/rollback", response_model=UpdateResponse)
-    async def post_rollback(body: RollbackRequest) -> UpdateResponse:
-        """Serve exactly an earlier version of the applied chain."""
+    @router.post("/rollback", response_model=RollbackResponse)
+    async def post_rollback(body: RollbackRequest, request: Request) -> RollbackResponse:
+        """Serve exactly an earlier model of the applied chain (by version or fingerprint)."""
         try:
-            return await current().rollback(body.to_version)
+            return await current().rollback(body, _if_match(request))
         except (JlserveError, EngineUpdateError) as exc:
             raise as_admin_error(exc) from None
 
@@ -56,6 +64,12 @@ def build_admin_router(coordinator: Callable[[], SwapCoordinator | None]) -> API
         return current().status()
 
     return router
+
+
+def _if_match(request: Request) -> str | None:
+    """The fingerprint of an `If-Match` header (quotes, as in an HTTP entity tag, allowed)."""
+    value = request.headers.get(IF_MATCH_HEADER)
+    return value.strip().strip('"') if value else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

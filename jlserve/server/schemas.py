@@ -1,13 +1,18 @@
-"""Request and response bodies of the admin API, shared by the server and the CLI client."""
+"""Request and response bodies of the admin API, shared by the server and the CLI client.
+
+Plain data: no torch and no vLLM, so `jlserve update|status|rollback` start fast.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jlserve.engine.protocol import ApplyPath, SwapPolicy
 from jlserve.store import BaseCheckpoint, ChainEntry, HistoryEvent
+from jlserve.vocab import FINGERPRINT_PATTERN, ApplyPath, DrainTimeoutAction, SwapPolicy
 
 VERSION_HEADER = "x-jlserve-model-version"
+FINGERPRINT_HEADER = "x-jlserve-model-fingerprint"
+IF_MATCH_HEADER = "if-match"  # compare-and-swap: the fingerprint the caller expects served
 
 
 class Timings(BaseModel):
@@ -24,34 +29,76 @@ class Timings(BaseModel):
 
 
 class UpdateResponse(BaseModel):
+    """What every change of the served model answers (apply or rollback).
+
+    `applied` is False when the server already served the requested model: nothing was
+    done, and `version` / `fingerprint` name what is served (an idempotent re-send).
+    """
+
+    applied: bool
     version: int
-    previous_version: int
     fingerprint: str
-    task: str | None = None
-    nnz: int | None = None
+    previous_version: int
+    previous_fingerprint: str
     apply_path: ApplyPath
     swap_policy: SwapPolicy
-    timings: Timings
+    timings: Timings = Field(default_factory=Timings)
+    note: str | None = None  # e.g. how a client that timed out learned the outcome
+
+
+class ApplyResponse(UpdateResponse):
+    """`POST /admin/deltas`."""
+
+    task: str
+    nnz: int
+    delta_version: int | None = Field(None, description="the advisory number inside the file")
 
 
 class RollbackRequest(BaseModel):
+    """`POST /admin/rollback`: exactly one of `to_version` and `to_fingerprint`."""
+
     model_config = ConfigDict(extra="forbid")
 
-    to_version: int = Field(ge=0, description="a version in the applied chain; 0 is the base")
+    to_version: int | None = Field(
+        None, ge=0, description="a version of the served chain; 0 is the base"
+    )
+    to_fingerprint: str | None = Field(
+        None, pattern=FINGERPRINT_PATTERN, description="a model of the served chain"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RollbackRequest:
+        if (self.to_version is None) == (self.to_fingerprint is None):
+            raise ValueError("give exactly one of to_version and to_fingerprint")
+        return self
+
+
+class RollbackResponse(UpdateResponse):
+    """`POST /admin/rollback`."""
 
 
 class StatusResponse(BaseModel):
+    """`GET /admin/status`."""
+
     version: int
     fingerprint: str
     base: BaseCheckpoint
     chain: list[ChainEntry]
     history: list[HistoryEvent]
     last_update: UpdateResponse | None
+    next_version: int = Field(description="the number the next accepted delta gets")
     swap_policy: SwapPolicy
+    drain_timeout_s: float
+    drain_timeout_action: DrainTimeoutAction
     apply_path: ApplyPath
     swap_in_progress: bool
+    engine_weight_version: str | None = Field(
+        None, description="vLLM's own weight_version label, `<version>:<fingerprint>`"
+    )
     degraded: str | None = Field(
-        None, description="set when an update failed and the previous weights could not be restored"
+        None,
+        description="why the server refuses updates and fails /health: the engine's weights "
+        "are unknown (a failed restore) or the engine died",
     )
 
 

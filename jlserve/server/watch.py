@@ -1,30 +1,83 @@
-"""`--watch DIR`: apply delta files that appear in a directory, in version order.
+"""`--watch DIR`: apply delta files that appear in a directory, by lineage.
 
-Writers must write-then-rename (a file named `.*` or `*.tmp` is never read), so only
-complete files are seen. Each scan applies `v+1, v+2, ...` while present; a later version
-waits for the missing one. Applied files move to `applied/`; a bad file (unreadable,
-malformed, not fitting the model, stale version) moves to `rejected/` with
-`NAME.error.txt` next to it, and the server keeps serving. Polling keeps this portable
-and dependency-free; a scan of an idle directory costs a `listdir`.
+The directory may be read-only (a container mounts it so): nothing in it is ever moved
+or written. What was done with each file is kept in the state dir (`watch.json`), keyed
+by name, size and modification time, so a file is handled once, even across restarts
+and rollbacks (a file applied once is not applied again after a rollback).
+
+Each scan takes, among the files not yet handled, the one whose parent fingerprint is
+the served model and applies it, and repeats; a file whose child is already served is
+recorded as such; a file that fits nothing yet waits (a later scan may find its parent
+served). A bad file (too large, malformed, a symlink, refused by the server) is
+recorded as rejected with the reason, logged, and the watcher keeps going; a refusal
+that is not the file's fault (degraded server, drain timeout, full disk, engine error)
+leaves it waiting for the next scan. Writers must
+write-then-rename (names starting with `.` are never read), so only complete files are
+seen. Sizes are checked before reading; symlinks are never followed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jlserve.delta import parse_delta
-from jlserve.engine.protocol import EngineUpdateError
-from jlserve.errors import JlserveError
+from jlserve.errors import (
+    DegradedError,
+    DrainTimeoutError,
+    EngineUpdateError,
+    JlserveError,
+    StateError,
+)
+from jlserve.fsutil import atomic_write_bytes
 from jlserve.server.coordinator import SwapCoordinator
+from jlserve.store import utc_now
 
 log = logging.getLogger("jlserve.watch")
 
-APPLIED_DIR = "applied"
-REJECTED_DIR = "rejected"
+LEDGER_FILE = "watch.json"
 DELTA_SUFFIX = ".safetensors"
+
+Outcome = Literal["applied", "already_served", "rejected"]
+
+
+class WatchRecord(BaseModel):
+    """What the watcher did with one file (as it was when seen: size and mtime)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int
+    mtime_ns: int
+    outcome: Outcome
+    message: str
+    version: int | None = None  # the server's version number after applying it
+    at: str
+
+
+class WatchLedger(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    directory: str
+    files: dict[str, WatchRecord] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A complete, well-formed delta file that fits no served model yet."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    parent: str
+    child: str
 
 
 class DeltaWatcher:
@@ -32,77 +85,144 @@ class DeltaWatcher:
         self.directory = Path(directory)
         self._coordinator = coordinator
         self._interval_s = interval_s
-        # name -> (size, mtime_ns, version): parse each complete file once
-        self._versions: dict[str, tuple[int, int, int]] = {}
+        self._ledger_path = coordinator.store_root / LEDGER_FILE
+        self._ledger = self._load_ledger()
+        # name -> candidate: parsed once per (size, mtime), while it waits for its parent
+        self._waiting: dict[str, _Candidate] = {}
 
     async def run(self) -> None:
-        """Scan forever; one scan's failure is logged, never fatal."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        log.info("watching %s for delta files", self.directory)
+        """Scan forever; any failure is logged, never fatal."""
+        log.info(
+            "watching %s for delta files (bookkeeping in %s)", self.directory, self._ledger_path
+        )
         while True:
             try:
                 await self.scan_once()
-            except OSError as exc:
-                log.error("watch %s: %s", self.directory, exc)
+            except Exception:  # the watcher must outlive any bad file or filesystem error
+                log.exception("watch %s: scan failed", self.directory)
             await asyncio.sleep(self._interval_s)
 
     async def scan_once(self) -> int:
-        """Apply every file that continues the served chain; returns how many were applied."""
+        """Apply every waiting file that continues the served model; returns how many."""
+        await asyncio.to_thread(self._refresh)
         applied = 0
         while True:
-            pending = await asyncio.to_thread(self._pending_versions)
-            next_version = self._coordinator.version + 1
-            ready = [p for p, v in pending.items() if v == next_version]
-            for path, version in pending.items():
-                if version < next_version:
-                    self._reject(
-                        path, f"version {version} is not newer than the served {next_version - 1}"
-                    )
+            served = self._coordinator.fingerprint
+            for c in list(self._waiting.values()):
+                if c.child == served:
+                    self._record(c, "already_served", f"its model {c.child} is already served")
+            ready = sorted((n, c) for n, c in self._waiting.items() if c.parent == served)
             if not ready:
                 return applied
-            path = sorted(ready)[0]
+            name, candidate = ready[0]
             try:
-                data = await asyncio.to_thread(path.read_bytes)
-                result = await self._coordinator.apply_delta(data, source=path.name)
-            except (JlserveError, EngineUpdateError, OSError) as exc:
-                self._reject(path, str(exc))
+                data = await asyncio.to_thread(self._read, candidate.path, candidate.size)
+                result = await self._coordinator.apply_delta(
+                    data, source=name, if_match=candidate.parent
+                )
+            except (DegradedError, DrainTimeoutError, StateError, EngineUpdateError) as exc:
+                log.warning("watch: %s not applied now, retried next scan: %s", name, exc)
+                return applied  # not the file's fault: it stays waiting
+            except (JlserveError, OSError) as exc:
+                self._record(candidate, "rejected", str(exc))
                 continue
-            self._move(path, APPLIED_DIR)
-            log.info("watch: applied %s -> version %d", path.name, result.version)
+            self._record(
+                candidate, "applied", f"applied as version {result.version}", result.version
+            )
+            log.info(
+                "watch: applied %s -> version %d (%s)", name, result.version, result.fingerprint
+            )
             applied += 1
 
-    def _pending_versions(self) -> dict[Path, int]:
-        """Version of each complete delta file in the directory; bad files are rejected."""
-        found: dict[Path, int] = {}
+    # ------------------------------------------------------------------ the directory
+
+    def _refresh(self) -> None:
+        """Parse new or changed files; forget waiting files that disappeared."""
+        seen: set[str] = set()
         for entry in os.scandir(self.directory):
             name = entry.name
-            if not entry.is_file() or name.startswith(".") or not name.endswith(DELTA_SUFFIX):
+            if name.startswith(".") or not name.endswith(DELTA_SUFFIX):
                 continue
-            stat = entry.stat()
-            cached = self._versions.get(name)
-            if cached and cached[:2] == (stat.st_size, stat.st_mtime_ns):
-                found[Path(entry.path)] = cached[2]
-                continue
-            path = Path(entry.path)
+            seen.add(name)
             try:
-                delta = parse_delta(
-                    path.read_bytes(), source=name, max_bytes=self._coordinator.max_delta_bytes
-                )
-            except (JlserveError, OSError) as exc:
-                self._reject(path, str(exc))
-                continue
-            self._versions[name] = (stat.st_size, stat.st_mtime_ns, delta.metadata.version)
-            found[path] = delta.metadata.version
-        return found
+                info = entry.stat(follow_symlinks=False)
+                self._consider(Path(entry.path), info)
+            except Exception as exc:  # one bad file never stops the scan
+                log.error("watch: %s: %s", name, exc)
+        for name in set(self._waiting) - seen:
+            del self._waiting[name]
 
-    def _reject(self, path: Path, message: str) -> None:
-        target = self._move(path, REJECTED_DIR)
-        target.with_name(target.name + ".error.txt").write_text(message + "\n")
-        log.error("watch: rejected %s: %s", path.name, message)
+    def _consider(self, path: Path, info: os.stat_result) -> None:
+        name = path.name
+        key = (info.st_size, info.st_mtime_ns)
+        done = self._ledger.files.get(name)
+        if done is not None and (done.size, done.mtime_ns) == key:
+            return
+        waiting = self._waiting.get(name)
+        if waiting is not None and (waiting.size, waiting.mtime_ns) == key:
+            return
+        self._waiting.pop(name, None)
+        stub = _Candidate(path, info.st_size, info.st_mtime_ns, "", "")
+        if stat.S_ISLNK(info.st_mode):
+            self._record(stub, "rejected", "a symlink (not followed)")
+            return
+        if not stat.S_ISREG(info.st_mode):
+            return
+        limit = self._coordinator.max_delta_bytes
+        if info.st_size > limit:
+            self._record(stub, "rejected", f"{info.st_size} bytes, over the limit of {limit}")
+            return
+        try:
+            data = self._read(path, info.st_size)
+            meta = parse_delta(data, source=name, max_bytes=limit).metadata
+        except (JlserveError, OSError) as exc:
+            self._record(stub, "rejected", str(exc))
+            return
+        self._waiting[name] = _Candidate(
+            path, info.st_size, info.st_mtime_ns, meta.parent_fingerprint, meta.child_fingerprint
+        )
 
-    def _move(self, path: Path, subdir: str) -> Path:
-        (self.directory / subdir).mkdir(exist_ok=True)
-        target = self.directory / subdir / path.name
-        os.replace(path, target)
-        self._versions.pop(path.name, None)
-        return target
+    @staticmethod
+    def _read(path: Path, size: int) -> bytes:
+        """The file's bytes, never through a symlink, and no more than `size` of them
+        (a file that grew since it was sized is read again on the next scan)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(size + 1)
+        if len(data) != size:
+            raise OSError(errno.EAGAIN, f"{path.name} changed while being read")
+        return data
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _record(
+        self, c: _Candidate, outcome: Outcome, message: str, version: int | None = None
+    ) -> None:
+        name = c.path.name
+        self._waiting.pop(name, None)
+        self._ledger.files[name] = WatchRecord(
+            size=c.size,
+            mtime_ns=c.mtime_ns,
+            outcome=outcome,
+            message=message,
+            version=version,
+            at=utc_now(),
+        )
+        (log.error if outcome == "rejected" else log.info)(
+            "watch: %s %s: %s", outcome, name, message
+        )
+        try:
+            atomic_write_bytes(self._ledger_path, self._ledger.model_dump_json(indent=2).encode())
+        except OSError as exc:  # kept in memory; a full state dir is reported by updates too
+            log.error("watch: cannot write %s (%s)", self._ledger_path, exc)
+
+    def _load_ledger(self) -> WatchLedger:
+        fresh = WatchLedger(directory=str(self.directory.resolve()))
+        try:
+            ledger = WatchLedger.model_validate_json(self._ledger_path.read_bytes())
+        except FileNotFoundError:
+            return fresh
+        except (OSError, ValidationError) as exc:
+            log.error("watch: unreadable %s (%s); starting a new one", self._ledger_path, exc)
+            return fresh
+        return ledger if ledger.directory == fresh.directory else fresh

@@ -207,10 +207,6 @@ def test_update_with_the_admin_secret(stack, smollm2_dir, tmp_path_factory):
     assert chat(stack)[1] == "1"
 
 
-@pytest.mark.xfail(
-    reason="the watcher moves files into applied/ inside the read-only mount (issue 11)",
-    strict=True,
-)
 def test_delta_dropped_into_the_read_only_watched_folder(stack):
     tmp = stack.deltas_dir / ".task2.safetensors.partial"
     tmp.write_bytes(stack.deltas[1].read_bytes())

@@ -64,7 +64,7 @@ def test_entrypoint_prepares_the_model_and_serves_with_admin_auth(tmp_path):
         assert status.status_code == 200 and status.json()["version"] == 0
         completion = httpx.post(
             f"{url}/v1/completions",
-            json={"model": env["JLSERVE_MODEL"], "prompt": "the world", "max_tokens": 4},
+            json={"model": "tiny", "prompt": "the world", "max_tokens": 4},
             timeout=60,
         )
         assert completion.status_code == 200

@@ -8,8 +8,13 @@ Starting several at once overlaps their startup, which is mostly single-threaded
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -34,7 +39,8 @@ class ServerProcess(LocalServer):
 
     @property
     def model_name(self) -> str:
-        return str(self.model.resolve())
+        """What `/v1/models` lists: the checkpoint folder's name (`--served-model-name`)."""
+        return self.model.resolve().name
 
     @property
     def inference_headers(self) -> dict[str, str]:
@@ -92,3 +98,43 @@ def greedy(
 def outputs_only(results: list[dict]) -> list[dict]:
     """Results without the version label, for comparing servers at different versions."""
     return [{k: v for k, v in r.items() if k != "version"} for r in results]
+
+
+def stalled_stream(server: ServerProcess) -> socket.socket:
+    """A streaming completion whose client reads the response head and then nothing:
+    with a tiny receive window, the server's send blocks and the request stays open."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", server.port))
+    body = json.dumps(
+        {
+            "model": server.model_name,
+            "prompt": "the world of music",
+            "max_tokens": 220,
+            "n": 32,
+            "logprobs": 20,  # megabytes of chunks: more than the kernel and uvicorn buffer
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + body)
+    assert sock.recv(64).startswith(b"HTTP/1.1 200")  # admitted and streaming
+    return sock
+
+
+def server_processes(server: ServerProcess) -> dict[int, bytes]:
+    """Every process of the server's group (API server, engine core, workers): pid ->
+    command line."""
+    assert server.proc is not None
+    pgid = os.getpgid(server.proc.pid)
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry)) == pgid:
+                    found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
+    return found

@@ -66,3 +66,43 @@ def test_an_unstaged_file_is_not_a_version_and_a_corrupt_state_is_refused(tmp_pa
     (tmp_path / "s" / STATE_FILE).write_text("{not json")
     with pytest.raises(StateError, match="unreadable state file"):
         VersionStore.open(tmp_path / "s", tmp_path / "model", BASE_FP)
+
+
+def test_version_numbers_are_never_reused_even_across_reopening(tmp_path):
+    store = VersionStore.open(tmp_path / "s", tmp_path / "model", BASE_FP)
+    for v in (1, 2, 3):
+        apply(store, v)
+    store.commit_rollback(1, seconds=0.05)
+    assert store.next_version == 4
+    assert VersionStore.open(tmp_path / "s", tmp_path / "model", BASE_FP).next_version == 4
+    assert (store.version_of(fp(1)), store.version_of(BASE_FP), store.version_of(fp(3))) == (
+        1,
+        0,
+        None,
+    )
+
+
+def test_a_state_file_written_before_contract_v2_still_loads(tmp_path):
+    """No `last_version`, no parent fingerprints: the highest number comes from history."""
+    root = tmp_path / "s"
+    (root / "deltas").mkdir(parents=True)
+    old = {
+        "format": "jlserve.state",
+        "format_version": 1,
+        "base": {"path": str(tmp_path / "model"), "fingerprint": BASE_FP},
+        "chain": [
+            {"version": 1, "task": "t1", "fingerprint": fp(1), "file": "deltas/v1",
+             "nnz": 3, "applied_at": utc_now()}
+        ],
+        "history": [
+            {"event": "apply", "version": 1, "from_version": 0, "fingerprint": fp(1),
+             "task": "t1", "seconds": 0.1, "at": utc_now()},
+            {"event": "apply", "version": 2, "from_version": 1, "fingerprint": fp(2),
+             "task": "t2", "seconds": 0.1, "at": utc_now()},
+            {"event": "rollback", "version": 1, "from_version": 2, "fingerprint": fp(1),
+             "seconds": 0.1, "at": utc_now()},
+        ],
+    }  # fmt: skip
+    (root / STATE_FILE).write_text(json.dumps(old))
+    store = VersionStore.open(root, tmp_path / "model", BASE_FP)
+    assert (store.version, store.fingerprint, store.next_version) == (1, fp(1), 3)

@@ -87,7 +87,8 @@ def test_publish_and_eval_via_the_server_match_in_process(setup, tmp_path, capsy
          "--admin-token-file", str(setup["token"]), "--eval-via", server.url]
     )  # fmt: skip
     assert code == 0
-    assert "published v2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "published cb" in err and "published copa" in err and "as version 2" in err
     assert status(server)["version"] == 2
     assert (
         status(server)["fingerprint"] == final_fingerprint(run) == final_fingerprint(setup["ref"])
@@ -107,7 +108,9 @@ def test_served_predictions_equal_in_process_predictions(setup):
         for task in load_stream(cfg.data, cfg.train.seed):
             prompts, n = enc.eval_prompts(task), enc.max_target_len(task)
             local = generate_greedy(model, enc, prompts, n, 8, torch.device("cpu"))
-            remote = served.generate(prompts, max_new_tokens=n, stop_token=enc.eos, version=2)
+            remote = served.generate(
+                prompts, max_new_tokens=n, stop_token=enc.eos, fingerprint=final_fingerprint(ref)
+            )
             assert remote == local
     finally:
         served.close()
@@ -160,17 +163,20 @@ def test_publish_dir_feeds_a_watching_server(setup, tmp_path):
 
 
 def test_republishing_an_applied_delta_is_skipped(setup, tmp_path, capsys):
-    """A resumed run re-publishes what a crash left unrecorded: the server already has it."""
+    """A resumed run re-publishes what a crash left unrecorded: the server already has it.
+    The watched folder does not re-apply its files after the rollback (its bookkeeping)."""
     server = setup["dir"]
-    assert jlserve_main(["rollback", "--to", "1", "--url", server.url]) == 0
+    first = status(server)["chain"][0]
+    assert jlserve_main(["rollback", "--to", first["fingerprint"], "--url", server.url]) == 0
     run = tmp_path / "run"
     assert (
         trainer_main(["--config", str(setup["cfg"]), "--out", str(run), "--publish", server.url])
         == 0
     )
     err = capsys.readouterr().err
-    assert "v1 already served" in err and "published v2" in err
-    assert status(server)["version"] == 2
+    assert "cb already served" in err and "published copa" in err
+    assert status(server)["fingerprint"] == final_fingerprint(run)
+    assert status(server)["version"] == 3  # a new number: 2 named it before the rollback
 
 
 def test_a_refusal_stops_the_run_with_the_servers_message(setup, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,29 @@ def test_flags_jlserve_owns_are_refused_after_the_separator(tiny_model_dir):
     done = run_serve(
         "--model", str(tiny_model_dir), "--insecure-admin", "--", "--worker-extension-cls=x"
     )
-    assert done.returncode == 2 and "--worker-extension-cls is set by jlserve serve" in done.stderr
+    assert (
+        done.returncode == 2 and "(--worker-extension-cls) is set by jlserve serve" in done.stderr
+    )
+
+
+def test_an_api_key_in_the_environment_is_refused(tiny_model_dir):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jlserve",
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--insecure-admin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "VLLM_API_KEY": "sk-inference-key-0123456789"},
+    )
+    assert done.returncode == 2 and "--api-key-file" in done.stderr
+    assert "sk-inference-key" not in done.stderr
 
 
 def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):

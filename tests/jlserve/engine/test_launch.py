@@ -10,17 +10,44 @@ from jlserve.engine.launch import WORKER_EXTENSION, vllm_server_argv, vllm_serve
 from jlserve.errors import ServeConfigError
 
 
+def argv(extra: list[str], on_cpu: bool = True) -> list[str]:
+    return vllm_server_argv(Path("/m"), "m", "127.0.0.1", 8000, extra, on_cpu=on_cpu)
+
+
 def test_cpu_runs_eager_unless_the_user_chooses():
-    argv = vllm_server_argv(Path("/m"), "127.0.0.1", 8000, [], on_cpu=True)
-    assert "--enforce-eager" in argv and WORKER_EXTENSION in argv
-    assert "--enforce-eager" not in vllm_server_argv(Path("/m"), "h", 1, [], on_cpu=False)
-    user = vllm_server_argv(Path("/m"), "h", 1, ["-O", "3"], on_cpu=True)
+    assert "--enforce-eager" in argv([]) and WORKER_EXTENSION in argv([])
+    assert "--enforce-eager" not in argv([], on_cpu=False)
+    user = argv(["-O", "3"])
     assert "--enforce-eager" not in user and user[-2:] == ["-O", "3"]
+    assert "--enforce-eager" not in argv(["--enforce_eager"])  # any spelling is the user's choice
 
 
-def test_flags_jlserve_owns_are_refused():
-    with pytest.raises(ServeConfigError, match="--worker-extension-cls is set by jlserve"):
-        vllm_server_argv(Path("/m"), "h", 1, ["--worker-extension-cls=x.Y"], on_cpu=True)
+def test_clients_see_the_served_model_name_not_the_path():
+    command = argv([])
+    assert command[command.index("--served-model-name") + 1] == "m"
+
+
+@pytest.mark.parametrize(
+    ("arg", "flag"),
+    [
+        ("--worker-extension-cls=x.Y", "--worker-extension-cls"),
+        ("--worker_extension_cls", "--worker-extension-cls"),
+        ("--host=0.0.0.0", "--host"),
+        ("--hos", "--host"),  # argparse accepts unambiguous abbreviations
+        ("--api_key=sk-secret", "--api-key"),  # a secret on a command line
+        ("--config", "--config"),  # a YAML file could set any reserved flag unseen
+        ("--served_model_name=x", "--served-model-name"),
+        ("--api-server-count=2", "--api-server-count"),
+    ],
+)
+def test_flags_jlserve_owns_are_refused_in_every_spelling(arg, flag):
+    with pytest.raises(ServeConfigError, match=f"\\({flag}\\) is set by jlserve serve"):
+        argv([arg, "1"])
+
+
+def test_secrets_in_the_environment_never_reach_the_server():
+    env = vllm_server_env({"JLSERVE_ADMIN_TOKEN": "t" * 20, "VLLM_API_KEY": "k" * 20}, {}, False)
+    assert "JLSERVE_ADMIN_TOKEN" not in env and "VLLM_API_KEY" not in env
 
 
 def test_cpu_gets_a_fixed_kv_cache_unless_set():

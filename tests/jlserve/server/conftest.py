@@ -1,7 +1,9 @@
 """A chain of three deltas on the tiny model and the merged checkpoint of each version.
 
 The deltas mix the file formats (v2, v1, v2), so every serving test that walks the chain
-(apply, rollback, restart, watch) meets both."""
+(apply, rollback, restart, watch) meets both. They carry no version number, as `jlserve
+delta diff` writes them: the server orders them by lineage (parent fingerprint) and
+numbers versions itself."""
 
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ TOUCHED = (
 @dataclass(frozen=True)
 class DeltaChain:
     base: Path
-    deltas: list[Path]  # deltas[i] produces version i + 1
-    merged: list[Path]  # merged[v] is the checkpoint of version v (merged[0] is base)
+    deltas: list[Path]  # deltas[i] takes merged[i] to merged[i + 1]
+    merged: list[Path]  # merged[i] is the checkpoint after i deltas (merged[0] is base)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +61,7 @@ def delta_chain(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             flat[idx] += torch.randn(idx.numel(), generator=gen).to(flat.dtype)
             target[name] = flat.view(current[name].shape)
         path = root / f"task{version}.safetensors"
-        delta = diff_tensors(current, target, task=f"task{version}", version=version)
+        delta = diff_tensors(current, target, task=f"task{version}")
         write_delta(delta, path, format_version=FORMATS[version - 1])
         out = root / f"merged-v{version}"
         write_checkpoint(target, out, like=tiny_model_dir)

@@ -13,29 +13,35 @@ from jlserve.server.errors import AdminHTTPError
 
 
 def config(tmp_path: Path, **kw) -> ServeConfig:
-    return ServeConfig(model=tmp_path, state_dir=tmp_path / "s", **({"host": "127.0.0.1"} | kw))
+    return ServeConfig(state_dir=tmp_path / "s", **kw)
 
 
 def test_no_token_is_refused_unless_insecure_on_loopback(tmp_path):
     with pytest.raises(ServeConfigError, match="admin routes need a token"):
-        read_admin_token(config(tmp_path))
+        read_admin_token(config(tmp_path), "127.0.0.1")
+    insecure = config(tmp_path, insecure_admin=True)
     with pytest.raises(ServeConfigError, match="only allowed on a loopback host"):
-        read_admin_token(config(tmp_path, host="0.0.0.0", insecure_admin=True))
-    assert read_admin_token(config(tmp_path, insecure_admin=True)) is None
-    assert read_admin_token(config(tmp_path, host="::1", insecure_admin=True)) is None
+        read_admin_token(insecure, "0.0.0.0")
+    # vLLM's default host (None) binds every interface: never loopback
+    with pytest.raises(ServeConfigError, match=r"vLLM binds '0\.0\.0\.0'"):
+        read_admin_token(insecure, None)
+    assert read_admin_token(insecure, "127.0.0.1") is None
+    assert read_admin_token(insecure, "::1") is None
+    assert read_admin_token(insecure, "localhost") is None
+    assert read_admin_token(insecure, None, uds="/tmp/x.sock") is None
 
 
 def test_token_file_must_hold_one_long_word(tmp_path):
     short = tmp_path / "short"
     short.write_text("abc\n")
     with pytest.raises(ServeConfigError, match="at least 16 characters"):
-        read_admin_token(config(tmp_path, admin_token_file=short))
+        read_admin_token(config(tmp_path, admin_token_file=short), "127.0.0.1")
     with pytest.raises(ServeConfigError, match="cannot read admin token"):
-        read_admin_token(config(tmp_path, admin_token_file=tmp_path / "missing"))
+        read_admin_token(config(tmp_path, admin_token_file=tmp_path / "missing"), "127.0.0.1")
     good = tmp_path / "good"
     good.write_text("0123456789abcdefXYZ\n")
     assert (
-        read_admin_token(config(tmp_path, admin_token_file=good, host="0.0.0.0"))
+        read_admin_token(config(tmp_path, admin_token_file=good), "0.0.0.0")
         == "0123456789abcdefXYZ"
     )
 
@@ -59,5 +65,27 @@ def test_right_token_and_insecure_mode_pass():
 def test_config_round_trips_through_the_environment(tmp_path):
     original = config(tmp_path, insecure_admin=True, watch_dir=tmp_path / "w")
     assert ServeConfig.from_env(original.to_env()) == original
-    with pytest.raises(ServeConfigError, match="jlserve serve"):
-        ServeConfig.from_env({})
+    assert ServeConfig.from_env({}) == ServeConfig()  # plugin mode: every default
+
+
+def test_plugin_mode_reads_one_variable_per_setting(tmp_path):
+    env = {
+        "JLSERVE_STATE_DIR": str(tmp_path / "s"),
+        "JLSERVE_INSECURE_ADMIN": "1",
+        "JLSERVE_DRAIN_TIMEOUT": "2.5",
+        "JLSERVE_DRAIN_TIMEOUT_ACTION": "preempt",
+    }
+    got = ServeConfig.from_env(env)
+    assert (got.state_dir, got.insecure_admin, got.drain_timeout_s) == (tmp_path / "s", True, 2.5)
+    assert got.drain_timeout_action == "preempt"
+    with pytest.raises(ServeConfigError, match="JLSERVE_DRAIN_TIMEOUT"):
+        ServeConfig.from_env({"JLSERVE_DRAIN_TIMEOUT": "-1"})
+
+
+def test_admin_routes_answer_503_until_the_guard_is_configured():
+    pending = AdminAuth(configured=False)
+    with pytest.raises(AdminHTTPError) as err:
+        pending.check("Bearer anything-at-all-0123456")
+    assert err.value.status == 503
+    pending.configure("the-right-token-0123456789")
+    pending.check("Bearer the-right-token-0123456789")

@@ -19,7 +19,14 @@ import pytest
 from jlserve.checkpoint import load_tensors
 from jlserve.delta import read_delta
 from tests.helpers.bad_deltas import format_errors, good_delta, model_errors, synthetic_tensors
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, greedy, start_all
+from tests.helpers.serving import (
+    ADMIN_TOKEN,
+    ServerProcess,
+    admin_headers,
+    greedy,
+    server_processes,
+    start_all,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +91,7 @@ def _corpus() -> dict[str, tuple[int, str, str]]:
     cases = {c.name: (400, "invalid_delta", c.message) for c in format_errors(placeholder)}
     cases |= {c.name: (409, "delta_mismatch", c.message) for c in model_errors(placeholder)}
     cases["empty"] = (400, "invalid_delta", "empty request body")  # refused before parsing
-    cases["version-gap"] = (409, "version_conflict", "accepts only version 1")
+    cases["not-the-served-parent"] = (409, "delta_mismatch", "lineage mismatch")
     cases["json-body"] = (400, "invalid_delta", "upload: header of")
     return cases
 
@@ -96,7 +103,8 @@ CORPUS = _corpus()
 def bad_bodies(delta_chain) -> dict[str, bytes]:
     delta = good_delta(load_tensors(delta_chain.base))
     bodies = {c.name: c.data for c in [*format_errors(delta), *model_errors(delta)]}
-    bodies["version-gap"] = good_delta(load_tensors(delta_chain.base), version=2).to_bytes()
+    # a good delta of the next model: its parent is merged v1, not the served base
+    bodies["not-the-served-parent"] = good_delta(load_tensors(delta_chain.merged[1])).to_bytes()
     bodies["json-body"] = b'{"delta": "task1.safetensors", "path": "/etc/passwd"}'
     return bodies
 
@@ -130,7 +138,7 @@ def test_corpus_is_complete():
         "inf-value",
         "unknown-parameter",
         "wrong-parent",
-        "version-gap",
+        "not-the-served-parent",
         "no-metadata",
         "metadata-not-json",
         "empty",
@@ -139,16 +147,38 @@ def test_corpus_is_complete():
     assert set(kinds) <= set(CORPUS) and len(CORPUS) >= 20
 
 
-def test_replay_of_an_applied_delta_is_refused(shared, delta_chain):
+def test_replay_of_an_applied_delta_is_answered_as_done_and_changes_nothing(shared, delta_chain):
     url = shared.server.url
     first = delta_chain.deltas[0].read_bytes()
     r = httpx.post(f"{url}/admin/deltas", content=first, headers=admin_headers(), timeout=60)
     assert r.status_code == 200, r.text
     try:
         at_v1 = admin_status(shared.server), greedy(shared.server)
-        r = httpx.post(f"{url}/admin/deltas", content=first, headers=admin_headers(), timeout=60)
-        assert_error(r, 409, "accepts only version 2")
+        again = httpx.post(
+            f"{url}/admin/deltas", content=first, headers=admin_headers(), timeout=60
+        )
+        assert again.status_code == 200, again.text
+        assert again.json()["applied"] is False
+        assert again.json()["fingerprint"] == r.json()["fingerprint"]
         assert (admin_status(shared.server), greedy(shared.server)) == at_v1
+    finally:
+        r = httpx.post(
+            f"{url}/admin/rollback", json={"to_version": 0}, headers=admin_headers(), timeout=60
+        )
+        assert r.status_code == 200, r.text
+    assert greedy(shared.server) == shared.outputs
+
+
+def test_the_version_inside_a_file_is_advisory(shared, delta_chain):
+    """Files written before contract v2 carry a version number; they still load, and the
+    number is only reported back (the server numbers versions itself)."""
+    url = shared.server.url
+    labelled = good_delta(load_tensors(delta_chain.base), version=7).to_bytes()
+    expected = admin_status(shared.server)["next_version"]
+    r = httpx.post(f"{url}/admin/deltas", content=labelled, headers=admin_headers(), timeout=60)
+    try:
+        assert r.status_code == 200, r.text
+        assert (r.json()["delta_version"], r.json()["version"]) == (7, expected)
     finally:
         r = httpx.post(
             f"{url}/admin/rollback", json={"to_version": 0}, headers=admin_headers(), timeout=60
@@ -223,8 +253,34 @@ def test_streamed_oversized_upload_is_refused(shared):
         (b"{}", "application/json", 400, "to_version"),
         (b'{"to_version": 0, "force": true}', "application/json", 400, "force"),
         (b"to_version=0", "application/x-www-form-urlencoded", 400, "validation error"),
+        (b'{"to_fingerprint": "sha256:zz"}', "application/json", 400, "to_fingerprint"),
+        (
+            b'{"to_fingerprint": "sha256:' + b"0" * 64 + b'"}',
+            "application/json",
+            409,
+            "not a model of the served chain",
+        ),
+        (b'{"to_version": 0, "to_fingerprint": null, "x": 1}', "application/json", 400, "x"),
+        (
+            b'{"to_version": 0, "to_fingerprint": "sha256:' + b"0" * 64 + b'"}',
+            "application/json",
+            400,
+            "exactly one",
+        ),
     ],
-    ids=["malformed", "unknown-version", "negative", "not-int", "missing", "extra", "form"],
+    ids=[
+        "malformed",
+        "unknown-version",
+        "negative",
+        "not-int",
+        "missing",
+        "extra",
+        "form",
+        "bad-fingerprint",
+        "unknown-fingerprint",
+        "extra-field",
+        "both",
+    ],
 )
 def test_bad_rollback_request_is_refused(shared, body, content_type, status, fragment):
     r = httpx.post(
@@ -312,14 +368,23 @@ def test_no_path_from_a_request_is_ever_opened(shared, delta_chain):
         assert entry["task"] == evil.metadata.task
         stored = shared.server.state_dir / entry["file"]
         assert stored.parent == shared.server.state_dir / "deltas"
-        assert stored.name.startswith("v00001-") and read_delta(stored).metadata.task == (
-            evil.metadata.task
-        )
+        assert stored.name.startswith(f"v{entry['version']:05d}-")
+        assert read_delta(stored).metadata.task == (evil.metadata.task)
         assert not Path("/tmp/jlserve-traversal").exists()
     finally:
         r = httpx.post(f"{url}/admin/rollback", json={"to_version": 0}, headers=admin_headers())
         assert r.status_code == 200, r.text
     assert greedy(shared.server) == shared.outputs
+
+
+def test_secrets_are_on_no_command_line_and_in_no_environment(shared):
+    pids = server_processes(shared.server)
+    assert len(pids) >= 2  # the API server and vLLM's engine core at least
+    for pid in pids:
+        for what in ("cmdline", "environ"):
+            data = Path(f"/proc/{pid}/{what}").read_bytes()
+            for secret in (ADMIN_TOKEN, API_KEY):
+                assert secret.encode() not in data, (pid, what)
 
 
 def test_secrets_never_reach_the_server_log(shared):

@@ -1,4 +1,5 @@
-"""`jlserve update` across several replicas: per-replica results, no silent mixed versions."""
+"""`jlserve update` across several replicas: per-replica results and fingerprints, no
+silent mix of models."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import httpx
 import pytest
 
 from jlserve.cli import main
+from jlserve.delta import read_delta
 from jlserve.local_server import free_port
 from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
 
@@ -28,8 +30,12 @@ def replicas(delta_chain, tmp_path_factory):
         server.stop()
 
 
-def version(server: ServerProcess) -> int:
-    return httpx.get(f"{server.url}/admin/status", headers=admin_headers()).json()["version"]
+def fingerprint(server: ServerProcess) -> str:
+    return httpx.get(f"{server.url}/admin/status", headers=admin_headers()).json()["fingerprint"]
+
+
+def child(delta) -> str:
+    return read_delta(delta).metadata.child_fingerprint
 
 
 def update(capsys, token_file, delta, urls, *flags: str) -> tuple[int, str, str]:
@@ -45,11 +51,16 @@ def test_fleet_rollout(replicas, delta_chain, capsys, tmp_path):
     servers, token_file = replicas
     urls = [s.url for s in servers]
 
-    # 1. Every replica takes the delta; each one is reported.
+    # 1. Every replica takes the delta; each one is reported with the model it serves.
+    v1, v2 = child(delta_chain.deltas[0]), child(delta_chain.deltas[1])
     code, out, _ = update(capsys, token_file, delta_chain.deltas[0], urls)
     assert code == 0
     assert all(f"{url}: version 0 -> 1" in out for url in urls)
-    assert [version(s) for s in servers] == [1, 1]
+    assert out.count(f"serves version 1 {v1}") == 2
+    assert [fingerprint(s) for s in servers] == [v1, v1]
+    # sending it again is idempotent on every replica
+    code, out, _ = update(capsys, token_file, delta_chain.deltas[0], urls)
+    assert code == 0 and out.count("already served (version 1)") == 2
 
     # 2. A dead replica at the end: the rollout stops, the updated ones are rolled back.
     dead = f"http://127.0.0.1:{free_port()}"
@@ -60,13 +71,14 @@ def test_fleet_rollout(replicas, delta_chain, capsys, tmp_path):
     )
     assert code == 2
     assert f"{dead}: FAILED" in err and "cannot reach the server" in err
-    assert "no replica runs the new version" in err
-    assert all(f"{url}: version 1 -> 2, " in out and "rolled back to 1" in out for url in urls)
-    assert [version(s) for s in servers] == [1, 1]
+    assert "no replica serves the new model" in err and f"{dead}: model unknown" in err
+    assert all(f"{url}: version 1 -> 2, " in out for url in urls)
+    assert out.count(f"rolled back to {v1}; serves version 1 {v1}") == 2
+    assert [fingerprint(s) for s in servers] == [v1, v1]
 
     # 3. Without rollback, the mixed state is said out loud.
     code, _, err = update(
         capsys, token_file, delta_chain.deltas[1], [urls[0], dead], "--no-rollback-on-failure"
     )
-    assert code == 2 and f"MIXED VERSIONS: {urls[0]} run the new version" in err
-    assert [version(s) for s in servers] == [2, 1]
+    assert code == 2 and f"MIXED VERSIONS: {urls[0]} serve the new model {v2}" in err
+    assert [fingerprint(s) for s in servers] == [v2, v1]

@@ -1,8 +1,10 @@
 """`jlserve serve` end to end on the real vLLM CPU engine (reload path, drain policy).
 
 One server starts on the base model and receives the delta chain; a second, fresh
-server on the merged checkpoint of the last version is the reference for exactness.
-Each test starts from version 0 (rollback is exact and takes milliseconds).
+server on the merged checkpoint of the last delta is the reference for exactness.
+Each test starts from the base model (rollback is exact and takes milliseconds). The
+deltas carry no version number: the server accepts a delta whose parent is the served
+model and numbers versions itself, never reusing a number.
 """
 
 from __future__ import annotations
@@ -11,17 +13,23 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 
+from jlserve.client import AdminClient
+from jlserve.delta import read_delta
 from tests.helpers.serving import (
     ADMIN_TOKEN,
     ServerProcess,
     admin_headers,
     greedy,
     outputs_only,
+    stalled_stream,
     start_all,
 )
 
@@ -64,6 +72,11 @@ def at_base(main, base_outputs):
     return main
 
 
+def rollback(server: ServerProcess, **body) -> httpx.Response:
+    headers = admin_headers() | body.pop("headers", {})
+    return httpx.post(f"{server.url}/admin/rollback", json=body, headers=headers, timeout=120)
+
+
 def post_delta(server: ServerProcess, path, headers=None) -> httpx.Response:
     return httpx.post(
         f"{server.url}/admin/deltas",
@@ -79,50 +92,137 @@ def status(server: ServerProcess) -> dict:
     return r.json()
 
 
-def test_updates_match_a_fresh_server_on_the_merged_checkpoint(
+def test_versionless_diff_chain_matches_a_fresh_server_on_the_merged_checkpoint(
     at_base, servers, delta_chain, base_outputs
 ):
-    for version, delta in enumerate(delta_chain.deltas, start=1):
+    before = status(at_base)
+    numbers = []
+    for delta in delta_chain.deltas:
         r = post_delta(at_base, delta)
         assert r.status_code == 200, r.text
-        assert r.json()["version"] == version
-        assert r.headers["x-jlserve-model-version"] == str(version)
+        body = r.json()
+        assert body["applied"] is True and body["delta_version"] is None
+        assert body["version"] == before["next_version"] + len(numbers)  # the server numbers
+        assert r.headers["x-jlserve-model-version"] == str(body["version"])
+        assert r.headers["x-jlserve-model-fingerprint"] == body["fingerprint"]
+        numbers.append(body["version"])
     updated = greedy(at_base)
     fresh = greedy(servers["reference"])
-    assert {r["version"] for r in updated} == {"3"}
+    assert {r["version"] for r in updated} == {str(numbers[-1])}
     assert outputs_only(updated) == outputs_only(fresh)  # token ids, logprobs, top-5: exact
     assert outputs_only(updated) != outputs_only(base_outputs)
     st = status(at_base)
-    assert st["version"] == 3 and st["apply_path"] == "reload"
+    assert st["version"] == numbers[-1] and st["apply_path"] == "reload"
     assert [e["task"] for e in st["chain"]] == ["task1", "task2", "task3"]
+    assert [e["version"] for e in st["chain"]] == numbers
     assert st["fingerprint"] == st["chain"][-1]["fingerprint"]
+    assert st["fingerprint"] == status(servers["reference"])["fingerprint"]
+    # vLLM's own weight_version label follows the served model
+    assert st["engine_weight_version"] == f"{st['version']}:{st['fingerprint']}"
 
 
-def test_rollback_matches_a_fresh_server_on_that_version(at_base, delta_chain, base_outputs):
-    for delta in delta_chain.deltas:
-        assert post_delta(at_base, delta).status_code == 200
-    r = httpx.post(f"{at_base.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers())
+def test_resending_an_applied_delta_answers_applied_false(at_base, delta_chain):
+    first = post_delta(at_base, delta_chain.deltas[0])
+    assert first.status_code == 200 and first.json()["applied"] is True
+    again = post_delta(at_base, delta_chain.deltas[0])  # a client that timed out re-sends
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["applied"] is False
+    assert (body["version"], body["fingerprint"]) == (
+        first.json()["version"],
+        first.json()["fingerprint"],
+    )
+    assert len(status(at_base)["chain"]) == 1
+
+
+def test_if_match_is_a_compare_and_swap(at_base, delta_chain, base_outputs):
+    base_fp = status(at_base)["fingerprint"]
+    other = "sha256:" + "0" * 64
+    r = post_delta(at_base, delta_chain.deltas[0], headers=admin_headers() | {"If-Match": other})
+    assert r.status_code == 412, r.text
+    assert (
+        r.json()["error"]["type"] == "precondition_failed"
+        and base_fp in r.json()["error"]["message"]
+    )
+    assert status(at_base)["fingerprint"] == base_fp and greedy(at_base) == base_outputs
+    ok = post_delta(at_base, delta_chain.deltas[0], headers=admin_headers() | {"If-Match": base_fp})
+    assert ok.status_code == 200 and ok.json()["applied"] is True
+    # the same request repeated (If-Match names its parent) is answered as done
+    again = post_delta(
+        at_base, delta_chain.deltas[0], headers=admin_headers() | {"If-Match": base_fp}
+    )
+    assert again.status_code == 200 and again.json()["applied"] is False
+    # but a rollback guarded by a stale fingerprint is refused
+    r = rollback(at_base, to_version=0, headers={"If-Match": other})
+    assert r.status_code == 412 and status(at_base)["fingerprint"] == ok.json()["fingerprint"]
+
+
+def test_a_client_that_times_out_learns_the_update_was_applied(at_base, delta_chain):
+    """The swap waits (drain) for a stalled stream; the client gives up first and sends
+    the delta again, which is answered by fingerprint once the first attempt is done."""
+    reader = stalled_stream(at_base)
+    time.sleep(1.0)  # let the server fill the socket buffers and block
+    threading.Timer(4.0, reader.close).start()  # the stall ends after the client gave up
+    with AdminClient(at_base.url, ADMIN_TOKEN, timeout_s=2.0) as client:
+        result = client.update_bytes(delta_chain.deltas[0].read_bytes())
+    child = read_delta(delta_chain.deltas[0]).metadata.child_fingerprint
+    assert result.note is not None and "no answer within 2 s; sent again" in result.note
+    assert result.fingerprint == child == status(at_base)["fingerprint"]
+    assert len(status(at_base)["chain"]) == 1  # applied once
+
+
+def test_rollback_by_fingerprint_or_number_matches_a_fresh_server(
+    at_base, delta_chain, base_outputs
+):
+    applied = [post_delta(at_base, d).json() for d in delta_chain.deltas]
+    assert all(a["applied"] for a in applied)
+    r = rollback(at_base, to_fingerprint=applied[0]["fingerprint"])
     assert r.status_code == 200, r.text
-    assert r.json()["previous_version"] == 3 and r.json()["version"] == 0
+    result = r.json()
+    assert result["applied"] is True
+    assert (result["previous_version"], result["previous_fingerprint"]) == (
+        applied[2]["version"],
+        applied[2]["fingerprint"],
+    )
+    assert (result["version"], result["fingerprint"]) == (
+        applied[0]["version"],
+        applied[0]["fingerprint"],
+    )
+    assert result["timings"]["total_s"] > 0
+    r = rollback(at_base, to_version=0)
+    assert r.status_code == 200 and r.json()["previous_version"] == applied[0]["version"]
     after = greedy(at_base)
     assert {x["version"] for x in after} == {"0"}
     assert outputs_only(after) == outputs_only(base_outputs)
-    assert status(at_base)["fingerprint"] == status(at_base)["base"]["fingerprint"]
+    st = status(at_base)
+    assert st["fingerprint"] == st["base"]["fingerprint"]
+    assert rollback(at_base, to_version=0).json()["applied"] is False  # already there
+    # numbers are never reused: re-applying gets a new number for the same weights
+    again = post_delta(at_base, delta_chain.deltas[0]).json()
+    assert again["version"] > applied[2]["version"]
+    assert again["fingerprint"] == applied[0]["fingerprint"]
+    r = rollback(at_base, to_version=applied[1]["version"])  # no longer in the chain
+    assert r.status_code == 409 and "never reused" in r.json()["error"]["message"]
 
 
 def test_official_openai_client_completions_chat_and_streaming(at_base):
     client = openai.OpenAI(base_url=f"{at_base.url}/v1", api_key="unused")
     models = client.models.list()
     assert [m.id for m in models.data] == [at_base.model_name]
+    assert "/" not in models.data[0].id  # the checkpoint folder's name, not a server path
     raw = client.completions.with_raw_response.create(
         model=at_base.model_name, prompt="the world", max_tokens=5, temperature=0
     )
+    base_fp = status(at_base)["fingerprint"]
     assert raw.headers["x-jlserve-model-version"] == "0"
+    assert raw.headers["x-jlserve-model-fingerprint"] == base_fp
     assert raw.parse().choices[0].text
-    chat = client.chat.completions.create(
+    chat = client.chat.completions.with_raw_response.create(
         model=at_base.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=5
     )
-    assert chat.choices[0].message.content is not None
+    assert chat.headers["x-jlserve-model-version"] == "0"
+    assert chat.headers["x-jlserve-model-fingerprint"] == base_fp
+    assert chat.parse().choices[0].message.content is not None
     stream = client.chat.completions.create(
         model=at_base.model_name,
         messages=[{"role": "user", "content": "hi"}],
@@ -143,7 +243,7 @@ def test_official_openai_client_completions_chat_and_streaming(at_base):
         ("empty", 400, "empty request body"),
         ("wrong_token", 403, "wrong admin token"),
         ("no_token", 401, "missing bearer token"),
-        ("stale_version", 409, "accepts only version 1"),
+        ("not_the_served_parent", 409, "lineage mismatch"),
     ],
 )
 def test_refused_updates_name_the_problem_and_change_nothing(
@@ -151,7 +251,7 @@ def test_refused_updates_name_the_problem_and_change_nothing(
 ):
     good = delta_chain.deltas[0].read_bytes()
     headers = admin_headers()
-    if case == "wrong_parent":  # version 1, but made against merged v1 (not the base)
+    if case == "wrong_parent":  # labelled version 1, but made against merged v1 (not the base)
         body = _relabelled(delta_chain.deltas[1], version=1)
     elif case == "corrupt":
         body = good[: len(good) // 2]
@@ -186,9 +286,10 @@ def test_inference_api_key_does_not_grant_admin(at_base):
 
 
 def test_metrics_expose_version_and_update_latency(at_base, delta_chain):
-    assert post_delta(at_base, delta_chain.deltas[0]).status_code == 200
+    r = post_delta(at_base, delta_chain.deltas[0])
+    assert r.status_code == 200
     text = httpx.get(f"{at_base.url}/metrics").text
-    assert "jlserve_model_version 1.0" in text
+    assert f"jlserve_model_version {float(r.json()['version'])}" in text
     assert 'jlserve_update_duration_seconds_count{operation="apply"}' in text
     assert "vllm:" in text  # vLLM's own metrics are still there
 
@@ -207,16 +308,21 @@ def test_cli_update_status_rollback(at_base, servers, delta_chain):
             timeout=120,
         )
 
+    number = status(at_base)["next_version"]
     done = jlserve("update", "--delta", str(delta_chain.deltas[0]))
     assert done.returncode == 0, done.stderr
-    assert "model version 0 -> 1" in done.stdout and "swap" in done.stdout
+    assert f"model version 0 -> {number}" in done.stdout and "swap" in done.stdout
+    fingerprint = status(at_base)["fingerprint"]
+    again = jlserve("update", "--delta", str(delta_chain.deltas[0]))
+    assert again.returncode == 0 and again.stdout.startswith("already served")
     refused = jlserve("update", "--delta", str(delta_chain.deltas[2]))
     assert refused.returncode == 2
-    assert "409" in refused.stderr and "accepts only version 2" in refused.stderr
+    assert "409" in refused.stderr and "lineage mismatch" in refused.stderr
     shown = jlserve("status")
-    assert shown.returncode == 0 and shown.stdout.startswith("version 1")
-    back = jlserve("rollback", "--to", "0")
-    assert back.returncode == 0 and "-> 0" in back.stdout
+    assert shown.returncode == 0 and shown.stdout.startswith(f"version {number}  {fingerprint}")
+    base = status(at_base)["base"]["fingerprint"]
+    back = jlserve("rollback", "--to", base)
+    assert back.returncode == 0 and f"{number} -> 0" in back.stdout
     no_token = subprocess.run(
         [sys.executable, "-m", "jlserve", "status", "--url", at_base.url],
         env={k: v for k, v in env.items() if not k.startswith("JLSERVE_ADMIN")},
@@ -233,28 +339,52 @@ STREAM_PROMPTS = [
 ]
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """One streamed completion: the model it was admitted under, its text, when it ended."""
+
+    status: int
+    fingerprint: str
+    text: str
+    ended: float
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One update during the streams: the model it replaced and when its answer came."""
+
+    replaced: str
+    answered: float
+
+
 async def _stream(
-    client: openai.AsyncOpenAI, model: str, prompt: str, delay: float
-) -> tuple[int, str, str]:
+    client: openai.AsyncOpenAI, model: str, prompt: str, delay: float, max_tokens: int = 32
+) -> Streamed:
     await asyncio.sleep(delay)
     raw = await client.completions.with_raw_response.create(
         model=model,
         prompt=prompt,
-        max_tokens=32,
+        max_tokens=max_tokens,
         temperature=0,
         stream=True,
         extra_body={"ignore_eos": True},
     )
     text = "".join([chunk.choices[0].text async for chunk in raw.parse() if chunk.choices])
-    return raw.http_response.status_code, raw.headers["x-jlserve-model-version"], text
+    fingerprint = raw.headers["x-jlserve-model-fingerprint"]
+    return Streamed(raw.http_response.status_code, fingerprint, text, time.monotonic())
 
 
-async def _streams_during_updates(server: ServerProcess, deltas) -> list[tuple[int, str, str]]:
+async def _streams_during_updates(
+    server: ServerProcess, deltas, max_tokens: int = 32
+) -> tuple[list[Streamed], list[Swap]]:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     requests = [
-        asyncio.create_task(_stream(client, server.model_name, STREAM_PROMPTS[i % 8], 0.05 * i))
+        asyncio.create_task(
+            _stream(client, server.model_name, STREAM_PROMPTS[i % 8], 0.05 * i, max_tokens)
+        )
         for i in range(16)
     ]
+    swaps = []
     async with httpx.AsyncClient(timeout=120) as http:
         for delta in deltas:
             await asyncio.sleep(0.2)
@@ -262,32 +392,41 @@ async def _streams_during_updates(server: ServerProcess, deltas) -> list[tuple[i
                 f"{server.url}/admin/deltas", content=delta.read_bytes(), headers=admin_headers()
             )
             assert r.status_code == 200, r.text
+            swaps.append(Swap(r.json()["previous_fingerprint"], time.monotonic()))
     results = await asyncio.gather(*requests)
     await client.close()
-    return results
+    return results, swaps
+
+
+def overlapping(results: list[Streamed], swaps: list[Swap]) -> list[Streamed]:
+    """Responses still streaming after the swap away from the model they were admitted
+    under had been answered: they ran while the weights changed."""
+    return [
+        r for r in results for s in swaps if r.fingerprint == s.replaced and r.ended > s.answered
+    ]
 
 
 async def _reference_texts(server: ServerProcess) -> dict[str, str]:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
     done = await asyncio.gather(*(_stream(client, server.model_name, p, 0) for p in STREAM_PROMPTS))
     await client.close()
-    return {p: text for p, (_s, _v, text) in zip(STREAM_PROMPTS, done, strict=True)}
+    return {p: r.text for p, r in zip(STREAM_PROMPTS, done, strict=True)}
 
 
 def test_concurrent_streams_during_three_updates_all_complete_on_one_version(at_base, delta_chain):
-    # What each version answers, to check that every response came from a single version.
-    expected = {"0": asyncio.run(_reference_texts(at_base))}
-    for version, delta in enumerate(delta_chain.deltas, start=1):
+    # What each model answers, to check that every response came from a single model.
+    expected = {status(at_base)["fingerprint"]: asyncio.run(_reference_texts(at_base))}
+    for delta in delta_chain.deltas:
         assert post_delta(at_base, delta).status_code == 200
-        expected[str(version)] = asyncio.run(_reference_texts(at_base))
-    assert len({tuple(e.values()) for e in expected.values()}) == 4  # versions differ
-    httpx.post(f"{at_base.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers())
+        expected[status(at_base)["fingerprint"]] = asyncio.run(_reference_texts(at_base))
+    assert len({tuple(e.values()) for e in expected.values()}) == 4  # models differ
+    assert rollback(at_base, to_version=0).status_code == 200
 
-    results = asyncio.run(_streams_during_updates(at_base, delta_chain.deltas))
+    results, swaps = asyncio.run(_streams_during_updates(at_base, delta_chain.deltas))
 
-    assert [s for s, _v, _t in results] == [200] * 16
-    versions = [v for _s, v, _t in results]
-    assert len(set(versions)) >= 2, versions  # the requests really overlapped the swaps
-    for i, (_s, version, text) in enumerate(results):
-        assert text == expected[version][STREAM_PROMPTS[i % 8]], (i, version)
-    assert status(at_base)["version"] == 3
+    assert [r.status for r in results] == [200] * 16
+    assert len({r.fingerprint for r in results}) >= 2  # the requests really met the swaps
+    for i, r in enumerate(results):
+        assert r.text == expected[r.fingerprint][STREAM_PROMPTS[i % 8]], i
+    assert overlapping(results, swaps) == []  # drain: no response outlives its model
+    assert status(at_base)["fingerprint"] == list(expected)[-1]
