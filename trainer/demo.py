@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -91,7 +92,7 @@ def build_config(args: argparse.Namespace, data_root: Path, tasks: list[str]) ->
     )
 
 
-def show_chats(served: ServedModel, cfg: RunConfig, console: Console) -> None:
+def show_chats(served: ServedModel, cfg: RunConfig, console: Console, fingerprint: str) -> None:
     """One dev question per task, asked as a chat client asks it, and the served reply."""
     from transformers import AutoTokenizer
 
@@ -105,7 +106,7 @@ def show_chats(served: ServedModel, cfg: RunConfig, console: Console) -> None:
         [(user, ids)] = enc.eval_chats(task)[:1]
         [reply] = served.chat(
             [(user, ids)], max_new_tokens=enc.max_target_len(task), stop_token=enc.stop,
-            version=len(tasks),
+            fingerprint=fingerprint,
         )  # fmt: skip
         text = " ".join(user.split("\nText: ", 1)[-1].split())[:70]
         console.print(f"   {task.name}: {text!r}... -> {reply!r} (label {task.dev[0]['label']!r})")
@@ -160,7 +161,8 @@ def run_demo(args: argparse.Namespace, console: Console) -> Path:
                 served=served,
                 on_task_end=lambda metrics: console.print(progress_table(metrics, tasks)),
             )
-            show_chats(served, cfg, console)
+            run_info = json.loads((args.out / "run" / "run.json").read_text())
+            show_chats(served, cfg, console, run_info["versions"][-1]["fingerprint"])
         finally:
             served.close()
     finally:
