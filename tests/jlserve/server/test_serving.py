@@ -406,9 +406,11 @@ def overlapping(results: list[Streamed], swaps: list[Swap]) -> list[Streamed]:
     ]
 
 
-async def _reference_texts(server: ServerProcess) -> dict[str, str]:
+async def _reference_texts(server: ServerProcess, max_tokens: int = 32) -> dict[str, str]:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    done = await asyncio.gather(*(_stream(client, server.model_name, p, 0) for p in STREAM_PROMPTS))
+    done = await asyncio.gather(
+        *(_stream(client, server.model_name, p, 0, max_tokens) for p in STREAM_PROMPTS)
+    )
     await client.close()
     return {p: r.text for p, r in zip(STREAM_PROMPTS, done, strict=True)}
 

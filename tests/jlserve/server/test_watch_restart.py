@@ -23,7 +23,12 @@ from tests.helpers.serving import (
     server_processes,
     start_all,
 )
-from tests.jlserve.server.test_serving import _streams_during_updates, overlapping
+from tests.jlserve.server.test_serving import (
+    STREAM_PROMPTS,
+    _reference_texts,
+    _streams_during_updates,
+    overlapping,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -130,24 +135,34 @@ def test_read_only_watch_folder_applies_by_lineage_and_skips_bad_and_stale_files
 
 def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_chain):
     server, _source, _watch = setup
-    # Unlike drain, responses keep streaming while the weights change under them. A swap
-    # answers only after the engine resumed, so on a fast machine the streams can finish in
-    # that gap and show no overlap by chance: up to three rounds, each must serve every
-    # stream, and one must show the overlap (under drain none ever can).
-    overlaps = []
-    for _ in range(3):
+    # What each model answers alone: a response that ran across a swap (frozen, then
+    # resumed on the new weights) matches neither; under drain every response matches the
+    # model it was admitted under (test_serving's drain test).
+    post = {"to_version": 0}
+    assert httpx.post(f"{server.url}/admin/rollback", json=post, headers=admin_headers()).is_success
+    expected = {status(server)["fingerprint"]: asyncio.run(_reference_texts(server, 200))}
+    for delta in delta_chain.deltas:
         r = httpx.post(
-            f"{server.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers()
+            f"{server.url}/admin/deltas", content=delta.read_bytes(), headers=admin_headers()
         )
+        assert r.status_code == 200, r.text
+        expected[status(server)["fingerprint"]] = asyncio.run(_reference_texts(server, 200))
+    crossed: list = []
+    for _ in range(3):  # a fast machine may finish every stream before a swap: retry
+        r = httpx.post(f"{server.url}/admin/rollback", json=post, headers=admin_headers())
         assert r.status_code == 200, r.text
         results, swaps = asyncio.run(_streams_during_updates(server, delta_chain.deltas, 200))
         assert [r.status for r in results] == [200] * 16
         assert all(len(r.text) > 0 for r in results)
         assert status(server)["fingerprint"] == child(delta_chain.deltas[2])
-        overlaps = overlapping(results, swaps)
-        if overlaps:
+        crossed = [
+            r
+            for i, r in enumerate(results)
+            if r.text != expected[r.fingerprint][STREAM_PROMPTS[i % 8]]
+        ] + overlapping(results, swaps)
+        if crossed:
             break
-    assert overlaps, "no response outlived the model it was admitted under, in three rounds"
+    assert crossed, "no response ran across a swap in three rounds"
 
 
 def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
