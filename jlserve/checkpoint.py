@@ -96,10 +96,16 @@ class TensorDigests:
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._digests = {name: tensor_digest(name, t) for name, t in tensors.items()}
 
+    @classmethod
+    def from_digests(cls, digests: Mapping[str, bytes]) -> TensorDigests:
+        """Digests computed earlier (e.g. read from the state dir's digest cache)."""
+        new = cls({})
+        new._digests = dict(digests)
+        return new
+
     def updated(self, changed: Mapping[str, torch.Tensor]) -> TensorDigests:
         """A copy with the digests of `changed` recomputed (self is left as it was)."""
-        new = TensorDigests({})
-        new._digests = dict(self._digests)
+        new = TensorDigests.from_digests(self._digests)
         for name, tensor in changed.items():
             new._digests[name] = tensor_digest(name, tensor)
         return new

@@ -22,6 +22,10 @@ class DeltaMismatchError(JlserveError):
     """A well-formed delta does not fit the model it is applied to (lineage, names, shapes)."""
 
 
+class UnsupportedUpdateError(JlserveError):
+    """A delta touches weights the serving engine cannot update on its apply path."""
+
+
 class ServeConfigError(JlserveError):
     """`jlserve serve` was given flags that cannot work together (e.g. no admin token)."""
 

@@ -80,6 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"largest delta upload accepted, in bytes (default {DEFAULT_MAX_FILE_BYTES}: 2 GiB)",
     )
     serve.add_argument(
+        "--rehash-base",
+        action="store_true",
+        help="re-hash the whole base checkpoint instead of trusting the state dir's digest "
+        "cache (which is keyed by each file's size, mtime and header)",
+    )
+    serve.add_argument(
         "--cpu-dense-weights",
         action="store_true",
         help="CPU only, for tests: keep linear weights dense so the GPU in-place path is used",
@@ -125,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout_action=DrainTimeoutAction(args.drain_timeout_action),
         engine_timeout_s=args.engine_timeout,
         max_delta_bytes=args.max_delta_bytes,
+        rehash_base=args.rehash_base,
     )
     read_admin_token(config, args.host)  # refuse now rather than after the engine loaded
     if config.api_key_file is not None:

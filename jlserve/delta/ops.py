@@ -89,6 +89,7 @@ class PlannedUpdate:
     """The outcome of a validated delta, not yet committed anywhere."""
 
     changed: dict[str, torch.Tensor]  # full new tensors of the touched parameters
+    positions: dict[str, torch.Tensor]  # per touched parameter: (nnz,) int64 flat indices
     digests: TensorDigests  # per-tensor digests of the model after the update
     fingerprint: str  # == the delta's child (apply) or parent (revert) fingerprint
 
@@ -131,8 +132,10 @@ def plan_update(
             f"{expected_from}, the model is {current_fp}"
         )
     changed: dict[str, torch.Tensor] = {}
+    positions: dict[str, torch.Tensor] = {}
     for name, change in delta.changes.items():
         index = change.index.long()
+        positions[name] = index
         flat = tensors[name].reshape(-1)
         before = bits(flat)[index]
         if change.old is not None:  # v1 files (and fresh diffs) also prove it coordinate-wise
@@ -155,7 +158,12 @@ def plan_update(
             f"{source}: result {new_digests.fingerprint} does not match the delta's declared "
             f"{'parent' if reverse else 'child'} {expected_to}"
         )
-    return PlannedUpdate(changed=changed, digests=new_digests, fingerprint=new_digests.fingerprint)
+    return PlannedUpdate(
+        changed=changed,
+        positions=positions,
+        digests=new_digests,
+        fingerprint=new_digests.fingerprint,
+    )
 
 
 def density_report(delta: SparseDelta) -> dict[str, dict[str, float | int]]:

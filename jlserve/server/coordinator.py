@@ -1,7 +1,8 @@
 """The swap coordinator: the only code that changes which model version is served.
 
 It keeps the source of truth on the host: the HF state dict of the served version (CPU,
-checkpoint dtype) with its per-tensor digests, and the version store. Every change
+checkpoint dtype; the base memory-mapped, private copies only of the tensors the chain
+changed) with its per-tensor digests, and the version store. Every change
 follows one path, under one lock:
 
     validate (parse, plan against the host copy)  -> nothing changed yet; errors are 4xx
@@ -27,22 +28,26 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-from jlserve.checkpoint import TensorDigests, load_tensors
-from jlserve.delta import SparseDelta, parse_delta, plan_update
-from jlserve.engine.groups import complete_groups
-from jlserve.engine.protocol import ServingEngine, WeightLayout
+from jlserve.checkpoint import TensorDigests
+from jlserve.delta import PlannedUpdate, SparseDelta, parse_delta, plan_update
+from jlserve.digest_cache import base_digests, save_cache
+from jlserve.engine.groups import complete_groups, fused_module_key
+from jlserve.engine.protocol import ServingEngine, TensorPatch, WeightLayout
 from jlserve.errors import (
     DegradedError,
     DrainTimeoutError,
     PreconditionFailedError,
+    UnsupportedUpdateError,
     VersionConflictError,
 )
 from jlserve.faults import FaultStep, fault_point
+from jlserve.mapped import MappedCheckpoint
 from jlserve.server.metrics import SwapMetrics
 from jlserve.server.schemas import (
     ApplyResponse,
@@ -105,10 +110,20 @@ class RequestGate:
 class _Plan:
     """A validated change of the host state, ready to be swapped in."""
 
-    changed: dict[str, torch.Tensor]
+    changed: dict[str, torch.Tensor]  # full new tensors (host copy)
     digests: TensorDigests
     version: int
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)  # changed flat indices
     timings: Timings = field(default_factory=Timings)
+    sent_bytes: int = 0  # weight bytes the swap sent to each engine worker
+
+    def absorb(self, step: PlannedUpdate) -> None:
+        """Compose a further validated step (planned on this plan's result) into it."""
+        self.changed.update(step.changed)
+        for name, index in step.positions.items():
+            seen = self.positions.get(name)
+            self.positions[name] = index if seen is None else torch.cat([seen, index]).unique()
+        self.digests = step.digests
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,7 @@ class SwapCoordinator:
         engine: ServingEngine,
         layout: WeightLayout,
         store: VersionStore,
-        tensors: dict[str, torch.Tensor],
+        base: MappedCheckpoint,
         digests: TensorDigests,
         settings: SwapSettings,
         metrics: SwapMetrics,
@@ -135,7 +150,8 @@ class SwapCoordinator:
         self._engine = engine
         self._layout = layout
         self._store = store
-        self._tensors = tensors
+        self._base = base
+        self._tensors: dict[str, torch.Tensor] = dict(base)  # base views, then touched copies
         self._digests = digests
         self._settings = settings
         self._metrics = metrics
@@ -158,13 +174,25 @@ class SwapCoordinator:
         settings: SwapSettings,
         metrics: SwapMetrics,
         max_delta_bytes: int,
+        rehash_base: bool = False,
     ) -> SwapCoordinator:
-        """Load the base checkpoint, open its state dir and bring the engine to the latest
+        """Map the base checkpoint, open its state dir and bring the engine to the latest
         recorded version (the engine starts on the base checkpoint). Any failure raises:
-        the server must not start on a version other than the recorded one."""
-        tensors = await asyncio.to_thread(load_tensors, model_dir)
-        digests = await asyncio.to_thread(TensorDigests, tensors)
+        the server must not start on a version other than the recorded one.
+
+        The base stays memory-mapped (no private copy); its digests come from the state
+        dir's cache for every file unchanged since they were computed."""
+        tensors = await asyncio.to_thread(MappedCheckpoint, model_dir)
+        digests, report, cache = await asyncio.to_thread(
+            base_digests, tensors, state_dir, force=rehash_base
+        )
+        for file, reason in report.rehashed.items():
+            log.info("hashed base weights %s (%s)", file, reason)
+        if report.cached:
+            log.info("base digests of %d file(s) taken from the digest cache", len(report.cached))
         store = VersionStore.open(state_dir, model_dir, digests.fingerprint)
+        if report.rehashed:
+            await asyncio.to_thread(save_cache, store.root, cache)
         layout = await engine.weight_layout()
         coordinator = cls(
             engine, layout, store, tensors, digests, settings, metrics, max_delta_bytes
@@ -176,20 +204,23 @@ class SwapCoordinator:
         chain = self._store.chain
         if chain:
             start = time.perf_counter()
-            overlay: dict[str, torch.Tensor] = {}
-            digests = self._digests
+            replay = _Plan({}, self._digests, chain[-1].version)
             for entry in chain:
                 delta = parse_delta(
                     self._store.read_delta_bytes(entry),
                     source=entry.file,
                     max_bytes=self.max_delta_bytes,
                 )
-                plan = plan_update(
-                    _Overlay(overlay, self._tensors), digests, delta, source=entry.file
+                self._refuse_unsupported(delta, entry.file)
+                replay.absorb(
+                    plan_update(
+                        _Overlay(replay.changed, self._tensors),
+                        replay.digests,
+                        delta,
+                        source=entry.file,
+                    )
                 )
-                overlay.update(plan.changed)
-                digests = plan.digests
-            await self._swap(_Plan(overlay, digests, chain[-1].version), commit=None)
+            await self._swap(replay, commit=None)
             if self._degraded:
                 raise DegradedError(self._degraded)
             log.info(
@@ -246,6 +277,7 @@ class SwapCoordinator:
             drain_timeout_s=self._settings.drain_timeout_s,
             drain_timeout_action=self._settings.drain_timeout_action,
             apply_path=self._layout.apply_path,
+            engine_workers=self._layout.workers,
             swap_in_progress=self._lock.locked(),
             engine_weight_version=self._engine_label,
             degraded=self.degraded,
@@ -322,8 +354,23 @@ class SwapCoordinator:
             raise
 
     def _plan_apply(self, delta: SparseDelta, source: str) -> _Plan:
-        plan = plan_update(self._tensors, self._digests, delta, source=source)
-        return _Plan(plan.changed, plan.digests, self._store.next_version)
+        self._refuse_unsupported(delta, source)
+        plan = _Plan({}, self._digests, self._store.next_version)
+        plan.absorb(plan_update(self._tensors, self._digests, delta, source=source))
+        return plan
+
+    def _refuse_unsupported(self, delta: SparseDelta, source: str) -> None:
+        """Refuse, before anything changes, a delta touching weights that the engine's
+        apply path cannot update (vLLM transforms them after loading)."""
+        unsupported = self._layout.unsupported_modules
+        for name in sorted(delta.changes):
+            module = fused_module_key(name, self._layout.fused_modules)
+            for prefix, why in unsupported.items():
+                if module == prefix or module.startswith(prefix + "."):
+                    raise UnsupportedUpdateError(
+                        f"{source}: {name} is in {prefix}, which the {self._layout.apply_path} "
+                        f"apply path cannot update ({why}); nothing changed"
+                    )
 
     def _answer_apply(
         self,
@@ -345,6 +392,7 @@ class SwapCoordinator:
             apply_path=self._layout.apply_path,
             swap_policy=self._settings.policy,
             timings=plan.timings,
+            sent_bytes=plan.sent_bytes,
         )
         if applied:
             self._last_update = response
@@ -375,6 +423,7 @@ class SwapCoordinator:
                 apply_path=self._layout.apply_path,
                 swap_policy=self._settings.policy,
                 timings=plan.timings,
+                sent_bytes=plan.sent_bytes,
             )
             if response.applied:
                 self._last_update = response
@@ -400,8 +449,7 @@ class SwapCoordinator:
         return wanted
 
     def _plan_rollback(self, to_version: int) -> _Plan:
-        overlay: dict[str, torch.Tensor] = {}
-        digests = self._digests
+        plan = _Plan({}, self._digests, to_version)
         for entry in reversed(self._store.chain):
             if entry.version <= to_version:
                 break
@@ -410,12 +458,16 @@ class SwapCoordinator:
                 source=entry.file,
                 max_bytes=self.max_delta_bytes,
             )
-            plan = plan_update(
-                _Overlay(overlay, self._tensors), digests, delta, reverse=True, source=entry.file
+            plan.absorb(
+                plan_update(
+                    _Overlay(plan.changed, self._tensors),
+                    plan.digests,
+                    delta,
+                    reverse=True,
+                    source=entry.file,
+                )
             )
-            overlay.update(plan.changed)
-            digests = plan.digests
-        return _Plan(overlay, digests, to_version)
+        return plan
 
     def _record(self, plan: _Plan, previous: int, previous_fp: str, operation: str) -> None:
         self._metrics.update_seconds.labels(operation=operation).observe(plan.timings.total_s)
@@ -444,11 +496,7 @@ class SwapCoordinator:
     ) -> None:
         """Swap the engine to `plan` (caller holds the lock); all or nothing."""
         started = time.perf_counter() if started is None else started
-        names = set(plan.changed)
-        if self._layout.apply_path is ApplyPath.RELOAD:
-            names = complete_groups(names, self._tensors, self._layout.fused_modules)
-        new = {n: plan.changed.get(n, self._tensors[n]) for n in sorted(names)}
-        old = {n: self._tensors[n] for n in sorted(names)}
+        load_new, load_old = self._engine_writes(plan)
         timings = plan.timings
         held = time.perf_counter()
         self.gate.close()
@@ -461,7 +509,7 @@ class SwapCoordinator:
             timings.wait_s = t - held
             try:
                 fault_point(FaultStep.BEFORE_APPLY)
-                await self._engine.load_weights(new)
+                await load_new()
                 await self._engine.reset_prefix_cache()
                 timings.apply_s = time.perf_counter() - t
                 t = time.perf_counter()
@@ -469,7 +517,7 @@ class SwapCoordinator:
                     await asyncio.to_thread(commit, time.perf_counter() - started)
                 timings.commit_s = time.perf_counter() - t
             except BaseException:
-                await self._restore_weights(old)
+                await self._restore_weights(load_old)
                 raise
             self._tensors.update(plan.changed)
             self._digests = plan.digests
@@ -485,6 +533,8 @@ class SwapCoordinator:
                 self.gate.open()
                 timings.paused_s = time.perf_counter() - held
                 timings.total_s = time.perf_counter() - started
+                # base pages read to plan this swap stay in the page cache, not in us
+                self._base.release_pages()
 
     async def _drain(self) -> SwapPolicy:
         """Wait (bounded) for admitted requests; returns how to pause the engine.
@@ -528,11 +578,35 @@ class SwapCoordinator:
             log.warning("could not set the engine's weight_version: %s", exc)
             self._engine_label = None
 
-    async def _restore_weights(self, old: Mapping[str, torch.Tensor]) -> None:
-        """Put the previous version's tensors back after a failed swap."""
+    def _engine_writes(
+        self, plan: _Plan
+    ) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+        """How to write `plan` into the engine, and how to put the served version back.
+
+        In place: only the changed positions travel (sparse patches; the old values at
+        the same positions undo them). Reload: the full tensors of every touched (fused)
+        module, since vLLM rebuilds a fused module only from all of its shards.
+        """
+        if self._layout.apply_path is ApplyPath.IN_PLACE:
+            new = {n: _patch(plan.changed[n], i) for n, i in sorted(plan.positions.items())}
+            old = {n: _patch(self._tensors[n], i) for n, i in sorted(plan.positions.items())}
+            plan.sent_bytes = sum(_nbytes(p.index) + _nbytes(p.values) for p in new.values())
+            return partial(self._engine.patch_weights, new), partial(
+                self._engine.patch_weights, old
+            )
+        names = complete_groups(plan.changed, self._tensors, self._layout.fused_modules)
+        full_new = {n: plan.changed.get(n, self._tensors[n]) for n in sorted(names)}
+        full_old = {n: self._tensors[n] for n in sorted(names)}
+        plan.sent_bytes = sum(_nbytes(t) for t in full_new.values())
+        return partial(self._engine.load_weights, full_new), partial(
+            self._engine.load_weights, full_old
+        )
+
+    async def _restore_weights(self, load_old: Callable[[], Awaitable[None]]) -> None:
+        """Put the previous version's weights back after a failed swap."""
         try:
             fault_point(FaultStep.RESTORE_APPLY)
-            await self._engine.load_weights(old)
+            await load_old()
             await self._engine.reset_prefix_cache()
         except Exception as exc:  # the engine now holds unknown weights: say so loudly
             self._degrade(
@@ -572,3 +646,12 @@ async def _shielded(operation: Awaitable[Answer]) -> Answer:
     """Run a swap to completion even if the HTTP request that started it is cancelled
     (a client disconnect must not stop a swap between pause and resume)."""
     return await asyncio.shield(asyncio.ensure_future(operation))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _patch(tensor: torch.Tensor, index: torch.Tensor) -> TensorPatch:
+    """`tensor`'s values at the flat positions `index`, as an engine patch."""
+    return TensorPatch(shape=tuple(tensor.shape), index=index, values=tensor.reshape(-1)[index])

@@ -14,6 +14,7 @@ from jlserve.errors import (
     JlserveError,
     PreconditionFailedError,
     StateError,
+    UnsupportedUpdateError,
     VersionConflictError,
 )
 from jlserve.server.schemas import ErrorBody, ErrorDetail
@@ -35,6 +36,7 @@ _STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (PreconditionFailedError, 412, "precondition_failed"),
     (VersionConflictError, 409, "version_conflict"),
     (DeltaMismatchError, 409, "delta_mismatch"),
+    (UnsupportedUpdateError, 422, "unsupported_update"),
     (DrainTimeoutError, 503, "drain_timeout"),
     (DegradedError, 503, "degraded"),
     (StateError, 500, "state_error"),

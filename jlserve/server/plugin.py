@@ -109,6 +109,7 @@ class JlserveEndpointPlugin:
             ),
             metrics=SwapMetrics(),
             max_delta_bytes=config.max_delta_bytes,
+            rehash_base=config.rehash_base,
         )
         self._auth.configure(token)
         if config.watch_dir is not None:

@@ -43,6 +43,11 @@ class UpdateResponse(BaseModel):
     apply_path: ApplyPath
     swap_policy: SwapPolicy
     timings: Timings = Field(default_factory=Timings)
+    sent_bytes: int = Field(
+        0,
+        description="weight bytes sent to each engine worker: in place, the changed "
+        "positions (int64 index + value); reload, the whole tensors of the touched modules",
+    )
     note: str | None = None  # e.g. how a client that timed out learned the outcome
 
 
@@ -91,6 +96,9 @@ class StatusResponse(BaseModel):
     drain_timeout_s: float
     drain_timeout_action: DrainTimeoutAction
     apply_path: ApplyPath
+    engine_workers: int = Field(
+        0, description="workers that report to every swap: TP ranks x data-parallel engines"
+    )
     swap_in_progress: bool
     engine_weight_version: str | None = Field(
         None, description="vLLM's own weight_version label, `<version>:<fingerprint>`"

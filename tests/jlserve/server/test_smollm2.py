@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
@@ -57,3 +59,30 @@ def test_smollm2_update_and_rollback_are_exact(smol):
     r = httpx.post(f"{main.url}/admin/rollback", json={"to_version": 0}, timeout=300)
     assert r.status_code == 200, r.text
     assert greedy(main, PROMPTS) == base_outputs
+
+
+def resident_bytes_of(pid: int, path: Path) -> tuple[int, int]:
+    """(resident, private) bytes of `path`'s memory maps in process `pid` (smaps)."""
+    resident = private = 0
+    current = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            current = fields[5] if len(fields) > 5 else None
+        elif current == str(path) and fields[0] == "Rss:":
+            resident += int(fields[1]) * 1024
+        elif current == str(path) and fields[0] in ("Private_Clean:", "Private_Dirty:"):
+            private += int(fields[1]) * 1024
+    return resident, private
+
+
+def test_the_server_keeps_the_base_mapped_not_copied(smol, smollm2_dir):
+    """The API server process (the jlserve plugin's host copy) maps the checkpoint file
+    and holds < 10 % of it resident after start, hashing included (the model is 257 MB)."""
+    main, _, _ = smol
+    weights = (smollm2_dir / "model.safetensors").resolve()
+    resident, private = resident_bytes_of(main.proc.pid, weights)
+    size = weights.stat().st_size
+    assert resident < 0.10 * size and private < 0.10 * size, (resident, private, size)
+    maps = Path(f"/proc/{main.proc.pid}/maps").read_text()
+    assert str(weights) in maps  # mapped, not read into anonymous memory

@@ -178,12 +178,37 @@ def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
     before = greedy(server)
     assert {x["version"] for x in before} == {str(served["version"])}
     server.stop()
-    start_all([server])
+    log = restarted_log(server)
     after = status(server)
     assert (after["version"], after["fingerprint"]) == (served["version"], served["fingerprint"])
     assert after["next_version"] == served["next_version"]  # numbers are never reused
     assert greedy(server) == before
-    assert f"restored model version {served['version']}" in server.log_path.read_text()
+    assert f"restored model version {served['version']}" in log
+    # nothing changed on disk: the base digests come from the state dir's cache
+    assert "taken from the digest cache" in log and "hashed base weights" not in log
+
+
+def test_restart_after_the_base_file_changed_rehashes_it_and_says_why(setup, delta_chain):
+    server, _source, _watch = setup
+    served = status(server)
+    weights = delta_chain.base / "model.safetensors"
+    server.stop()
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    log = restarted_log(server)
+    assert "hashed base weights model.safetensors (mtime_ns changed" in log
+    after = status(server)  # same bytes, so the same model and version
+    assert (after["version"], after["fingerprint"]) == (served["version"], served["fingerprint"])
+    server.stop()
+    log = restarted_log(server)  # the cache was refreshed by that start
+    assert "hashed base weights" not in log
+
+
+def restarted_log(server) -> str:
+    """Start `server` again and return what it logged during this start."""
+    offset = server.log_path.stat().st_size
+    start_all([server])
+    return server.log_path.read_bytes()[offset:].decode(errors="replace")
 
 
 def test_a_dead_engine_fails_health_until_the_server_exits(setup):
