@@ -227,22 +227,29 @@ def _server(label: str, argv: list[str], model: Path, port: int, log_path: Path)
     )
 
 
-def jlserve_server(model: Path, state_dir: Path, log_path: Path) -> Server:
-    """`jlserve serve` with the insecure loopback admin (no token), ENGINE_ARGS."""
+def jlserve_server(
+    model: Path, state_dir: Path, log_path: Path, engine_args: Sequence[str] = ENGINE_ARGS
+) -> Server:
+    """`jlserve serve` with the insecure loopback admin (no token), ENGINE_ARGS unless
+    other engine args are given."""
     port = free_port()
     argv = [sys.executable, "-m", "jlserve", "serve", "--model", str(model)]
     argv += ["--state-dir", str(state_dir), "--host", HOST, "--port", str(port)]
-    argv += ["--insecure-admin", "--served-model-name", str(model), "--", *ENGINE_ARGS]
+    argv += ["--insecure-admin", "--served-model-name", str(model), "--", *engine_args]
     return _server("jlserve", argv, model, port, log_path)
 
 
 def vllm_server(
-    model: Path, log_path: Path, extra: Sequence[str] = (), label: str = "vllm"
+    model: Path,
+    log_path: Path,
+    extra: Sequence[str] = (),
+    label: str = "vllm",
+    engine_args: Sequence[str] = ENGINE_ARGS,
 ) -> Server:
     """Plain vLLM OpenAI server (`python -m vllm.entrypoints.openai.api_server`)."""
     port = free_port()
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model)]
-    argv += ["--host", HOST, "--port", str(port), *ENGINE_ARGS, *extra]
+    argv += ["--host", HOST, "--port", str(port), *engine_args, *extra]
     return _server(label, argv, model, port, log_path)
 
 

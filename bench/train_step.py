@@ -24,6 +24,7 @@ Writes bench/results/train_step[_quick].json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,16 +50,23 @@ class Attached:
     detach: Callable[[], None]
 
 
-def _adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> float:
-    loss = model(**batch).loss
+# The forward's precision context: none (fp32, the CPU default) or bf16 autocast as the
+# trainer runs on CUDA (`torch.autocast("cuda", dtype=torch.bfloat16)`).
+Amp = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def _adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, amp: Amp) -> float:
+    with amp():
+        loss = model(**batch).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return float(loss.detach())
 
 
-def attach(model: torch.nn.Module, variant: str) -> Attached:
-    """Wrap q/v of `model` with `variant` and build its optimizer as the trainer does."""
+def attach(model: torch.nn.Module, variant: str, amp: Amp = contextlib.nullcontext) -> Attached:
+    """Wrap q/v of `model` with `variant` and build its optimizer as the trainer does; the
+    forward runs under `amp` (the loop's autocast), the rest of the step outside it."""
     if variant == "lora-peft":
         from peft import LoraConfig, get_peft_model
 
@@ -68,7 +77,7 @@ def attach(model: torch.nn.Module, variant: str) -> Attached:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
         return Attached(
-            step=lambda batch: _adamw_step(peft_model, opt, batch),
+            step=lambda batch: _adamw_step(peft_model, opt, batch, amp),
             detach=lambda: peft_model.unload(),
         )
 
@@ -88,7 +97,8 @@ def attach(model: torch.nn.Module, variant: str) -> Attached:
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         def task_loss() -> torch.Tensor:
-            return model(**batch).loss
+            with amp():
+                return model(**batch).loss
 
         f = 1.0 if gated else 0.0
         return train_step(adapter, opt, task_loss, f, grad_clip=1.0).loss
@@ -96,19 +106,69 @@ def attach(model: torch.nn.Module, variant: str) -> Attached:
     return Attached(step=step, detach=adapter.unload)
 
 
-def load_model(model_dir: Path) -> torch.nn.Module:
+def load_model(
+    model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.requires_grad_(False)
     model.train()
     return model
 
 
-def make_batch(vocab: int, batch: int, length: int) -> dict[str, torch.Tensor]:
+def make_batch(vocab: int, batch: int, length: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    ids = torch.randint(3, vocab, (batch, length), generator=gen).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@dataclass
+class StepTimes:
+    """Seconds per timed step of each variant (wall and this process's CPU time), and each
+    round's median per variant."""
+
+    times: dict[str, list[float]]
+    cpu_times: dict[str, list[float]]
+    per_round: list[dict[str, float]]
+
+
+def time_variants(
+    model: torch.nn.Module,
+    variants: list[str],
+    data: dict[str, torch.Tensor],
+    rounds: int,
+    steps: int,
+    amp: Amp = contextlib.nullcontext,
+) -> StepTimes:
+    """The variants in turn on one model (attach, 1 warm-up step, `steps` timed steps,
+    detach), the order rotated each round. Each step ends with the loss read back
+    (`.item()`), so on CUDA a step's time includes its kernels."""
+    timed = StepTimes({v: [] for v in variants}, {v: [] for v in variants}, [])
+    for rnd in range(rounds):
+        order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
+        this_round: dict[str, float] = {}
+        for variant in order:
+            attached = attach(model, variant, amp)
+            try:
+                attached.step(data)  # warm-up
+                wall, cpu = [], []
+                for _ in range(steps):
+                    t, c = time.perf_counter(), time.process_time()
+                    attached.step(data)
+                    wall.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
+            finally:
+                attached.detach()
+            timed.times[variant] += wall
+            timed.cpu_times[variant] += cpu
+            this_round[variant] = median(wall)
+            print(
+                f"round {rnd + 1}: {variant} {median(wall):.3f} s/step (CPU {median(cpu):.3f} s)",
+                flush=True,
+            )
+        timed.per_round.append(this_round)
+    return timed
 
 
 def _status_mib(field: str) -> float:
@@ -165,32 +225,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model(args.model)
     data = make_batch(model.config.vocab_size, batch, length)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    cpu_times: dict[str, list[float]] = {v: [] for v in variants}
-    per_round: list[dict[str, float]] = []
-    for rnd in range(rounds):
-        order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
-        this_round: dict[str, float] = {}
-        for variant in order:
-            attached = attach(model, variant)
-            try:
-                attached.step(data)  # warm-up
-                steps, cpu = [], []
-                for _ in range(args.steps):
-                    t, c = time.perf_counter(), time.process_time()
-                    attached.step(data)
-                    steps.append(time.perf_counter() - t)
-                    cpu.append(time.process_time() - c)
-            finally:
-                attached.detach()
-            times[variant] += steps
-            cpu_times[variant] += cpu
-            this_round[variant] = median(steps)
-            print(
-                f"round {rnd + 1}: {variant} {median(steps):.3f} s/step (CPU {median(cpu):.3f} s)",
-                flush=True,
-            )
-        per_round.append(this_round)
+    timed = time_variants(model, variants, data, rounds, args.steps)
+    times, cpu_times, per_round = timed.times, timed.cpu_times, timed.per_round
     del model
 
     memory = {}
