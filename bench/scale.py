@@ -199,10 +199,10 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def write_random_llama(out: Path, shape: LlamaShape, tokenizer: Path, seed: int) -> Path:
     """A random sharded Llama checkpoint with `tokenizer`'s files, written one shard at a
     time into a staging folder renamed to `out`; kept if `out` exists."""
-    from transformers import LlamaConfig
-
     if (out / INDEX_FILE).is_file():
         return out
+    from transformers import LlamaConfig
+
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
