@@ -228,7 +228,11 @@ def _server(label: str, argv: list[str], model: Path, port: int, log_path: Path)
 
 
 def jlserve_server(
-    model: Path, state_dir: Path, log_path: Path, engine_args: Sequence[str] = ENGINE_ARGS
+    model: Path,
+    state_dir: Path,
+    log_path: Path,
+    engine_args: Sequence[str] = ENGINE_ARGS,
+    label: str = "jlserve",
 ) -> Server:
     """`jlserve serve` with the insecure loopback admin (no token), ENGINE_ARGS unless
     other engine args are given."""
@@ -236,7 +240,7 @@ def jlserve_server(
     argv = [sys.executable, "-m", "jlserve", "serve", "--model", str(model)]
     argv += ["--state-dir", str(state_dir), "--host", HOST, "--port", str(port)]
     argv += ["--insecure-admin", "--served-model-name", str(model), "--", *engine_args]
-    return _server("jlserve", argv, model, port, log_path)
+    return _server(label, argv, model, port, log_path)
 
 
 def vllm_server(
@@ -251,6 +255,29 @@ def vllm_server(
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model)]
     argv += ["--host", HOST, "--port", str(port), *engine_args, *extra]
     return _server(label, argv, model, port, log_path)
+
+
+def process_tree_memory(pid: int) -> dict[str, Any]:
+    """Memory of process `pid` and all its descendants (API server, engine core, workers):
+    private (USS), proportional (PSS) and resident (RSS) bytes, summed and per process."""
+    import psutil
+
+    root = psutil.Process(pid)
+    rows = []
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            mem = proc.memory_full_info()
+            rows.append(
+                {
+                    "pid": proc.pid,
+                    "name": proc.name(),
+                    "cmdline": " ".join(proc.cmdline())[:120],
+                    "uss": mem.uss,
+                    "pss": mem.pss,
+                    "rss": mem.rss,
+                }
+            )
+    return {key: sum(r[key] for r in rows) for key in ("uss", "pss", "rss")} | {"processes": rows}
 
 
 @contextlib.contextmanager
