@@ -347,6 +347,16 @@ def delta_size_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
         "",
         _provenance(doc),
         "",
+    ]
+    if any("formats" not in r for r in doc["rows"]):
+        quick = " --quick" if doc["quick"] else ""
+        return [
+            *out,
+            "_This result predates delta format v2 (no per-format sizes): re-run "
+            f"`python -m bench.delta_size{quick}`._",
+            "",
+        ]
+    out += [
         f"Full checkpoint (what a restart loads): {_mb(ckpt)} MB. LoRA r={doc['rank']} factors:",
         "",
     ]
@@ -614,6 +624,444 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
     return out
 
 
+SCALE_SERVERS = {  # result key -> label
+    "jlserve": "jlserve serve, fresh",
+    "vllm": "plain vLLM, base",
+    "jlserve_chain": "jlserve serve, restarted with 10 deltas",
+    "vllm_merged": "plain vLLM, merged checkpoint",
+}
+
+
+def _process_role(proc: dict[str, Any]) -> str:
+    """What one process of a server's tree is, from its name and command line."""
+    if proc["name"].startswith("VLLM::"):
+        return proc["name"].removeprefix("VLLM::")
+    if "resource_tracker" in proc["cmdline"]:
+        return "resource tracker"
+    if "api_server" in proc["cmdline"] or "jlserve" in proc["cmdline"]:
+        return "API server"
+    return proc["name"]
+
+
+def _uss_by_role(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """USS MiB per process role (summed over same-role processes), median over rounds."""
+    per_round = []
+    for run in runs:
+        roles: dict[str, float] = {}
+        for proc in run["memory"].get("processes", []):
+            role = _process_role(proc)
+            roles[role] = roles.get(role, 0.0) + proc["uss"] / 2**20
+        per_round.append(roles)
+    names = {role for roles in per_round for role in roles}
+    return {role: median([r.get(role, 0.0) for r in per_round]) for role in names}
+
+
+def _swap_row(label: str, rows: list[dict[str, Any]]) -> str:
+    """One line of the swap table from the raw swap records of one density."""
+    t = {k: median([r["server_timings"][k] for r in rows]) for k in rows[0]["server_timings"]}
+    paths = sorted({r.get("apply_path", "?") for r in rows})
+    sent = [r["sent_bytes"] for r in rows if r.get("sent_bytes") is not None]
+    sent_cell = f"{median(sent) / 2**10:,.0f}" if sent else "-"
+    return (
+        f"| {label} | {len(rows)} | {rows[0]['nnz']:,} | {rows[0]['changed_bytes'] / 2**10:,.0f} | "
+        f"{rows[0]['delta_file_bytes'] / 2**10:,.0f} | "
+        f"{_ms(median([r['client_update_s'] for r in rows]))} | "
+        f"{_ms(median([r['update_to_first_completion_s'] for r in rows]))} | "
+        f"{_ms(t['total_s'])} | {_ms(t['plan_s'])} | {_ms(t['apply_s'])} | "
+        f"{_ms(t['paused_s'])} | {', '.join(paths)} | {sent_cell} |"
+    )
+
+
+def _scale_title(params: float) -> str:
+    return (
+        f"7. Serving at scale: jlserve vs plain vLLM on a random {params / 1e9:.1f} B Llama "
+        "(bench/scale.py)"
+    )
+
+
+def scale_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
+    shape, chain, runs = doc["shape"], doc["chain"], {}
+    for rnd in doc["rounds"]:
+        for key, run in rnd.items():
+            runs.setdefault(key, []).append(run)
+    ckpt_mib = doc["checkpoint_bytes"] / 2**20
+    start, restart = doc["start"], doc["restart_chain"]
+    s = doc["startup_median_s"]
+    mem, mem_chain = doc["memory"], doc["memory_after_chain"]
+    allowance = 100 * (mem["goal_max_extra_mib"] - mem["touched_mib"]) / ckpt_mib
+    chain_nnz = median([d["nnz"] for d in chain["deltas"]])
+    out = [
+        f"## {_scale_title(doc['params'])}",
+        "",
+        _provenance(doc),
+        "",
+        f"A random Llama-shaped checkpoint (bf16, N(0, 0.02), untied lm_head; hidden "
+        f"{shape['hidden']}, MLP {shape['intermediate']}, {shape['layers']} layers, "
+        f"{shape['heads']} heads / {shape['kv_heads']} KV heads, vocab {shape['vocab']}): "
+        f"**{doc['params'] / 1e9:.3f} B parameters, {doc['checkpoint_bytes'] / 2**30:.2f} GiB in "
+        f"{doc['shards']} safetensors shards**. `jlserve serve` against plain vLLM "
+        "(`python -m vllm.entrypoints.openai.api_server`, same engine args), one server at a "
+        f"time, {doc['repeats']} round(s) (order alternated between rounds), each server's files read "
+        "once before it starts (same page-cache state); medians over rounds. The chain: "
+        f"{chain['length']} deltas (format v2), each changing a random "
+        f"{_pct(chain['density'])} of the {doc['targets']} weights "
+        f"({doc['target_numel'] / 1e6:.1f} M entries; {chain_nnz:,.0f} coordinates, "
+        f"{median([d['file_bytes'] for d in chain['deltas']]) / 2**10:,.0f} KiB per file), "
+        f"{chain['touched_bytes'] / 2**20:.1f} MiB of touched tensors; jlserve restarted on its "
+        "state dir replays them onto the base, plain vLLM loads the merged checkpoint (base + "
+        "the 10 deltas). Start = process start to the first completion.",
+        "",
+        "| | jlserve | plain vLLM | jlserve / vLLM | goal | met |",
+        "|---|---|---|---|---|---|",
+        f"| start to first completion, s (median) | {s['jlserve']:.1f} | {s['vllm']:.1f} | "
+        f"**{start['ratio']:.2f}** | <= {start['goal']} | {'yes' if start['met'] else '**no**'} |",
+        f"| restart with the chain of {chain['length']} deltas vs vLLM on the merged "
+        f"checkpoint, s (median) | {s['jlserve_chain']:.1f} | {s['vllm_merged']:.1f} | "
+        f"**{restart['ratio']:.2f}** | <= {restart['goal']} | "
+        f"{'yes' if restart['met'] else '**no**'} |",
+        "",
+    ]
+    if doc["repeats"] > 1:
+        out += [
+            "Per round, s: "
+            + "; ".join(
+                f"{SCALE_SERVERS[key]} " + ", ".join(f"{r['startup_s']:.1f}" for r in runs[key])
+                for key in SCALE_SERVERS
+                if key in runs
+            )
+            + ".",
+            "",
+        ]
+    out += [
+        "Memory: USS (private bytes) summed over each server's whole process tree (API "
+        "server, engine core, workers), right after its first completion; goal: jlserve's "
+        f"extra <= the touched tensors + {allowance:.0f} % of the checkpoint.",
+        "",
+        "| when | jlserve USS MiB | plain vLLM USS MiB | extra MiB | extra / checkpoint | goal MiB (touched + 10 %) | met | jlserve RSS MiB | vLLM RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, m in (
+        ("fresh start (both on the base)", mem),
+        (f"after {chain['length']} deltas (vLLM on the merged checkpoint)", mem_chain),
+    ):
+        out.append(
+            f"| {label} | {m['jlserve_uss_mib']:.0f} | {m['vllm_uss_mib']:.0f} | "
+            f"**{m['extra_uss_mib']:+.0f}** | {100 * m['extra_over_checkpoint']:+.1f} % | "
+            f"<= {m['touched_mib']:.1f} + {m['goal_max_extra_mib'] - m['touched_mib']:.1f} = "
+            f"{m['goal_max_extra_mib']:.1f} | {'yes' if m['met'] else '**no**'} | "
+            f"{m['jlserve_rss_mib']:.0f} | {m['vllm_rss_mib']:.0f} |"
+        )
+    roles = {key: _uss_by_role(runs[key]) for key in SCALE_SERVERS if key in runs}
+    role_diff: dict[str, float] = {}
+    if any(roles.values()):
+        order = sorted(
+            {r for v in roles.values() for r in v},
+            key=lambda r: max(v.get(r, 0.0) for v in roles.values()),
+            reverse=True,
+        )[:5]
+        keys = list(roles)
+        out += [
+            "",
+            "Largest processes, USS MiB (same-named processes summed; median over rounds):",
+            "",
+            "| process | " + " | ".join(SCALE_SERVERS[k] for k in keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
+        for role in order:
+            out.append(
+                f"| {role} | " + " | ".join(f"{roles[k].get(role, 0.0):.0f}" for k in keys) + " |"
+            )
+        if "jlserve" in roles and "vllm" in roles:
+            role_diff = {
+                r: roles["jlserve"].get(r, 0.0) - roles["vllm"].get(r, 0.0)
+                for r in roles["jlserve"].keys() | roles["vllm"].keys()
+            }
+    swaps = [w for run in runs.get("jlserve", []) for w in run.get("swaps", [])]
+    chain_swaps = [w for run in runs.get("jlserve", []) for w in run.get("chain_swaps", [])]
+    if swaps or chain_swaps:
+        out += [
+            "",
+            f"Swaps on the fresh jlserve server: each single delta (on the base) posted "
+            f"{len(swaps) // max(len(doc['swaps']), 1)} times in rotated order and rolled back, "
+            f"then the {chain['length']} chain deltas posted in order. Medians, ms (KiB for "
+            "sizes); 'held' is how long new requests waited (the client-visible swap); "
+            "'sent' is what the swap sent to each engine worker (in place: the changed "
+            "positions; reload: the whole touched fused modules).",
+            "",
+            "| density | posts | changed coords | changed KiB | delta file KiB | client round trip | update -> first completion | server total | plan | apply | held | apply path | sent KiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for density in sorted({w["density"] for w in swaps}):
+            out.append(_swap_row(_pct(density), [w for w in swaps if w["density"] == density]))
+        if chain_swaps:
+            label = f"{_pct(chain_swaps[0]['density'])} (chain)"
+            out.append(_swap_row(label, chain_swaps))
+    loads = [
+        f"{SCALE_SERVERS[k]} "
+        + ", ".join(f"{r['loadavg_before']:.1f} -> {r['loadavg_after']:.1f}" for r in runs[k])
+        for k in SCALE_SERVERS
+        if k in runs
+    ]
+    swap_loads = [w["loadavg_before"] for w in swaps + chain_swaps if "loadavg_before" in w]
+    out += [
+        "",
+        "Load average (1 min) before -> after each start: "
+        + "; ".join(loads)
+        + (f"; during the swaps {min(swap_loads):.1f}-{max(swap_loads):.1f}" if swap_loads else "")
+        + f" ({doc['machine'].get('cpu_count', '?')} cores: above that, processes waited for a "
+        "core).",
+        "",
+    ]
+    # What the numbers mean.
+    ratios = (
+        f"jlserve's start takes {start['ratio']:.2f}x plain vLLM's "
+        f"({'met' if start['met'] else '**missed**'}, goal <= {start['goal']}) and its restart "
+        f"with {chain['length']} deltas to replay {restart['ratio']:.2f}x plain vLLM's start on "
+        f"the merged checkpoint ({'met' if restart['met'] else '**missed**'}, goal <= "
+        f"{restart['goal']})"
+    )
+    vllm_spread = max(s["vllm"], s["vllm_merged"]) / min(s["vllm"], s["vllm_merged"])
+    margin = min(start["goal"], restart["goal"]) - 1
+    if start["met"] and restart["met"]:
+        sentences = [
+            f"{ratios}: jlserve starts the same vLLM engine on the same base files, and the "
+            "replay only reads and plans the small delta files."
+        ]
+    elif vllm_spread - 1 > margin:
+        sentences = [
+            f"{ratios}. Plain vLLM itself started in {s['vllm']:.1f} s on the base and "
+            f"{s['vllm_merged']:.1f} s on the merged checkpoint, the same work on files of the "
+            f"same size: a {vllm_spread:.2f}x spread, wider than the goals' margins, so "
+            f"{'with one round ' if doc['repeats'] == 1 else ''}on this loaded machine the start "
+            "ratios are not conclusive."
+        ]
+    else:
+        sentences = [
+            f"{ratios}; plain vLLM's two starts differ by only {100 * (vllm_spread - 1):.0f} %, "
+            "so the gap is jlserve's own start work (plugin, state dir, the replay of the "
+            "chain), not this run's noise."
+        ]
+    verdict = "met" if mem["met"] and mem_chain["met"] else "**missed**"
+    mem_sentence = (
+        f"jlserve's process tree holds {mem['extra_uss_mib']:+.0f} MiB of private memory more "
+        f"than plain vLLM's at start ({100 * mem['extra_over_checkpoint']:+.0f} % of the "
+        f"checkpoint) and {mem_chain['extra_uss_mib']:+.0f} MiB after {chain['length']} deltas "
+        f"(goal <= {mem['goal_max_extra_mib']:.0f} and {mem_chain['goal_max_extra_mib']:.0f} "
+        f"MiB: {verdict})"
+    )
+    if role_diff:
+        top = max(role_diff, key=lambda r: abs(role_diff[r]))
+        mem_sentence += (
+            f"; by process the largest difference at start is the {top} "
+            f"({role_diff[top]:+.0f} MiB)"
+            + (", the process jlserve's plugin runs in" if top == "API server" else "")
+        )
+    sentences.append(mem_sentence + ".")
+    if len(doc["swaps"]) >= 2:
+        lo, hi = doc["swaps"][0], doc["swaps"][-1]
+        growth = hi["server_timings_median"]["total_s"] / max(
+            lo["server_timings_median"]["total_s"], 1e-9
+        )
+        sentences.append(
+            f"From {_pct(lo['density'])} to {_pct(hi['density'])} density "
+            f"({hi['nnz'] / lo['nnz']:.0f}x the changed coordinates) the server's swap time "
+            f"goes from {_ms(lo['server_timings_median']['total_s'])} to "
+            f"{_ms(hi['server_timings_median']['total_s'])} ms ({growth:.1f}x), against "
+            f"{min(s['vllm'], s['vllm_merged']):.0f}-{max(s['vllm'], s['vllm_merged']):.0f} s "
+            "for a plain vLLM start: the swap costs "
+            + (
+                "a fixed per-module amount that dominates at these sizes"
+                if growth < 2
+                else "a fixed per-module amount plus a part that follows the changed coordinates"
+            )
+            + f" (the touched modules are {doc['reload_path_bytes'] / 2**20:.0f} MiB of fused "
+            "q/k/v weights on the reload path), not a reload of the "
+            f"{doc['checkpoint_bytes'] / 2**30:.2f} GiB checkpoint."
+        )
+    out += [" ".join(sentences), ""]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    x, w = [0, 1], 0.38
+    axes[0].bar(
+        [i - w / 2 for i in x], [s["jlserve"], s["jlserve_chain"]], w, label="jlserve", color="C0"
+    )
+    axes[0].bar(
+        [i + w / 2 for i in x], [s["vllm"], s["vllm_merged"]], w, label="plain vLLM", color="C1"
+    )
+    axes[0].hlines(
+        [start["goal"] * s["vllm"], restart["goal"] * s["vllm_merged"]],
+        [i - w for i in x],
+        [i for i in x],
+        colors="red",
+        linestyles="--",
+        label="goal (x vLLM)",
+    )
+    axes[0].set_xticks(x, ["start", f"restart, {chain['length']} deltas\n(vLLM: merged)"])
+    axes[0].set(ylabel="seconds to first completion", title="start (median)")
+    axes[1].bar(
+        [i - w / 2 for i in x],
+        [mem["jlserve_uss_mib"], mem_chain["jlserve_uss_mib"]],
+        w,
+        label="jlserve",
+        color="C0",
+    )
+    axes[1].bar(
+        [i + w / 2 for i in x],
+        [mem["vllm_uss_mib"], mem_chain["vllm_uss_mib"]],
+        w,
+        label="plain vLLM",
+        color="C1",
+    )
+    axes[1].hlines(
+        [m["vllm_uss_mib"] + m["goal_max_extra_mib"] for m in (mem, mem_chain)],
+        [i - w for i in x],
+        [i for i in x],
+        colors="red",
+        linestyles="--",
+        label="goal: vLLM + touched + 10 %",
+    )
+    axes[1].set_xticks(x, ["fresh start", f"after {chain['length']} deltas"])
+    axes[1].set(ylabel="MiB", title="USS of the process tree")
+    for ax in axes:  # room above the bars for the legend
+        ax.set_ylim(0, 1.35 * max(p.get_height() for p in ax.patches))
+        ax.legend(fontsize=7, loc="upper left", ncol=3)
+    fig.suptitle(f"{doc['params'] / 1e9:.2f} B random Llama, {doc['shards']} shards", fontsize=9)
+    out += [_save(fig, doc, img, "scale", md_dir), ""]
+    return out
+
+
+GPU_CHECK_LABELS = {
+    "swapped_equals_fresh": "swapped server = fresh vLLM on each merged checkpoint (tokens, logprobs, top-5)",
+    "base_equals_fresh": "jlserve on the base = fresh vLLM on the base",
+    "rollback_equals_base": "rollback to version 0 answers as the base",
+    "deltas_change_outputs": "every delta changes the answers",
+    "served_fingerprints_match": "served fingerprints = the chain's",
+    "trainer_published_every_task": "trainer published every task to the server",
+    "served_accuracy_equals_in_process": "served accuracy matrix = the trainer's in-process one",
+    "served_answers_equal_in_process": "served answers = in-process answers",
+    "step_time_measured": "JumpLoRA / LoRA step time measured",
+    "in_place_apply_path": "swaps took the in-place path",
+}
+
+
+def _task_line(t: dict[str, Any]) -> str:
+    """One trainer task of the GPU check: steps, step time, delta density, swap time."""
+    parts = [f"{t.get('steps')} steps"]
+    if t.get("seconds_per_step") is not None:
+        parts.append(f"{t['seconds_per_step']:.2f} s/step")
+    if t.get("delta_density") is not None:
+        parts.append(f"density {100 * t['delta_density']:.2f} %")
+    if t.get("swap_s") is not None:
+        parts.append(f"swap {_ms(t['swap_s'])} ms")
+    return f"{t['task']} " + ", ".join(parts)
+
+
+def gpu_check_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
+    """bench/gpu_check.py's one JSON: its pass/fail checks and key numbers (no figure)."""
+    pre = doc.get("preflight", {})
+    checks = doc.get("checks", {})
+    out = [
+        "## 8. GPU check (bench/gpu_check.py)",
+        "",
+        _provenance(doc),
+        "",
+        f"Device: {doc.get('device', '?')}"
+        + (f" ({pre['gpu']})" if pre.get("gpu") else "")
+        + (", CPU dry run on the tiny model" if doc.get("device") == "cpu" else "")
+        + f"; engine args `{' '.join(doc.get('engine_args', []))}`; "
+        f"{doc.get('duration_s', float('nan')):.0f} s in all. "
+        f"**{'Passed' if doc.get('passed') else 'Failed'}**: "
+        f"{sum(bool(v) for v in checks.values())} of {len(checks)} checks.",
+        "",
+        "| check | passed |",
+        "|---|---|",
+        *(
+            f"| {GPU_CHECK_LABELS.get(k, k)} | {'yes' if v else '**no**'} |"
+            for k, v in checks.items()
+        ),
+    ]
+    failed = [
+        f"{name}: {stage.get('error') or stage.get('skipped')}".splitlines()[0][:300]
+        for name, stage in doc.items()
+        if isinstance(stage, dict) and ("error" in stage or "skipped" in stage)
+    ]
+    if failed:
+        out += ["", "Stages that failed or did not run:", "", *(f"- `{f}`" for f in failed)]
+    versions = doc.get("swap", {}).get("versions", [])
+    deltas = {d["version"]: d for d in doc.get("chain", {}).get("deltas", [])}
+    fresh = {r["version"]: r for r in doc.get("fresh", {}).get("versions", [])}
+    if versions:
+        out += [
+            "",
+            "| version | density | changed coords | apply path | swap (client) ms | swap -> first completion ms | server total ms | fresh vLLM start s | answers equal | max logprob diff |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in versions:
+            d, f = deltas.get(r["version"], {}), fresh.get(r["version"], {})
+            diff = f.get("max_logprob_abs_diff")
+            cells = [
+                str(r["version"]),
+                _pct(d["density"]) if d else "-",
+                f"{d['nnz']:,}" if d else "-",
+                r["apply_path"],
+                _ms(r["client_s"]),
+                _ms(r["update_to_first_completion_s"]),
+                _ms(r["server_timings"]["total_s"]),
+                f"{f['restart_s']:.1f}" if "restart_s" in f else "-",
+                {True: "yes", False: "**no**"}.get(f.get("equal"), "-"),
+                "-" if diff is None else f"{diff:.3g}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    sr = doc.get("swap_vs_restart", {})
+    if sr.get("restart_over_swap") is not None:
+        out += [
+            "",
+            f"Swap to first completion {_ms(sr['swap_to_first_completion_median_s'])} ms "
+            f"against {sr['restart_to_first_completion_median_s']:.1f} s for a fresh vLLM start "
+            f"(medians): a restart takes **{sr['restart_over_swap']:.0f}x** as long.",
+        ]
+    trainer = doc.get("trainer", {})
+    if trainer.get("tasks"):
+        out += [
+            "",
+            f"Trainer ({trainer.get('environment', {}).get('device', '?')}, "
+            f"{trainer.get('environment', {}).get('precision', '?')}), published "
+            f"{trainer.get('completed')} task(s): "
+            + "; ".join(_task_line(t) for t in trainer["tasks"])
+            + ".",
+        ]
+    ev = doc.get("eval", {})
+    if "answers_compared" in ev:
+        out.append(
+            f"Served vs in-process evaluation: accuracy matrix "
+            f"{'equal' if ev.get('accuracy_equal') else '**differs**'}, "
+            f"{ev['answers_compared'] - ev.get('differing_answers', 0)} of "
+            f"{ev['answers_compared']} answers equal."
+        )
+    steps = doc.get("steps", {})
+    if steps.get("jumplora_over_lora") is not None:
+        peak = steps.get("peak_cuda_mib")
+        out.append(
+            f"Step time: JumpLoRA {1e3 * steps['jumplora_s_per_step']:.0f} ms vs LoRA "
+            f"{1e3 * steps['lora_s_per_step']:.0f} ms per step "
+            f"({steps.get('settings', {}).get('dtype', '?')}), ratio "
+            f"**{steps['jumplora_over_lora']:.2f}** (goal <= {steps['target_max_ratio']}: "
+            f"{'met' if steps['target_met'] else '**missed**'})"
+            + (f"; peak CUDA memory {peak:.0f} MiB" if peak else "")
+            + "."
+        )
+    if doc.get("passed"):
+        meaning = (
+            "Every check passed: a model swapped live answers exactly as a fresh vLLM on the "
+            "merged checkpoint, and the trainer's published versions are served as it "
+            "evaluates them."
+        )
+    else:
+        bad = [GPU_CHECK_LABELS.get(k, k) for k, v in checks.items() if not v]
+        meaning = "Failed checks: " + "; ".join(bad) + "." if bad else "No checks ran."
+    out += ["", meaning, ""]
+    return out
+
+
 # ---------------------------------------------------------------------------- page
 
 
@@ -623,7 +1071,12 @@ SECTIONS = (
     ("train_step", train_step_section),
     ("delta_size", delta_size_section),
     ("cl_quality", cl_quality_section),
+    ("scale", scale_section),
+    ("gpu_check", gpu_check_section),
 )
+
+# Sections drawn from other sections' results, rendered after the named one (6. after 5.).
+DERIVED = {"cl_quality": delta_format_section}
 
 
 MISSING = {  # section -> (heading, what to say until it has results)
@@ -634,6 +1087,17 @@ MISSING = {  # section -> (heading, what to say until it has results)
         "`python -m bench.cl_quality` (resumable per variant; `--order short_order_2`). The "
         "learned gate's first SmolLM2 measurements (two tasks, density and threshold only) "
         "are in docs/trainer.md, 'Choosing l0_weight'._",
+    ),
+    "scale": (
+        _scale_title(1.5e9),
+        "_Not yet run at 1.5 B: `python -m bench.scale` (about 30-40 min on 2 quiet cores; "
+        "`--quick` for 0.2 B and one round)._",
+    ),
+    "gpu_check": (
+        "8. GPU check (bench/gpu_check.py)",
+        "_Not run: no GPU has been lent to this project yet. On a machine with one GPU and "
+        "CUDA vLLM installed: `python -m bench.gpu_check` (one command, under 10 minutes; "
+        "prints one JSON line)._",
     ),
 }
 
@@ -683,6 +1147,31 @@ def summary_lines(docs: dict[str, dict[str, Any]]) -> list[str]:
                 f"| CL quality | per-task delta density <= 5 % (learned gate) | incLoRA+jump "
                 f"max {100 * dens:.2f} % | {'yes' if dens <= 0.05 else 'no'} |"
             )
+    if d := docs.get("scale"):
+        size = f"{d['params'] / 1e9:.1f} B"
+        for label, key, what in (
+            ("start", "start", "jlserve / vLLM start to first completion"),
+            ("restart", "restart_chain", "jlserve restart with 10 deltas / vLLM on merged"),
+        ):
+            t = d[key]
+            lines.append(
+                f"| scale ({size}): {label} | {what} <= {t['goal']} | {t['ratio']:.2f} | "
+                f"{'yes' if t['met'] else 'no'} |"
+            )
+        m, mc = d["memory"], d["memory_after_chain"]
+        lines.append(
+            f"| scale ({size}): memory | jlserve - vLLM USS <= touched + 10 % of checkpoint | "
+            f"{m['extra_uss_mib']:+.0f} MiB at start (goal {m['goal_max_extra_mib']:.0f}), "
+            f"{mc['extra_uss_mib']:+.0f} MiB after 10 deltas (goal "
+            f"{mc['goal_max_extra_mib']:.0f}) | {'yes' if m['met'] and mc['met'] else 'no'} |"
+        )
+    if d := docs.get("gpu_check"):
+        checks = d.get("checks", {})
+        lines.append(
+            f"| GPU check ({d.get('device', '?')}) | every check passes | "
+            f"{sum(bool(v) for v in checks.values())} of {len(checks)} | "
+            f"{'yes' if d.get('passed') else 'no'} |"
+        )
     return lines
 
 
@@ -713,7 +1202,8 @@ def render(quick: bool) -> Path:
         else:
             title, note = MISSING.get(name, (name, "_No results yet: run `make bench`._"))
             lines += [f"## {title}", "", note, ""]
-    lines += delta_format_section(docs)
+        if (derived := DERIVED.get(name)) is not None:
+            lines += derived(docs)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {md_path}")

@@ -12,6 +12,11 @@ at the reduced budget below, so it runs only with `--cl`; otherwise the page sho
 latest bench/results/cl_quality[_quick].json. Each benchmark runs in its own process, one
 after the other (never two at once: the timings would disturb each other); a failing one
 is reported and the others still run. Exit status 1 if any failed.
+
+Two benchmarks run on their own commands, never from here, and the page shows their latest
+JSON (sections 7 and 8): `python -m bench.scale` (a random 1.5 B Llama of its own, no
+`--model`; about 30-40 min on 2 quiet cores) and `python -m bench.gpu_check` (needs one GPU
+and CUDA vLLM).
 """
 
 from __future__ import annotations

@@ -409,6 +409,7 @@ def post_delta(
         "update_to_first_completion_s": first_s,
         "server_timings": body["timings"],
         "apply_path": body["apply_path"],
+        "sent_bytes": body.get("sent_bytes"),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg()[0],
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,8 @@ def test_scripts_run_and_report_renders(tiny_model_dir: Path, tmp_path: Path) ->
     _run(["bench.delta_size", "--quick", "--model", model], tmp_path)
     train = ["bench.train_step", "--quick", "--model", model, "--rounds", "1"]
     _run([*train, "--variants", "jumplora", "lora-trainer"], tmp_path)
+    # bench/scale.py takes half an hour even quick: render its committed quick result.
+    shutil.copy(REPO / "bench" / "results" / "scale_quick.json", tmp_path)
     _run(["bench.report", "--quick"], tmp_path)
     for name in ("delta_size_quick.json", "train_step_quick.json"):
         doc = json.loads((tmp_path / name).read_text())
@@ -113,6 +116,9 @@ def test_scripts_run_and_report_renders(tiny_model_dir: Path, tmp_path: Path) ->
     page = (tmp_path / "benchmarks_quick.md").read_text()
     assert "## 4. Delta size" in page and "## 3. Training step" in page
     assert (tmp_path / "img_quick" / "delta_size.png").is_file()
+    assert "## 7. Serving at scale" in page and "| scale (0.2 B): start |" in page
+    assert "## 8. GPU check" in page and "no GPU has been lent" in page
+    assert (tmp_path / "img_quick" / "scale.png").is_file()
 
 
 def test_gpu_check_chain_stand_in_tasks_and_comparison(
