@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from jlserve.checkpoint import TensorDigests, tensor_digest
+from jlserve.checkpoint import TensorDigests, digest_tensors
 from jlserve.fsutil import atomic_write_bytes
 from jlserve.mapped import MappedCheckpoint, read_header
 
@@ -98,7 +98,7 @@ def base_digests(
             file_digests = {n: bytes.fromhex(h) for n, h in cached.digests.items()}
         else:
             report.rehashed[path.name] = reason or "not in the digest cache"
-            file_digests = {n: tensor_digest(n, tensors[n]) for n in names}
+            file_digests = digest_tensors(tensors, names)
         digests.update(file_digests)
         entries[path.name] = CachedFile(
             **current.model_dump(), digests={n: d.hex() for n, d in file_digests.items()}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from jlserve.checkpoint import weight_files
 from jlserve.errors import CheckpointError
+from jlserve.weight_files import weight_files
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {

@@ -91,21 +91,16 @@ def _revert(args: argparse.Namespace) -> int:
 def _transform(args: argparse.Namespace, *, reverse: bool) -> int:
     """Validate every delta (files, then lineage in order) before writing anything."""
     from jlserve.checkpoint import TensorDigests, load_tensors, write_checkpoint
-    from jlserve.delta import plan_update, read_delta
+    from jlserve.delta import plan_chain, read_delta
 
-    deltas = [read_delta(path) for path in args.delta]
-    order = list(zip(args.delta, deltas, strict=True))
+    chain = [(read_delta(path), str(path)) for path in args.delta]
     if reverse:
-        order.reverse()
+        chain.reverse()
     tensors = load_tensors(args.model)
-    digests = TensorDigests(tensors)
-    for path, delta in order:
-        planned = plan_update(tensors, digests, delta, reverse=reverse, source=str(path))
-        tensors = {**tensors, **planned.changed}
-        digests = planned.digests
-    write_checkpoint(tensors, args.out, like=args.model)
+    planned = plan_chain(tensors, TensorDigests(tensors), chain, reverse=reverse)
+    write_checkpoint({**tensors, **planned.changed}, args.out, like=args.model)
     verb = "reverted" if reverse else "applied"
-    print(f"{verb} {len(deltas)} delta(s): wrote {args.out} ({digests.fingerprint})")
+    print(f"{verb} {len(chain)} delta(s): wrote {args.out} ({planned.fingerprint})")
     return 0
 
 

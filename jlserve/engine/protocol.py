@@ -89,6 +89,11 @@ class ServingEngine(Protocol):
         """Write full HF tensors (checkpoint names and dtype, CPU) into the model."""
         ...
 
+    async def loaded_fingerprint(self) -> str | None:
+        """The model every worker loaded at start when it was not the base (jlserve's
+        load format applied the recorded chain); None if any worker did not."""
+        ...
+
     async def patch_weights(self, patches: Mapping[str, TensorPatch]) -> None:
         """Write new values at the given positions of HF tensors (in-place path only)."""
         ...

