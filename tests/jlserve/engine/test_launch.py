@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from jlserve.engine.launch import WORKER_EXTENSION, vllm_server_argv, vllm_server_env
+from jlserve.engine.launch import (
+    LOAD_FORMAT,
+    STATE_DIR_KEY,
+    WORKER_EXTENSION,
+    vllm_server_argv,
+    vllm_server_env,
+)
 from jlserve.errors import ServeConfigError
 
 
@@ -55,3 +62,22 @@ def test_cpu_gets_a_fixed_kv_cache_unless_set():
     mine = vllm_server_env({"VLLM_CPU_KVCACHE_SPACE": "1"}, {}, False, on_cpu=True)
     assert mine["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_server_env({}, {}, False, on_cpu=False)
+
+
+def test_the_engine_loads_through_jlserves_loader_unless_the_user_chose_one():
+    with_state = vllm_server_argv(
+        Path("/m"), "m", "127.0.0.1", 8000, [], on_cpu=True, state_dir=Path("/s")
+    )
+    assert with_state[with_state.index("--load-format") + 1] == LOAD_FORMAT
+    extra = json.loads(with_state[with_state.index("--model-loader-extra-config") + 1])
+    assert extra == {STATE_DIR_KEY: "/s"}
+    mine = vllm_server_argv(
+        Path("/m"),
+        "m",
+        "127.0.0.1",
+        8000,
+        ["--load-format", "pt"],
+        on_cpu=True,
+        state_dir=Path("/s"),
+    )
+    assert mine.count("--load-format") == 1 and mine[-2:] == ["--load-format", "pt"]

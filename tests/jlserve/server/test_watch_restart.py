@@ -184,6 +184,7 @@ def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
     assert after["next_version"] == served["next_version"]  # numbers are never reused
     assert greedy(server) == before
     assert f"restored model version {served['version']}" in log
+    assert "loaded by the engine at start, checked here" in log  # --load-format jlserve
     # nothing changed on disk: the base digests come from the state dir's cache
     assert "taken from the digest cache" in log and "hashed base weights" not in log
 

@@ -1,4 +1,5 @@
-"""A chain of three deltas on the tiny model and the merged checkpoint of each version.
+"""Shared by the serving and engine tests: a chain of three deltas on the tiny model and the
+merged checkpoint of each version.
 
 The deltas mix the file formats (v2, v1, v2), so every serving test that walks the chain
 (apply, rollback, restart, watch) meets both. They carry no version number, as `jlserve
