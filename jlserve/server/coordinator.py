@@ -211,6 +211,7 @@ class SwapCoordinator:
             else:
                 await self._swap(replay, commit=None)
                 how = "swapped in after the engine loaded the base"
+            self._base.release_pages()  # the base pages read to replay: page cache, not us
             if self._degraded:
                 raise DegradedError(self._degraded)
             log.info(
