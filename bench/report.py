@@ -828,8 +828,10 @@ def scale_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
     margin = min(start["goal"], restart["goal"]) - 1
     if start["met"] and restart["met"]:
         sentences = [
-            f"{ratios}: jlserve starts the same vLLM engine on the same base files, and the "
-            "replay only reads and plans the small delta files."
+            f"{ratios}: jlserve starts the same vLLM engine on the same base files; on a "
+            "restart its loader (`--load-format jlserve`) applies the recorded deltas as the "
+            "base streams in, and the API server re-plans the chain on its memory-mapped "
+            "host copy (hashing only the touched tensors)."
         ]
     elif vllm_spread - 1 > margin:
         sentences = [
@@ -871,7 +873,7 @@ def scale_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
             f"({hi['nnz'] / lo['nnz']:.0f}x the changed coordinates) the server's swap time "
             f"goes from {_ms(lo['server_timings_median']['total_s'])} to "
             f"{_ms(hi['server_timings_median']['total_s'])} ms ({growth:.1f}x), against "
-            f"{min(s['vllm'], s['vllm_merged']):.0f}-{max(s['vllm'], s['vllm_merged']):.0f} s "
+            f"{min(s['vllm'], s['vllm_merged']):.1f}-{max(s['vllm'], s['vllm_merged']):.1f} s "
             "for a plain vLLM start: the swap costs "
             + (
                 "a fixed per-module amount that dominates at these sizes"
@@ -881,6 +883,18 @@ def scale_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
             + f" (the touched modules are {doc['reload_path_bytes'] / 2**20:.0f} MiB of fused "
             "q/k/v weights on the reload path), not a reload of the "
             f"{doc['checkpoint_bytes'] / 2**30:.2f} GiB checkpoint."
+        )
+    in_place = doc.get("in_place", {}).get("swaps", [])
+    if in_place:
+        by = {
+            d: median([w["server_timings"]["total_s"] for w in in_place if w["density"] == d])
+            for d in sorted({w["density"] for w in in_place})
+        }
+        lo_d, hi_d = min(by), max(by)
+        sentences.append(
+            f"On the in-place path (the GPU's; on CPU through `--cpu-dense-weights`) only the "
+            f"changed positions travel, and the swap follows them: {_ms(by[lo_d])} ms at "
+            f"{_pct(lo_d)} and {_ms(by[hi_d])} ms at {_pct(hi_d)}."
         )
     out += [" ".join(sentences), ""]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
