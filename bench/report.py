@@ -672,6 +672,17 @@ def _swap_row(label: str, rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _paired_bars(
+    ax: Any, jlserve: list[float], vllm: list[float], goals: list[float], goal_label: str
+) -> None:
+    """jlserve's and plain vLLM's bars side by side at x = 0, 1, with a goal mark over
+    each jlserve bar."""
+    x, w = [0, 1], 0.38
+    ax.bar([i - w / 2 for i in x], jlserve, w, label="jlserve", color="C0")
+    ax.bar([i + w / 2 for i in x], vllm, w, label="plain vLLM", color="C1")
+    ax.hlines(goals, [i - w for i in x], x, colors="red", linestyles="--", label=goal_label)
+
+
 def _scale_title(params: float) -> str:
     return (
         f"7. Serving at scale: jlserve vs plain vLLM on a random {params / 1e9:.1f} B Llama "
@@ -898,44 +909,22 @@ def scale_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
         )
     out += [" ".join(sentences), ""]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    x, w = [0, 1], 0.38
-    axes[0].bar(
-        [i - w / 2 for i in x], [s["jlserve"], s["jlserve_chain"]], w, label="jlserve", color="C0"
-    )
-    axes[0].bar(
-        [i + w / 2 for i in x], [s["vllm"], s["vllm_merged"]], w, label="plain vLLM", color="C1"
-    )
-    axes[0].hlines(
+    x = [0, 1]
+    _paired_bars(
+        axes[0],
+        [s["jlserve"], s["jlserve_chain"]],
+        [s["vllm"], s["vllm_merged"]],
         [start["goal"] * s["vllm"], restart["goal"] * s["vllm_merged"]],
-        [i - w for i in x],
-        [i for i in x],
-        colors="red",
-        linestyles="--",
-        label="goal (x vLLM)",
+        "goal (x vLLM)",
     )
     axes[0].set_xticks(x, ["start", f"restart, {chain['length']} deltas\n(vLLM: merged)"])
     axes[0].set(ylabel="seconds to first completion", title="start (median)")
-    axes[1].bar(
-        [i - w / 2 for i in x],
+    _paired_bars(
+        axes[1],
         [mem["jlserve_uss_mib"], mem_chain["jlserve_uss_mib"]],
-        w,
-        label="jlserve",
-        color="C0",
-    )
-    axes[1].bar(
-        [i + w / 2 for i in x],
         [mem["vllm_uss_mib"], mem_chain["vllm_uss_mib"]],
-        w,
-        label="plain vLLM",
-        color="C1",
-    )
-    axes[1].hlines(
         [m["vllm_uss_mib"] + m["goal_max_extra_mib"] for m in (mem, mem_chain)],
-        [i - w for i in x],
-        [i for i in x],
-        colors="red",
-        linestyles="--",
-        label="goal: vLLM + touched + 10 %",
+        "goal: vLLM + touched + 10 %",
     )
     axes[1].set_xticks(x, ["fresh start", f"after {chain['length']} deltas"])
     axes[1].set(ylabel="MiB", title="USS of the process tree")

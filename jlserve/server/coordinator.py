@@ -581,12 +581,16 @@ class SwapCoordinator:
         module, since vLLM rebuilds a fused module only from all of its shards.
         """
         if self._layout.apply_path is ApplyPath.IN_PLACE:
-            new = {n: _patch(plan.changed[n], i) for n, i in sorted(plan.positions.items())}
-            old = {n: _patch(self._tensors[n], i) for n, i in sorted(plan.positions.items())}
+            positions = sorted(plan.positions.items())
+            new = {n: _patch(plan.changed[n], i) for n, i in positions}
             plan.sent_bytes = sum(_nbytes(p.index) + _nbytes(p.values) for p in new.values())
-            return partial(self._engine.patch_weights, new), partial(
-                self._engine.patch_weights, old
-            )
+
+            async def patch_back() -> None:  # gathered only if a swap fails (before commit)
+                await self._engine.patch_weights(
+                    {n: _patch(self._tensors[n], i) for n, i in positions}
+                )
+
+            return partial(self._engine.patch_weights, new), patch_back
         names = complete_groups(plan.changed, self._tensors, self._layout.fused_modules)
         full_new = {n: plan.changed.get(n, self._tensors[n]) for n in sorted(names)}
         full_old = {n: self._tensors[n] for n in sorted(names)}
