@@ -125,9 +125,12 @@ def markdown(result: dict) -> str:
         "",
         *quality_table(result["rows"]),
     ]
-    ratio = result.get("step_time_ratio_jump_over_plain")
-    if ratio is not None:
-        lines += ["", f"Step-time ratio incLoRA+jump / incLoRA in the trainer: **{ratio:.2f}**"]
+    lines += [
+        "",
+        "s/step is each variant's own run, under whatever load the machine had then (see "
+        "load_average in its row): compare step times with bench/train_step.py, which rotates "
+        "the variants in one process.",
+    ]
     lines += ["", "Machine: " + machine_line(result["machine"]), ""]
     return "\n".join(lines)
 
@@ -209,7 +212,6 @@ def write_summary(args: argparse.Namespace, tag: str, model: Path, settings: dic
     ]
     if not rows:
         return
-    by_name = {r["variant"]: r for r in rows}
     result = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": "tiny random Llama (quick)" if args.quick else str(model),
@@ -219,10 +221,6 @@ def write_summary(args: argparse.Namespace, tag: str, model: Path, settings: dic
         "machine": machine_info(),
         "rows": rows,
     }
-    if "incLoRA" in by_name and "incLoRA+jump" in by_name:
-        result["step_time_ratio_jump_over_plain"] = (
-            by_name["incLoRA+jump"]["s_per_step"] / by_name["incLoRA"]["s_per_step"]
-        )
     stem = "cl_quality_quick" if args.quick else f"cl_quality_{tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{stem}.md").write_text(markdown(result))

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 from bench.cl_quality import VARIANTS as CL_VARIANTS
 from bench.cl_quality import quality_table
 from bench.common import REPO, RESULTS, figure_footer, machine_line, median, read_result
+from trainer.config import L0_WEIGHT_DEFAULT
 
 SERVER_LABELS = {
     "jlserve": "jlserve serve (merged, no task id)",
@@ -526,30 +527,61 @@ def _steps_per_task(data: dict[str, Any], settings: dict[str, Any]) -> str:
     return str(math.ceil(rows / batch)) if rows and batch else "a few"
 
 
+def _knob_rows(order: str) -> list[dict[str, Any]]:
+    """Rows of `python -m bench.cl_quality --tag l0-<w> --set adapter.l0_weight=<w>` runs on
+    `order`, labelled with their override."""
+    rows = []
+    for path in sorted(RESULTS.glob("cl_quality_l0-*.json")):
+        doc = json.loads(path.read_text())
+        if doc["order"] != order:
+            continue
+        overrides = json.loads(doc["settings"]).get("overrides") or []
+        rows += [{**r, "variant": f"{r['variant']} ({', '.join(overrides)})"} for r in doc["rows"]]
+    return rows
+
+
 def _missing_variants(doc: dict[str, Any]) -> str:
     have = {r["variant"] for r in doc["rows"]}
     missing = [v for v in CL_VARIANTS if v not in have]
     return f" Not run yet: {', '.join(missing)}." if missing else ""
 
 
-def _cl_sentences(by: dict[str, dict[str, Any]]) -> list[str]:
-    """The issue's expectations, each checked against the rows that exist."""
+def _oa_verdict(a: float, b: float, n_rows: int | None) -> str:
+    """OA a against b: at least as high, within one standard error of the difference of two
+    accuracies over n_rows evaluated rows each, or lower."""
+    if a >= b:
+        return "at least as high"
+    if n_rows:
+        p = (a + b) / 2
+        se = math.sqrt(2 * p * (1 - p) / n_rows)
+        if b - a <= se:
+            return f"lower by less than one standard error, {100 * se:.1f} points"
+    return "**lower**"
+
+
+def _cl_sentences(by: dict[str, dict[str, Any]], n_rows: int | None) -> list[str]:
+    """The issue's expectations, each checked against the rows that exist; n_rows: the dev
+    rows behind one OA (rows per task x tasks)."""
     sentences = []
     for dense in ("incLoRA", "ella", "inflora"):
         jump = f"{dense}+jump"
         if dense in by and jump in by and by[dense]["BWT"] is not None:
             d, j = by[dense], by[jump]
+            if min(j["BWT"], d["BWT"]) >= 0:
+                verdict = "neither forgets" + ("" if j["BWT"] >= d["BWT"] else "; lower")
+            else:
+                verdict = "forgets less" if j["BWT"] >= d["BWT"] else "**forgets more**"
             sentences.append(
                 f"{jump} vs {dense}: BWT {100 * j['BWT']:+.1f} vs {100 * d['BWT']:+.1f} "
-                f"({'forgets less' if j['BWT'] >= d['BWT'] else '**forgets more**'}), "
+                f"({verdict}), "
                 f"OA {100 * j['OA']:.1f} vs {100 * d['OA']:.1f} "
-                f"({'at least as high' if j['OA'] >= d['OA'] else '**lower**'})."
+                f"({_oa_verdict(j['OA'], d['OA'], n_rows)})."
             )
     if "incLoRA+jump" in by and "incLoRA+topk" in by:
         j, t = by["incLoRA+jump"], by["incLoRA+topk"]
         sentences.append(
             f"Learned gate vs fixed-ratio top-k (incLoRA): OA {100 * j['OA']:.1f} vs "
-            f"{100 * t['OA']:.1f} ({'matches or beats' if j['OA'] >= t['OA'] else '**below**'}), "
+            f"{100 * t['OA']:.1f} ({_oa_verdict(j['OA'], t['OA'], n_rows)}), "
             f"mean density {100 * j['mean_density']:.2f} % vs {100 * t['mean_density']:.2f} %."
         )
     for name, row in by.items():
@@ -589,18 +621,31 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
         f"{settings.get('train', {}).get('batch_size')}, 1 epoch, r=8, lr "
         f"{settings.get('train', {}).get('lr')}: {_steps_per_task(data, settings)} optimizer "
         f"steps per task. BWT, FWT and the gain over the base model are in points of exact "
-        f"match; FWT is GEM's (a[j-1][j] - base[j]); densities are of the exported deltas."
-        + _missing_variants(doc),
+        f"match; FWT is GEM's (a[j-1][j] - base[j]); densities are of the exported deltas. "
+        "s/step is each variant's own run under the load of its time (some ran two at a "
+        "time, one thread each): compare step times in section 3." + _missing_variants(doc),
         "",
         *quality_table(doc["rows"]),
     ]
     by = {r["variant"]: r for r in doc["rows"]}
-    sentences = _cl_sentences(by)
+    n_eval = data.get("eval_rows")
+    n_tasks = len(doc["rows"][0]["accuracy_matrix"])
+    n_rows = n_eval * n_tasks if isinstance(n_eval, int) else None
+    sentences = _cl_sentences(by, n_rows)
     second = read_result(f"cl_quality_{SECOND_ORDER}", False)
     if second is not None and second["rows"]:
         out += ["", f"Order {SECOND_ORDER}, same budget:", "", *quality_table(second["rows"])]
-        sentences += _cl_sentences({r["variant"]: r for r in second["rows"]})
-    n_eval = data.get("eval_rows")
+        second_by = {r["variant"]: r for r in second["rows"]}
+        sentences += [f"{SECOND_ORDER}: {x}" for x in _cl_sentences(second_by, n_rows)]
+    knob_rows = _knob_rows(doc["order"])
+    if knob_rows:
+        out += [
+            "",
+            f"The learned gate's one knob (`adapter.l0_weight`, default "
+            f"{L0_WEIGHT_DEFAULT:g}) at other values, order {doc['order']}, same budget:",
+            "",
+            *quality_table(knob_rows),
+        ]
     if isinstance(n_eval, int):
         sentences.append(
             f"One dev row is {100 / n_eval:.1f} points of one task's accuracy: differences of "

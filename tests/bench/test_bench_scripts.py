@@ -157,3 +157,30 @@ def test_gpu_check_chain_stand_in_tasks_and_comparison(
     b = [{"tokens": ["token_id:5"], "logprobs": [-0.25], "top": [{"token_id:5": -0.25}]}]
     assert compare(a, a) == {"equal": True, "tokens_equal": True, "max_logprob_abs_diff": 0.0}
     assert compare(a, b) == {"equal": False, "tokens_equal": True, "max_logprob_abs_diff": 0.25}
+
+
+def test_cl_report_calls_a_gap_within_noise_by_its_standard_error() -> None:
+    from bench.report import _oa_verdict
+
+    assert _oa_verdict(0.62, 0.61, 800) == "at least as high"
+    # 800 rows at p ~ 0.6: the standard error of a difference is ~2.4 points
+    assert _oa_verdict(0.615, 0.621, 800).startswith("lower by less than one standard error, 2.4")
+    assert _oa_verdict(0.578, 0.621, 800) == "**lower**"
+    assert _oa_verdict(0.615, 0.621, None) == "**lower**"
+
+
+def test_cl_report_shows_knob_runs_of_the_same_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.report
+
+    row = {"variant": "incLoRA+jump", "OA": 0.5}
+    for tag, order in (("l0-5", "short_order_1"), ("l0-2", "short_order_2")):
+        doc = {
+            "order": order,
+            "settings": json.dumps({"overrides": [f"adapter.l0_weight={tag[3:]}"]}),
+        }
+        (tmp_path / f"cl_quality_{tag}.json").write_text(json.dumps({**doc, "rows": [row]}))
+    monkeypatch.setattr(bench.report, "RESULTS", tmp_path)
+    rows = bench.report._knob_rows("short_order_1")
+    assert [r["variant"] for r in rows] == ["incLoRA+jump (adapter.l0_weight=5)"]
