@@ -52,7 +52,7 @@ class DataConfig(_Strict):
         return self
 
 
-L0_WEIGHT_DEFAULT = 5.0
+L0_WEIGHT_DEFAULT = 1.0
 
 
 class AdapterConfig(_Strict):
