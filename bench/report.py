@@ -527,17 +527,32 @@ def _steps_per_task(data: dict[str, Any], settings: dict[str, Any]) -> str:
     return str(math.ceil(rows / batch)) if rows and batch else "a few"
 
 
-def _knob_rows(order: str) -> list[dict[str, Any]]:
-    """Rows of `python -m bench.cl_quality --tag l0-<w> --set adapter.l0_weight=<w>` runs on
-    `order`, labelled with their override."""
-    rows = []
-    for path in sorted(RESULTS.glob("cl_quality_l0-*.json")):
+def _override_runs(primary: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Result sets of `python -m bench.cl_quality --tag <name> --set KEY=VALUE` runs at the
+    primary set's order and budget (a knob value, another seed), each as (its overrides, its
+    rows). Runs that change the data (`--set data.tasks=...`, the 2-task sweeps) are left out:
+    their numbers are not comparable with the full order."""
+    settings = _settings(primary)
+    same_budget = {k: v for k, v in settings.items() if k != "overrides"}
+    runs = []
+    for path in sorted(RESULTS.glob("cl_quality_*.json")):
         doc = json.loads(path.read_text())
-        if doc["order"] != order:
+        other = _settings(doc)
+        overrides = other.get("overrides") or []
+        if (
+            doc.get("order") != primary["order"]
+            or not overrides
+            or any(o.startswith("data.") for o in overrides)
+            or {k: v for k, v in other.items() if k != "overrides"} != same_budget
+        ):
             continue
-        overrides = json.loads(doc["settings"]).get("overrides") or []
-        rows += [{**r, "variant": f"{r['variant']} ({', '.join(overrides)})"} for r in doc["rows"]]
-    return rows
+        runs.append((", ".join(overrides), doc["rows"]))
+    return runs
+
+
+def _settings(doc: dict[str, Any]) -> dict[str, Any]:
+    settings = doc.get("settings") or {}
+    return json.loads(settings) if isinstance(settings, str) else settings
 
 
 def _missing_variants(doc: dict[str, Any]) -> str:
@@ -599,7 +614,7 @@ FIRST_ORDER, SECOND_ORDER = "short_order_1", "short_order_2"
 
 
 def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
-    settings = json.loads(doc["settings"]) if isinstance(doc["settings"], str) else doc["settings"]
+    settings = _settings(doc)
     data = settings.get("data", {})
     machine = doc.get("machine", {})
     loads = [r["load_average"][0] for r in doc["rows"] if r.get("load_average")]
@@ -627,25 +642,40 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
         "",
         *quality_table(doc["rows"]),
     ]
-    by = {r["variant"]: r for r in doc["rows"]}
     n_eval = data.get("eval_rows")
     n_tasks = len(doc["rows"][0]["accuracy_matrix"])
     n_rows = n_eval * n_tasks if isinstance(n_eval, int) else None
-    sentences = _cl_sentences(by, n_rows)
+    sentences = _cl_sentences({r["variant"]: r for r in doc["rows"]}, n_rows)
+    orders = [doc]
     second = read_result(f"cl_quality_{SECOND_ORDER}", False)
     if second is not None and second["rows"]:
         out += ["", f"Order {SECOND_ORDER}, same budget:", "", *quality_table(second["rows"])]
-        second_by = {r["variant"]: r for r in second["rows"]}
-        sentences += [f"{SECOND_ORDER}: {x}" for x in _cl_sentences(second_by, n_rows)]
-    knob_rows = _knob_rows(doc["order"])
-    if knob_rows:
+        sentences += [
+            f"{SECOND_ORDER}: {x}"
+            for x in _cl_sentences({r["variant"]: r for r in second["rows"]}, n_rows)
+        ]
+        orders.append(second)
+    for primary in orders:
+        runs = _override_runs(primary)
+        if not runs:
+            continue
         out += [
             "",
-            f"The learned gate's one knob (`adapter.l0_weight`, default "
-            f"{L0_WEIGHT_DEFAULT:g}) at other values, order {doc['order']}, same budget:",
+            f"Order {primary['order']} with one setting changed (`--set`: the learned gate's "
+            f"one knob `adapter.l0_weight`, default {L0_WEIGHT_DEFAULT:g}, or another seed), "
+            "same budget:",
             "",
-            *quality_table(knob_rows),
+            *quality_table(
+                [
+                    {**r, "variant": f"{r['variant']} ({label})"}
+                    for label, rows in runs
+                    for r in rows
+                ]
+            ),
         ]
+        for label, rows in runs:
+            by = {r["variant"]: r for r in rows}
+            sentences += [f"{primary['order']}, {label}: {x}" for x in _cl_sentences(by, n_rows)]
     if isinstance(n_eval, int):
         sentences.append(
             f"One dev row is {100 / n_eval:.1f} points of one task's accuracy: differences of "

@@ -169,18 +169,29 @@ def test_cl_report_calls_a_gap_within_noise_by_its_standard_error() -> None:
     assert _oa_verdict(0.615, 0.621, None) == "**lower**"
 
 
-def test_cl_report_shows_knob_runs_of_the_same_order(
+def test_cl_report_shows_runs_with_one_setting_changed_at_the_same_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import bench.report
 
+    budget = {"data": {"order": "short_order_1", "train_rows": 128}, "train": {"lr": 0.001}}
     row = {"variant": "incLoRA+jump", "OA": 0.5}
-    for tag, order in (("l0-5", "short_order_1"), ("l0-2", "short_order_2")):
-        doc = {
-            "order": order,
-            "settings": json.dumps({"overrides": [f"adapter.l0_weight={tag[3:]}"]}),
-        }
-        (tmp_path / f"cl_quality_{tag}.json").write_text(json.dumps({**doc, "rows": [row]}))
+
+    def write(tag: str, order: str, overrides: list[str], **changed: dict) -> None:
+        settings = {**budget, **changed, "overrides": overrides}
+        doc = {"order": order, "settings": json.dumps(settings), "rows": [row]}
+        (tmp_path / f"cl_quality_{tag}.json").write_text(json.dumps(doc))
+
+    write("short_order_1", "short_order_1", [])
+    write("l0-5", "short_order_1", ["adapter.l0_weight=5"])
+    write("seed2", "short_order_1", ["train.seed=43"])
+    write("l0-2", "short_order_2", ["adapter.l0_weight=2"])  # another order
+    write("sweep", "short_order_1", ["data.tasks=[dbpedia,amazon]", "adapter.l0_weight=0"])
+    write("small", "short_order_1", ["adapter.l0_weight=3"], data={"train_rows": 16})
     monkeypatch.setattr(bench.report, "RESULTS", tmp_path)
-    rows = bench.report._knob_rows("short_order_1")
-    assert [r["variant"] for r in rows] == ["incLoRA+jump (adapter.l0_weight=5)"]
+    primary = json.loads((tmp_path / "cl_quality_short_order_1.json").read_text())
+    runs = bench.report._override_runs(primary)
+    assert [(label, [r["variant"] for r in rows]) for label, rows in runs] == [
+        ("adapter.l0_weight=5", ["incLoRA+jump"]),
+        ("train.seed=43", ["incLoRA+jump"]),
+    ]
