@@ -561,14 +561,19 @@ def _missing_variants(doc: dict[str, Any]) -> str:
     return f" Not run yet: {', '.join(missing)}." if missing else ""
 
 
+def _difference_se(a: float, b: float, n_rows: int) -> float:
+    """Standard error of the difference of two accuracies over n_rows evaluated rows each."""
+    p = (a + b) / 2
+    return math.sqrt(2 * p * (1 - p) / n_rows)
+
+
 def _oa_verdict(a: float, b: float, n_rows: int | None) -> str:
-    """OA a against b: at least as high, within one standard error of the difference of two
-    accuracies over n_rows evaluated rows each, or lower."""
+    """OA a against b: at least as high, within one standard error of their difference, or
+    lower."""
     if a >= b:
         return "at least as high"
     if n_rows:
-        p = (a + b) / 2
-        se = math.sqrt(2 * p * (1 - p) / n_rows)
+        se = _difference_se(a, b, n_rows)
         if b - a <= se:
             return f"lower by less than one standard error, {100 * se:.1f} points"
     return "**lower**"
@@ -608,6 +613,30 @@ def _cl_sentences(by: dict[str, dict[str, Any]], n_rows: int | None) -> list[str
                 f"({'<= 5 %' if ok else '**above the 5 % target**'})."
             )
     return sentences
+
+
+def _learned_vs_topk_over_runs(
+    sets: list[tuple[str, list[dict[str, Any]]]], n_rows: int | None
+) -> list[str]:
+    """One sentence pooling the learned gate against top-k over every result set (order,
+    seed) that has both at the default gate settings: one run is one sample, so a single
+    gap says little."""
+    gaps, ses, labels = [], [], []
+    for label, rows in sets:
+        by = {r["variant"]: r for r in rows}
+        if "incLoRA+jump" in by and "incLoRA+topk" in by:
+            j, t = by["incLoRA+jump"]["OA"], by["incLoRA+topk"]["OA"]
+            gaps.append(100 * (j - t))
+            ses.append(100 * _difference_se(j, t, n_rows) if n_rows else math.nan)
+            labels.append(label)
+    if len(gaps) < 2:
+        return []
+    mean, se = sum(gaps) / len(gaps), math.sqrt(sum(x * x for x in ses)) / len(ses)
+    return [
+        f"Learned gate minus top-k in OA over the {len(gaps)} runs with both "
+        f"({'; '.join(labels)}): {', '.join(f'{g:+.1f}' for g in gaps)} points, mean "
+        f"{mean:+.1f} (standard error of the mean {se:.1f})."
+    ]
 
 
 FIRST_ORDER, SECOND_ORDER = "short_order_1", "short_order_2"
@@ -655,8 +684,11 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
             for x in _cl_sentences({r["variant"]: r for r in second["rows"]}, n_rows)
         ]
         orders.append(second)
+    pooled = []  # (label, rows) of every set at the default gate settings
     for primary in orders:
         runs = _override_runs(primary)
+        pooled += [(primary["order"], primary["rows"])]
+        pooled += [(f"{primary['order']}, {label}", rows) for label, rows in runs]
         if not runs:
             continue
         out += [
@@ -676,6 +708,9 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
         for label, rows in runs:
             by = {r["variant"]: r for r in rows}
             sentences += [f"{primary['order']}, {label}: {x}" for x in _cl_sentences(by, n_rows)]
+    sentences += _learned_vs_topk_over_runs(
+        [(label, rows) for label, rows in pooled if "adapter." not in label], n_rows
+    )
     if isinstance(n_eval, int):
         sentences.append(
             f"One dev row is {100 / n_eval:.1f} points of one task's accuracy: differences of "

@@ -169,6 +169,22 @@ def test_cl_report_calls_a_gap_within_noise_by_its_standard_error() -> None:
     assert _oa_verdict(0.615, 0.621, None) == "**lower**"
 
 
+def test_cl_report_pools_the_learned_gate_against_topk_over_runs() -> None:
+    from bench.report import _learned_vs_topk_over_runs
+
+    def rows(jump: float, topk: float) -> list[dict]:
+        return [{"variant": "incLoRA+jump", "OA": jump}, {"variant": "incLoRA+topk", "OA": topk}]
+
+    only_jump = [{"variant": "incLoRA+jump", "OA": 0.1}]
+    assert _learned_vs_topk_over_runs([("a", rows(0.6, 0.62)), ("b", only_jump)], 800) == []
+    (sentence,) = _learned_vs_topk_over_runs(
+        [("a", rows(0.6, 0.62)), ("b", only_jump), ("c", rows(0.5, 0.54))], 800
+    )
+    # gaps -2 and -4 points, each with a standard error of ~2.4-2.5: mean -3, SE ~1.7
+    assert "2 runs with both (a; c): -2.0, -4.0 points, mean -3.0" in sentence
+    assert "standard error of the mean 1.7" in sentence
+
+
 def test_cl_report_shows_runs_with_one_setting_changed_at_the_same_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
