@@ -627,15 +627,17 @@ def _learned_vs_topk_over_runs(
         if "incLoRA+jump" in by and "incLoRA+topk" in by:
             j, t = by["incLoRA+jump"]["OA"], by["incLoRA+topk"]["OA"]
             gaps.append(100 * (j - t))
-            ses.append(100 * _difference_se(j, t, n_rows) if n_rows else math.nan)
+            if n_rows:
+                ses.append(100 * _difference_se(j, t, n_rows))
             labels.append(label)
     if len(gaps) < 2:
         return []
-    mean, se = sum(gaps) / len(gaps), math.sqrt(sum(x * x for x in ses)) / len(ses)
+    mean = sum(gaps) / len(gaps)
+    se = math.sqrt(sum(x * x for x in ses)) / len(ses) if ses else None
     return [
         f"Learned gate minus top-k in OA over the {len(gaps)} runs with both "
         f"({'; '.join(labels)}): {', '.join(f'{g:+.1f}' for g in gaps)} points, mean "
-        f"{mean:+.1f} (standard error of the mean {se:.1f})."
+        f"{mean:+.1f}" + (f" (standard error of the mean {se:.1f})." if se is not None else ".")
     ]
 
 
@@ -684,7 +686,7 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
             for x in _cl_sentences({r["variant"]: r for r in second["rows"]}, n_rows)
         ]
         orders.append(second)
-    pooled = []  # (label, rows) of every set at the default gate settings
+    pooled = []  # (label, rows) of every result set of these orders
     for primary in orders:
         runs = _override_runs(primary)
         pooled += [(primary["order"], primary["rows"])]
