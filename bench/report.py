@@ -579,9 +579,11 @@ def _oa_verdict(a: float, b: float, n_rows: int | None) -> str:
     return "**lower**"
 
 
-def _cl_sentences(by: dict[str, dict[str, Any]], n_rows: int | None) -> list[str]:
-    """The issue's expectations, each checked against the rows that exist; n_rows: the dev
-    rows behind one OA (rows per task x tasks)."""
+def _cl_sentences(rows: list[dict[str, Any]], n_rows: int | None, prefix: str = "") -> list[str]:
+    """The issue's expectations, each checked against the rows of one result set that exist,
+    each sentence led by `prefix` (which set); n_rows: the dev rows behind one OA (rows per
+    task x tasks)."""
+    by = {r["variant"]: r for r in rows}
     sentences = []
     for dense in ("incLoRA", "ella", "inflora"):
         jump = f"{dense}+jump"
@@ -612,15 +614,15 @@ def _cl_sentences(by: dict[str, dict[str, Any]], n_rows: int | None) -> list[str
                 f"{name}: per-task density {100 * spread['min']:.2f}-{100 * spread['max']:.2f} % "
                 f"({'<= 5 %' if ok else '**above the 5 % target**'})."
             )
-    return sentences
+    return [prefix + s for s in sentences]
 
 
 def _learned_vs_topk_over_runs(
     sets: list[tuple[str, list[dict[str, Any]]]], n_rows: int | None
 ) -> list[str]:
-    """One sentence pooling the learned gate against top-k over every result set (order,
-    seed) that has both at the default gate settings: one run is one sample, so a single
-    gap says little."""
+    """One sentence pooling the learned gate against top-k over the result sets given (orders,
+    seeds; the caller leaves out runs that change the gate) that have both: one run is one
+    sample, so a single gap says little."""
     gaps, ses, labels = [], [], []
     for label, rows in sets:
         by = {r["variant"]: r for r in rows}
@@ -676,15 +678,12 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
     n_eval = data.get("eval_rows")
     n_tasks = len(doc["rows"][0]["accuracy_matrix"])
     n_rows = n_eval * n_tasks if isinstance(n_eval, int) else None
-    sentences = _cl_sentences({r["variant"]: r for r in doc["rows"]}, n_rows)
+    sentences = _cl_sentences(doc["rows"], n_rows)
     orders = [doc]
     second = read_result(f"cl_quality_{SECOND_ORDER}", False)
     if second is not None and second["rows"]:
         out += ["", f"Order {SECOND_ORDER}, same budget:", "", *quality_table(second["rows"])]
-        sentences += [
-            f"{SECOND_ORDER}: {x}"
-            for x in _cl_sentences({r["variant"]: r for r in second["rows"]}, n_rows)
-        ]
+        sentences += _cl_sentences(second["rows"], n_rows, f"{SECOND_ORDER}: ")
         orders.append(second)
     pooled = []  # (label, rows) of every result set of these orders
     for primary in orders:
@@ -708,10 +707,11 @@ def cl_quality_section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str
             ),
         ]
         for label, rows in runs:
-            by = {r["variant"]: r for r in rows}
-            sentences += [f"{primary['order']}, {label}: {x}" for x in _cl_sentences(by, n_rows)]
+            sentences += _cl_sentences(rows, n_rows, f"{primary['order']}, {label}: ")
     sentences += _learned_vs_topk_over_runs(
-        [(label, rows) for label, rows in pooled if "adapter." not in label], n_rows
+        # labels hold the joined overrides: a set with an adapter.* override is not the default gate
+        [(label, rows) for label, rows in pooled if "adapter." not in label],
+        n_rows,
     )
     if isinstance(n_eval, int):
         sentences.append(
