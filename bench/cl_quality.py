@@ -189,6 +189,15 @@ def main() -> int:
     for name in args.variants:
         row_path = rows_dir / f"{name}.json"
         if row_path.is_file() and not args.force:
+            saved = json.loads(row_path.read_text()).get("settings")
+            if saved != settings:
+                print(
+                    f"== {name}: the saved row {row_path} was run with other settings "
+                    f"({settings_difference(saved, settings)}); use another --tag, or --force "
+                    "to re-run it",
+                    file=sys.stderr,
+                )
+                return 2
             print(f"== {name}: kept ({row_path})", flush=True)
             continue
         run_dir = runs_dir / name.replace("+", "_")
@@ -200,6 +209,25 @@ def main() -> int:
         row_path.write_text(json.dumps(row, indent=2))
         write_summary(args, tag, model, settings)  # after every variant: a long run is readable
     return 0
+
+
+def settings_difference(saved: dict | None, current: dict) -> str:
+    """The keys whose values differ, as 'key: saved -> current' (nested keys dotted)."""
+    if not isinstance(saved, dict):
+        return "no settings recorded"
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(saved), flat(current)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 def write_summary(args: argparse.Namespace, tag: str, model: Path, settings: dict) -> None:

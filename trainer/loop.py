@@ -6,7 +6,8 @@ Per task i (version i+1; version 0 is the base model):
   2. T optimizer steps; f from the schedule; theta re-initialised at step t1
   3. merged = W0 + s*J(dW) per adapted weight, rounded to the checkpoint dtype
   4. method.end_task commits it (or keeps the adapter: SeqLoRA)
-  5. greedy exact-match evaluation on tasks 0..i, on exactly the exported weights
+  5. greedy exact-match evaluation on tasks 0..i+1 (train.eval_schedule), on exactly the
+     exported weights
   6. delta = diff(previous state, new state) in the checkpoint dtype -> deltas/, the
      merged checkpoint -> merged/, the method state -> state/method-v<i>.safetensors;
      run.json is rewritten after them, as the commit point; only then are the previous
@@ -108,6 +109,12 @@ class Recipe:
         self.on_task_end = on_task_end  # called with the metrics after each task's commit
 
     # ------------------------------------------------------------------ setup
+
+    @property
+    def last_task(self) -> int:
+        """How many tasks this call completes (all, or --stop-after)."""
+        n = len(self.tasks)
+        return n if self.stop_after is None else min(self.stop_after, n)
 
     def setup(self) -> None:
         self._check_run_dir()  # fail fast: run directory and data before the model
@@ -416,9 +423,8 @@ class Recipe:
         if self.served is not None:
             self.served.wait_for_fingerprint(fingerprint)
         self.model.eval()
-        columns = len(self.tasks) if i < 0 else min(i + 2, len(self.tasks))
         with self.autocast():
-            for j in range(columns):
+            for j in self.eval_columns(i):
                 task = self.tasks[j]
                 if self.served is None:
                     r = evaluate_task(
@@ -428,6 +434,17 @@ class Recipe:
                     predictions = self.served.predict(self.enc, task, fingerprint=fingerprint)
                     r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
+
+    def eval_columns(self, i: int) -> list[int]:
+        """The tasks row i evaluates: every task for the base row (i = -1); tasks 0..i+1
+        under the full schedule; under "needed" the diagonal and the next task, and every
+        task seen so far on the run's last row (this call's last task)."""
+        n = len(self.tasks)
+        if i < 0:
+            return list(range(n))
+        if self.cfg.train.eval_schedule == "full" or i == self.last_task - 1:
+            return list(range(min(i + 2, n)))
+        return [j for j in (i, i + 1) if j < n]
 
     def make_delta(self, i: int, task: Task, merged: dict[str, torch.Tensor]) -> SparseDelta:
         """The exact sparse delta from the current version to version i + 1."""
@@ -508,16 +525,20 @@ class Recipe:
         return (
             f"task {i + 1}/{len(self.tasks)} {log['task']}: {log['steps']} steps "
             f"{log['seconds_per_step']:.3f} s/step, loss {log['final_loss']:.3f}, "
-            f"delta density {log['delta_density']:.2%}, acc {log['accuracy']:.3f}, "
-            f"OA {acc['OA']:.3f}"
-            + (f", BWT {acc['BWT']:+.3f}" if acc.get("BWT") is not None else "")
+            f"delta density {log['delta_density']:.2%}, acc {log['accuracy']:.3f}"
+            + (self._stream_summary(acc) if acc.get("OA_after") == log["task"] else "")
         )
+
+    @staticmethod
+    def _stream_summary(acc: dict[str, Any]) -> str:
+        bwt = f", BWT {acc['BWT']:+.3f}" if acc.get("BWT") is not None else ""
+        return f", OA {acc['OA']:.3f}{bwt}"
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
         self.setup()
-        last = len(self.tasks) if self.stop_after is None else min(self.stop_after, len(self.tasks))
+        last = self.last_task
         if self.is_main and self.accuracy.base[0] is None:  # the base row, once per run
             self.evaluate(-1, self.base_fingerprint)
             self._write_run_json()

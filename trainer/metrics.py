@@ -1,7 +1,9 @@
 """Continual-learning metrics as small objects with update / result / reset.
 
 a[i][j] = exact-match accuracy on task j after training task i (version i + 1); the loop
-fills j <= i + 1: the tasks seen so far and the next one (for FWT).
+fills j <= i + 1 (the tasks seen so far and the next one, for FWT), or under
+train.eval_schedule "needed" only what the metrics below read: the diagonal, the next
+task, and the whole last row of the run (an empty entry is None).
 b[j]    = accuracy of the base model (version 0) on task j: the base row.
 OA   = mean_j a[T][j] over the tasks seen by the last completed task T.
 BWT  = 1/(T-1) sum_{j<T} (a[T][j] - a[j][j])                      (negative: forgetting)
@@ -54,9 +56,13 @@ class AccuracyMatrix:
             "base_prefix": self.base_prefix,
             "tasks": self.tasks,
         }
-        if not done:
+        # OA and BWT read one whole row: the last one evaluated on every task seen by then
+        # (under train.eval_schedule "needed" only the final row of a run is whole).
+        whole = [i for i in done if all(v is not None for v in self.exact[i][: i + 1])]
+        if not whole:
             return out
-        last = done[-1]
+        last = whole[-1]
+        out["OA_after"] = self.tasks[last]
         out["OA"] = _mean(self.exact[last][: last + 1])
         out["OA_prefix"] = _mean(self.prefix[last][: last + 1])
         out["BWT"] = (

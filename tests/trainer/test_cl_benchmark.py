@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jlserve.cli import main as jlserve_main
-from tests.conftest import CL_BENCHMARK_DIR
+from tests.conftest import CL_BENCHMARK_DIR, needs_cl_benchmark
 from trainer.layout import check_root
 
 # The public layout (CL_Benchmark of cmnfriend/O-LoRA, CL_Benchmark_dev of JumpLoRA), as
@@ -77,14 +77,20 @@ def test_lays_out_the_project_layout_exactly(tmp_path, capsys):
     assert all(len(index["orders"][f"long_order_{i}"]) == 15 for i in (4, 5, 6))
     assert index["tasks"]["copa"]["instruction"] == ""
     assert index["tasks"]["agnews"]["instruction"].endswith("Choose one from the option.\n")
-    if CL_BENCHMARK_DIR.is_dir():  # the team's copy: the same index, byte for byte
-        assert (out / "tasks.json").read_bytes() == (CL_BENCHMARK_DIR / "tasks.json").read_bytes()
-        for name in PUBLIC:
-            shared = (CL_BENCHMARK_DIR / name / "labels.json").read_bytes()
-            assert (out / name / "labels.json").read_bytes() == shared
     assert check_root(out) == []
     printed = capsys.readouterr().out
     assert "wrote 15 tasks" in printed and "long_order_6" in printed
+
+
+@needs_cl_benchmark
+def test_the_layout_matches_the_benchmark_copy_byte_for_byte(tmp_path):
+    out = tmp_path / "cl_benchmark"
+    source = make_source(tmp_path / "O-LoRA")
+    assert jlserve_main(["data", "cl-benchmark", "--source", str(source), "--out", str(out)]) == 0
+    assert (out / "tasks.json").read_bytes() == (CL_BENCHMARK_DIR / "tasks.json").read_bytes()
+    for name in PUBLIC:
+        shared = (CL_BENCHMARK_DIR / name / "labels.json").read_bytes()
+        assert (out / name / "labels.json").read_bytes() == shared
 
 
 def test_the_jumplora_folder_and_the_folder_itself_are_found(tmp_path):

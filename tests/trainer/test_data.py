@@ -6,7 +6,6 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import CL_BENCHMARK_DIR
 from trainer.config import DataConfig
 from trainer.data import IGNORE_INDEX, Encoder, Task, load_stream, normalize
 from trainer.errors import TrainerError
@@ -58,18 +57,18 @@ def test_normalize_lowercases_and_collapses_whitespace() -> None:
     assert normalize("  Science  or\nTechnology ") == "science or technology"
 
 
-def test_load_stream_order_caps_and_errors() -> None:
-    cfg = DataConfig(root=CL_BENCHMARK_DIR, order="short_order_1", train_rows=5, eval_rows=3)
+def test_load_stream_order_caps_and_errors(cl_data_root) -> None:
+    cfg = DataConfig(root=cl_data_root, order="demo", train_rows=5, eval_rows=3)
     tasks = load_stream(cfg, seed=1)
-    assert [t.name for t in tasks] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    assert [t.name for t in tasks] == ["bbc_topic", "movie_sentiment", "tweet_sentiment"]
     assert all(len(t.train) == 5 and len(t.dev) == 3 for t in tasks)
     assert load_stream(cfg, seed=1)[0].train == tasks[0].train  # seeded
     assert load_stream(cfg, seed=2)[0].train != tasks[0].train
-    assert "Choose one" in tasks[0].instruction and tasks[0].options[0] == "Company"
+    assert "Choose one" in tasks[0].instruction and tasks[0].options[0] == "Business"
     with pytest.raises(TrainerError, match="unknown order"):
-        load_stream(DataConfig(root=CL_BENCHMARK_DIR, order="nope"), seed=0)
+        load_stream(DataConfig(root=cl_data_root, order="nope"), seed=0)
     with pytest.raises(TrainerError, match="not in"):
-        load_stream(DataConfig(root=CL_BENCHMARK_DIR, tasks=["nope"]), seed=0)
+        load_stream(DataConfig(root=cl_data_root, tasks=["nope"]), seed=0)
 
 
 # ---------------------------------------------------------------- data.prompt_format: chat

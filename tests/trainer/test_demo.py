@@ -7,27 +7,27 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import CL_BENCHMARK_DIR, REPO_ROOT
+from tests.conftest import REPO_ROOT
 from trainer.demo import main
 from trainer.demo_data import DEMO_ORDER, build_demo_benchmark
 
 
 @pytest.mark.slow
-def test_demo_serves_learns_and_reports(tiny_model_dir, tmp_path, capsys):
+def test_demo_serves_learns_and_reports(tiny_model_dir, cl_data_root, tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["--quick", "--model", str(tiny_model_dir), "--data", str(CL_BENCHMARK_DIR),
-            "--tasks", "cb", "copa", "--out", str(out)]  # fmt: skip
+    argv = ["--quick", "--model", str(tiny_model_dir), "--data", str(cl_data_root),
+            "--tasks", "movie_sentiment", "tweet_sentiment", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "served accuracy" in printed and "swap s" in printed and "│ copa" in printed
+    assert "served accuracy" in printed and "swap s" in printed and "│ tweet_sentiment" in printed
     assert "report:" in printed and (out / "run" / "report.md").is_file()
     # Taught and asked in the chat format: one question per task through the chat endpoint.
     run = json.loads((out / "run" / "run.json").read_text())
     assert run["config"]["data"]["prompt_format"] == "chat"
     assert "4. ask" in printed and "/v1/chat/completions" in printed
-    assert "   cb: '" in printed and "   copa: '" in printed
+    assert "   movie_sentiment: '" in printed and "   tweet_sentiment: '" in printed
     metrics = json.loads((out / "run" / "metrics.json").read_text())
-    assert [t["task"] for t in metrics["tasks"]] == ["cb", "copa"]
+    assert [t["task"] for t in metrics["tasks"]] == ["movie_sentiment", "tweet_sentiment"]
     assert all(t["swap_s"] > 0 for t in metrics["tasks"])  # each delta was hot-swapped
     # A re-run replaces its own directory, never someone else's.
     assert main(argv) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jlserve.cli import main as jlserve_main
-from tests.conftest import CL_BENCHMARK_DIR
+from tests.conftest import CL_BENCHMARK_DIR, needs_cl_benchmark
 from trainer.layout import check_root
 
 
@@ -73,7 +73,7 @@ def test_a_valid_root_passes(tmp_path, capsys):
     assert "ok, 2 tasks, orders: mine" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not CL_BENCHMARK_DIR.is_dir(), reason="the team's benchmark copy is absent")
+@needs_cl_benchmark
 def test_the_benchmark_copy_passes():
     assert check_root(CL_BENCHMARK_DIR) == []
 

@@ -9,17 +9,18 @@ from safetensors.torch import load_file
 from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
 from jlserve.cli import main as jlserve_main
 from jlserve.delta import plan_update, read_delta
-from tests.conftest import CL_BENCHMARK_DIR, REPO_ROOT
+from tests.conftest import REPO_ROOT
 from trainer.cli import main as trainer_main
 from trainer.config import load_config
 from trainer.loop import Recipe, train
 
 
-def _config(tmp_path: Path, model: Path, **method) -> Path:
+def _config(tmp_path: Path, model: Path, data: Path, **method) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(
         f"model: {model}\n"
-        f"data: {{root: {CL_BENCHMARK_DIR}, tasks: [cb, copa], train_rows: 16, eval_rows: 8,"
+        f"data: {{root: {data}, tasks: [movie_sentiment, tweet_sentiment], train_rows: 16,"
+        " eval_rows: 8,"
         " max_length: 96}\n"
         "train: {batch_size: 4, eval_batch_size: 8}\n"
         f"method: {json.dumps({'name': 'incLoRA', **method})}\n"
@@ -27,8 +28,10 @@ def _config(tmp_path: Path, model: Path, **method) -> Path:
     return path
 
 
-def test_two_task_stream_writes_every_output_and_exact_deltas(tmp_path, tiny_model_dir) -> None:
-    cfg = _config(tmp_path, tiny_model_dir)
+def test_two_task_stream_writes_every_output_and_exact_deltas(
+    tmp_path, tiny_model_dir, cl_data_root
+) -> None:
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root)
     run = tmp_path / "run"
     assert (
         jlserve_main(["train", "--config", str(cfg), "--out", str(run), "--keep-all-merged"]) == 0
@@ -47,8 +50,8 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(tmp_path, tiny_mod
     assert info["completed"] == 2 and [v["version"] for v in info["versions"]] == [0, 1, 2]
     assert (run / "config.yaml").read_text().startswith("# jlserve train --config")
     assert sorted(p.name for p in (run / "deltas").iterdir()) == [
-        "task001-cb.safetensors",
-        "task002-copa.safetensors",
+        "task001-movie_sentiment.safetensors",
+        "task002-tweet_sentiment.safetensors",
     ]
     metrics = json.loads((run / "metrics.json").read_text())
     acc = metrics["accuracy"]
@@ -56,7 +59,7 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(tmp_path, tiny_mod
     assert all(b is not None for b in acc["base"])
     assert acc["matrix"][0][1] is not None and acc["matrix"][1][1] is not None
     assert {"OA", "BWT", "FWT", "base_OA", "gain_over_base"} <= acc.keys()
-    assert 0 < metrics["density"]["cb"]["density"] < 1
+    assert 0 < metrics["density"]["movie_sentiment"]["density"] < 1
     assert len(metrics["support_overlap"]["jaccard"]) == 2
     # Applying the deltas (format v2, the default) to the base reproduces every merged
     # checkpoint bit for bit.
@@ -80,8 +83,8 @@ def _same_results(a: Path, b: Path) -> None:
     assert ma["accuracy"] == mb["accuracy"] and ma["density"] == mb["density"]
 
 
-def test_resume_after_stop_gives_the_same_results(tmp_path, tiny_model_dir) -> None:
-    cfg = _config(tmp_path, tiny_model_dir, name="seqLoRA")
+def test_resume_after_stop_gives_the_same_results(tmp_path, tiny_model_dir, cl_data_root) -> None:
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root, name="seqLoRA")
     full, part = tmp_path / "full", tmp_path / "part"
     assert trainer_main(["--config", str(cfg), "--out", str(full)]) == 0
     assert trainer_main(["--config", str(cfg), "--out", str(part), "--stop-after", "1"]) == 0
@@ -89,15 +92,37 @@ def test_resume_after_stop_gives_the_same_results(tmp_path, tiny_model_dir) -> N
     assert trainer_main(["--config", str(cfg), "--out", str(part), "--resume"]) == 0
     _same_results(full, part)
     # Only the last merged checkpoint and method state are kept without --keep-all-merged.
-    assert [p.name for p in (part / "merged").iterdir()] == ["v002-copa"]
+    assert [p.name for p in (part / "merged").iterdir()] == ["v002-tweet_sentiment"]
     assert [p.name for p in (part / "state").iterdir()] == ["method-v002.safetensors"]
+
+
+def test_the_needed_eval_schedule_gives_the_full_matrix_metrics(
+    tmp_path, tiny_model_dir, cl_data_root
+) -> None:
+    """train.eval_schedule=needed skips the entries no metric reads and gives the same OA,
+    BWT and FWT as the full matrix (same weights: evaluation does not change training)."""
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root)
+    stream = ["--set", "data.tasks=[movie_sentiment, tweet_sentiment, bbc_topic]"]
+    stream += ["--set", "data.train_rows=8"]
+    results = {}
+    for schedule in ("full", "needed"):
+        out = tmp_path / schedule
+        args = ["--config", str(cfg), "--out", str(out), *stream]
+        assert trainer_main([*args, "--set", f"train.eval_schedule={schedule}"]) == 0
+        results[schedule] = json.loads((out / "metrics.json").read_text())["accuracy"]
+    full, needed = results["full"], results["needed"]
+    for key in ("OA", "BWT", "FWT", "base_OA", "OA_after"):
+        assert needed[key] == full[key], key
+    assert full["matrix"][1][0] is not None and needed["matrix"][1][0] is None
+    filled = sum(v is not None for row in needed["matrix"] for v in row) + len(needed["base"])
+    assert filled == 4 * 3 - 2  # base row, diagonal, next task, last row
 
 
 @pytest.mark.parametrize("gate", ["jump", "none"])
 def test_inflora_two_tasks_with_and_without_gate_and_exact_resume(
-    tmp_path, tiny_model_dir, gate
+    tmp_path, tiny_model_dir, cl_data_root, gate
 ) -> None:
-    cfg = _config(tmp_path, tiny_model_dir, name="inflora")
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root, name="inflora")
     gate_arg = ["--set", f"adapter.gate={gate}"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert trainer_main(["--config", str(cfg), "--out", str(full), *gate_arg]) == 0
@@ -112,7 +137,9 @@ def test_inflora_two_tasks_with_and_without_gate_and_exact_resume(
     for key, basis in last.items():
         assert 1 <= first[key].shape[1] <= basis.shape[1] <= basis.shape[0]
         assert basis[:, : first[key].shape[1]].equal(first[key])
-    density = json.loads((full / "metrics.json").read_text())["density"]["copa"]["density"]
+    density = json.loads((full / "metrics.json").read_text())["density"]["tweet_sentiment"][
+        "density"
+    ]
     assert (density < 0.5) == (gate == "jump")
 
 
@@ -120,10 +147,12 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_at_the_commit_point(tmp_path, tiny_model_dir, monkeypatch) -> None:
+def test_resume_after_a_crash_at_the_commit_point(
+    tmp_path, tiny_model_dir, cl_data_root, monkeypatch
+) -> None:
     """Killed after task 2 wrote its delta, checkpoint and ELLA state but before run.json
     named them: the resume must redo task 2 from task 1's files, exactly."""
-    cfg = _config(tmp_path, tiny_model_dir, name="ella")
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root, name="ella")
     full, part = tmp_path / "full", tmp_path / "part"
     assert trainer_main(["--config", str(cfg), "--out", str(full)]) == 0
     write_run_json = Recipe._write_run_json
@@ -137,7 +166,7 @@ def test_resume_after_a_crash_at_the_commit_point(tmp_path, tiny_model_dir, monk
         patch.setattr(Recipe, "_write_run_json", crash_at_second_commit)
         with pytest.raises(_Crash):
             train(load_config(cfg), part)
-    assert (part / "merged" / "v002-copa").is_dir()  # task 2's files were all written
+    assert (part / "merged" / "v002-tweet_sentiment").is_dir()  # task 2's files were all written
     assert trainer_main(["--config", str(cfg), "--out", str(part), "--resume"]) == 0
     _same_results(full, part)
 
@@ -149,7 +178,7 @@ BAD_INPUTS = {
     "bad --set value": ("config", None, ["train.lr=["], "not valid YAML"),
     "bad --set syntax": ("config", None, ["train.lr"], "key=value"),
     "empty task list": ("config", None, ["data.tasks=[]"], "data.tasks"),
-    "unknown task": ("config", None, ["data.tasks=[cb, nope]"], "'nope' is not in"),
+    "unknown task": ("config", None, ["data.tasks=[movie_sentiment, nope]"], "'nope' is not in"),
     "unknown order": ("config", None, ["data.tasks=null", "data.order=nope"], "unknown order"),
     "missing data root": (
         "config",
@@ -157,8 +186,13 @@ BAD_INPUTS = {
         ["data.root=/nonexistent"],
         "no tasks.json there; get the benchmark with `jlserve data cl-benchmark --source",
     ),
-    "missing data file": ("data", None, ["data.tasks=[cb]"], "cb/train.json: cannot read"),
-    "empty data file": ("data", "[]", ["data.tasks=[cb]"], "cb/train.json: no rows"),
+    "missing data file": (
+        "data",
+        None,
+        ["data.tasks=[bbc_topic]"],
+        "bbc_topic/train.json: cannot read",
+    ),
+    "empty data file": ("data", "[]", ["data.tasks=[bbc_topic]"], "bbc_topic/train.json: no rows"),
     "tasks.json not a mapping": ("data", "[]", ["data.tasks=[other]"], "expected {"),
     "ella lambda per task": (
         "config",
@@ -173,22 +207,24 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys, case) -> None:
+def test_bad_input_exits_2_with_one_line(
+    tmp_path, tiny_model_dir, cl_data_root, capsys, case
+) -> None:
     kind, text, overrides, message = BAD_INPUTS[case]
-    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root)
     if kind == "config" and text is not None:
         cfg.write_text(text)
     elif kind == "nothing":
         cfg = tmp_path / "missing.yaml"
     elif kind == "data":  # a copy of the benchmark index with one task's files changed
         root = tmp_path / "data"
-        (root / "cb").mkdir(parents=True)
-        index = json.loads((CL_BENCHMARK_DIR / "tasks.json").read_text())
+        (root / "bbc_topic").mkdir(parents=True)
+        index = json.loads((cl_data_root / "tasks.json").read_text())
         if case == "tasks.json not a mapping":
             index = text
         (root / "tasks.json").write_text(json.dumps(index))
         if text is not None and case == "empty data file":
-            (root / "cb" / "train.json").write_text(text)
+            (root / "bbc_topic" / "train.json").write_text(text)
         overrides = [*overrides, f"data.root={root}"]
     out = tmp_path / "out"
     args = ["--config", str(cfg), "--out", str(out)]
@@ -201,8 +237,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys, case)
     assert not out.exists()  # nothing written for a run that never started
 
 
-def test_run_directory_errors_exit_2_through_jlserve_train(tmp_path, tiny_model_dir, capsys):
-    cfg = _config(tmp_path, tiny_model_dir)
+def test_run_directory_errors_exit_2_through_jlserve_train(
+    tmp_path, tiny_model_dir, cl_data_root, capsys
+):
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
     assert jlserve_main(["train", "--config", str(cfg), "--out", str(tmp_path / "busy")]) == 2

@@ -26,6 +26,21 @@ def test_oa_bwt_fwt_and_gain_over_the_base_row_by_hand() -> None:
     assert "OA" not in acc.result() and acc.base == [None] * 3
 
 
+def test_oa_and_bwt_read_the_last_whole_row() -> None:
+    """Under eval_schedule "needed" the middle rows hold only the diagonal and the next task:
+    OA/BWT come from the last row evaluated on every task seen, and say which one."""
+    acc = AccuracyMatrix(["a", "b", "c"])
+    for i, j, v in [(0, 0, 0.8), (0, 1, 0.3), (1, 1, 0.9), (1, 2, 0.2)]:
+        acc.update(i, j, v, v)
+    r = acc.result()
+    assert r["OA_after"] == "a" and r["OA"] == 0.8 and r["BWT"] is None  # row 1 is not whole
+    for j, v in enumerate([0.5, 0.7, 1.0]):
+        acc.update(2, j, v, v)
+    r = acc.result()
+    assert r["OA_after"] == "c" and abs(r["OA"] - (0.5 + 0.7 + 1.0) / 3) < 1e-12
+    assert abs(r["BWT"] - ((0.5 - 0.8) + (0.7 - 0.9)) / 2) < 1e-12
+
+
 def test_density_and_jaccard_overlap() -> None:
     base = {"w": torch.zeros(10), "other": torch.zeros(3)}
     one = {"w": base["w"].clone(), "other": base["other"]}

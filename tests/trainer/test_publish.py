@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jlserve.cli import main as jlserve_main
 from jlserve.delta import diff_tensors
-from tests.conftest import CL_BENCHMARK_DIR
 from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
 from trainer.cli import main as trainer_main
 from trainer.config import load_config
@@ -31,7 +30,7 @@ FP32_ENGINE = ("--dtype", "float32")
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, tmp_path_factory):
+def setup(tiny_model_dir, cl_data_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("publish")
     token = root / "admin.token"
     token.write_text(ADMIN_TOKEN)
@@ -49,7 +48,8 @@ def setup(tiny_model_dir, tmp_path_factory):
     cfg = root / "cfg.yaml"
     cfg.write_text(
         f"model: {tiny_model_dir}\n"
-        f"data: {{root: {CL_BENCHMARK_DIR}, tasks: [cb, copa], train_rows: 16, eval_rows: 8,"
+        f"data: {{root: {cl_data_root}, tasks: [movie_sentiment, tweet_sentiment], train_rows: 16,"
+        " eval_rows: 8,"
         " max_length: 96}\n"
         "train: {batch_size: 4, eval_batch_size: 8}\n"
     )
@@ -88,7 +88,11 @@ def test_publish_and_eval_via_the_server_match_in_process(setup, tmp_path, capsy
     )  # fmt: skip
     assert code == 0
     err = capsys.readouterr().err
-    assert "published cb" in err and "published copa" in err and "as version 2" in err
+    assert (
+        "published movie_sentiment" in err
+        and "published tweet_sentiment" in err
+        and "as version 2" in err
+    )
     assert status(server)["version"] == 2
     assert (
         status(server)["fingerprint"] == final_fingerprint(run) == final_fingerprint(setup["ref"])
@@ -178,7 +182,7 @@ def test_republishing_an_applied_delta_is_skipped(setup, tmp_path, capsys):
         == 0
     )
     err = capsys.readouterr().err
-    assert "cb already served" in err and "published copa" in err
+    assert "movie_sentiment already served" in err and "published tweet_sentiment" in err
     assert status(server)["fingerprint"] == final_fingerprint(run)
     assert status(server)["version"] == 3  # a new number: 2 named it before the rollback
 
