@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jlserve.client import resolve_token
 from jlserve.errors import JlserveError
 from trainer import data_cmd
-from trainer.config import load_config
+from trainer.config import RunConfig, load_config
+from trainer.errors import TrainerError
 from trainer.publish import DirectoryPublisher, Publisher, ServerPublisher
 from trainer.served import ServedModel
 
@@ -39,6 +42,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set train.lr=5e-4 (repeatable)",
     )
     parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    parser.add_argument(
+        "--add-task",
+        dest="add_tasks",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="append a task to the run in --out (a new run: its only tasks) and train it on "
+        "top of the run's last version; PATH is a task folder of a CL-layout root "
+        "(repeatable; docs/trainer.md, 'Tasks arrive')",
+    )
     parser.add_argument(
         "--keep-all-merged", action="store_true", help="keep every merged checkpoint"
     )
@@ -78,16 +91,48 @@ def command_line(prog: str, args: argparse.Namespace) -> str:
         words += ["--set", assignment]
     if args.keep_all_merged:
         words.append("--keep-all-merged")
+    for task in args.add_tasks:
+        words += ["--add-task", task]
     return shlex.join(words)
 
 
+def _append_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], str]:
+    """(the run's config, the added tasks' own settings, the run's command) for --add-task."""
+    from trainer.append import open_stream_config, task_settings
+
+    run_json = args.out / "run.json"
+    if not run_json.is_file():  # a new run whose stream is the added tasks
+        cfg, note = open_stream_config(load_config(args.config, args.overrides))
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        cfg = cfg.model_copy(update={"keep_all_merged": args.keep_all_merged})
+        return cfg, {}, command_line(args.prog, args)
+    try:
+        info = json.loads(run_json.read_text())
+        raw = info["config"]
+        run_cfg = RunConfig.model_validate(raw)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainerError(f"{run_json}: not a readable run ({exc})") from None
+    asked = load_config(args.config, args.overrides, start=None if args.config else raw)
+    if args.keep_all_merged:
+        asked = asked.model_copy(update={"keep_all_merged": True})
+    return run_cfg, task_settings(run_cfg, asked), info.get("command", "")
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from trainer.append import AddedTask
     from trainer.loop import train  # heavy imports only when the command runs
 
-    cfg = load_config(args.config, args.overrides)
-    if args.keep_all_merged:
+    added = [AddedTask.parse(text) for text in args.add_tasks]
+    if added:
+        if args.resume:
+            raise TrainerError("--add-task continues the run by itself; drop --resume")
+        cfg, settings, command = _append_config(args)
+    else:
+        cfg, settings = load_config(args.config, args.overrides), {}
+        command = command_line(args.prog, args)
+    if args.keep_all_merged and not added:
         cfg = cfg.model_copy(update={"keep_all_merged": True})
-    command = command_line(args.prog, args)
     served = ServedModel(args.eval_via) if args.eval_via else None
     try:
         train(
@@ -98,6 +143,8 @@ def run_train(args: argparse.Namespace) -> int:
             stop_after=args.stop_after,
             publisher=_publisher(args),
             served=served,
+            added=added,
+            added_settings=settings,
         )
     finally:
         if served is not None:
@@ -116,7 +163,10 @@ def _publisher(args: argparse.Namespace) -> Publisher | None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """The trainer's `jlserve` sub-commands: `train`, and `data` (trainer/data_cmd.py)."""
     parser = subparsers.add_parser(
-        "train", help="train a continual-learning stream, export sparse deltas per task"
+        "train",
+        aliases=["learn"],
+        help="train a continual-learning stream, export sparse deltas per task; "
+        "`learn` = train with --add-task",
     )
     _add_arguments(parser)
     parser.set_defaults(func=run_train, prog="jlserve train")

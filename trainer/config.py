@@ -6,11 +6,12 @@ produced it as a header comment) and inside run.json; `--resume` refuses a diffe
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.errors import TrainerError
 
@@ -36,7 +37,9 @@ class DataConfig(_Strict):
     # Default: <checkout>/data/cl_benchmark from any directory. A path given in a config or
     # with --set is taken as it is (a relative one from the current directory).
     root: Path = Field(default_factory=default_data_root)
-    order: str | None = "short_order_1"  # a key of tasks.json "orders"
+    # The stream: a key of tasks.json "orders", or a list of task names (which wins). Both
+    # null: no fixed stream, only tasks appended with --add-task (trainer/append.py).
+    order: str | None = "short_order_1"
     tasks: list[str] | None = Field(None, min_length=1)  # a custom stream; overrides `order`
     train_rows: int | None = Field(None, ge=1)  # cap per task (a seeded random subset)
     eval_rows: int | None = Field(None, ge=1)  # cap of dev rows per task
@@ -44,12 +47,6 @@ class DataConfig(_Strict):
     # plain: the paper's reference prompt (the benchmark configs); chat: the tokenizer's chat
     # template, so what a task teaches answers /v1/chat/completions (the demo).
     prompt_format: Literal["plain", "chat"] = "plain"
-
-    @model_validator(mode="after")
-    def _stream_given(self) -> DataConfig:
-        if self.tasks is None and not self.order:
-            raise ValueError("give data.order or data.tasks")
-        return self
 
 
 L0_WEIGHT_DEFAULT = 1.0
@@ -141,9 +138,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[leaf] = parsed
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start empty), apply overrides, validate."""
-    raw: dict[str, Any] = {}
+def load_config(
+    path: Path | None, overrides: list[str] | None = None, start: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a YAML config (or begin from `start`, else empty), apply overrides, validate."""
+    raw: dict[str, Any] = copy.deepcopy(start) if start else {}
     if path is not None:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}

@@ -65,8 +65,9 @@ def _stream_names(cfg: DataConfig, orders: dict[str, Any]) -> list[str]:
     return names
 
 
-def load_stream(cfg: DataConfig, seed: int) -> list[Task]:
-    """Load every task of the stream; row caps take a seeded random subset per task."""
+def load_stream(cfg: DataConfig, seed: int, rename: dict[str, str] | None = None) -> list[Task]:
+    """Load every task of the stream; row caps take a seeded random subset per task (drawn
+    by the task's name in the root, whatever `rename` calls the loaded task)."""
     if not (cfg.root / INDEX).exists():
         raise TrainerError(
             f"data.root {cfg.root}: no {INDEX} there; get the benchmark with `jlserve data "
@@ -87,7 +88,7 @@ def load_stream(cfg: DataConfig, seed: int) -> list[Task]:
         rng = random.Random(f"{seed}:{name}")
         tasks.append(
             Task(
-                name=name,
+                name=(rename or {}).get(name, name),
                 instruction=specs[name].get("instruction", "").strip(),
                 options=list(specs[name].get("options", [])),
                 train=_rows(cfg.root / name / "train.json", cfg.train_rows, rng),

@@ -50,6 +50,7 @@ from jlserve.checkpoint import atomic_write_bytes, fingerprint, load_tensors, wr
 from jlserve.delta import SparseDelta, diff_tensors, read_delta, write_delta
 from jlserve.errors import JlserveError
 from trainer.adapter import Adapter
+from trainer.append import AddedTask, appended_tasks, for_task, read_added, write_added
 from trainer.config import RunConfig, config_yaml
 from trainer.data import Encoder, Task, evaluate_task, load_stream, score
 from trainer.errors import TrainerError
@@ -97,6 +98,8 @@ class Recipe:
         publisher: Publisher | None = None,
         served: ServedModel | None = None,
         on_task_end: Callable[[dict[str, Any]], None] | None = None,
+        added: list[AddedTask] | None = None,
+        added_settings: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -107,6 +110,8 @@ class Recipe:
         self.publisher = publisher  # where each task's delta goes as soon as it is merged
         self.served = served  # evaluate through this server instead of in process
         self.on_task_end = on_task_end  # called with the metrics after each task's commit
+        self.added = added or []  # tasks to append to the stream (trainer.append)
+        self.added_settings = added_settings or {}  # their own settings (PER_TASK_KEYS)
 
     # ------------------------------------------------------------------ setup
 
@@ -118,10 +123,29 @@ class Recipe:
 
     def setup(self) -> None:
         self._check_run_dir()  # fail fast: run directory and data before the model
-        self.tasks: list[Task] = load_stream(self.cfg.data, self.cfg.train.seed)
+        path = self.run_dir / "run.json"
+        info = json.loads(path.read_text()) if path.is_file() else None
+        self.appended: list[dict[str, Any]] = list(info.get("appended", [])) if info else []
+        data = self.cfg.data
+        fixed = load_stream(data, self.cfg.train.seed) if data.order or data.tasks else []
+        self.tasks: list[Task] = fixed + appended_tasks(self.run_dir, self.cfg, self.appended)
+        new_tasks = []
+        if self.added:
+            new_tasks = read_added(self.run_dir, self.cfg, info, self.added, self.added_settings)
+            self.tasks += new_tasks
+            self.appended += [
+                {"name": a.name, "source": str(a.path.resolve()), "settings": self.added_settings}
+                for a in self.added
+            ]
+        if not self.tasks:
+            raise TrainerError(
+                "no tasks: give data.order or data.tasks, or add tasks with --add-task"
+            )
+        own = {a["name"]: a["settings"] for a in self.appended}
+        self.task_cfgs = [for_task(self.cfg, own.get(t.name, {})) for t in self.tasks]
         self.method: Method = build_method(self.cfg, len(self.tasks))
         self._setup_distributed()
-        self._setup_base()
+        self._setup_base()  # checks that every task, the added ones too, fits max_length
         self._setup_model()
         names = [t.name for t in self.tasks]
         self.accuracy = AccuracyMatrix(names)
@@ -132,10 +156,15 @@ class Recipe:
         self.versions: list[dict[str, Any]] = [
             {"version": 0, "task": None, "fingerprint": self.base_fingerprint}
         ]
-        if self.resume:
-            self._load_progress()
-        elif self.is_main:
-            self._init_run_dir()
+        if info is not None:
+            self._load_progress(info)
+        if self.is_main:
+            if new_tasks:  # their rows into the run; run.json below makes them its tasks
+                write_added(self.run_dir, self.appended, new_tasks)
+            if info is None:
+                self._init_run_dir()
+            elif new_tasks:
+                self._write_run_json()  # the commit point of the append
         self._barrier()
 
     def _setup_distributed(self) -> None:
@@ -154,6 +183,13 @@ class Recipe:
             raise TrainerError(f"train.device: {exc}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainerError(f"train.device {want!r}: CUDA is not available here")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise TrainerError(
+                f"train.device {want!r}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)"
+            )
+        if self.device.type not in ("cpu", "cuda"):
+            raise TrainerError(f"train.device {want!r}: the trainer runs on cpu or cuda")
         precision = self.cfg.train.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -176,18 +212,22 @@ class Recipe:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError) as exc:
-            raise TrainerError(f"model: {model_dir}: cannot load the tokenizer ({exc})") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainerError(f"model: {model_dir}: cannot load the tokenizer ({first})") from None
         self.enc = Encoder(self.tokenizer, self.cfg.data.max_length, self.cfg.data.prompt_format)
         for task in self.tasks:
             self.enc.body_budget(task)  # max_length fits every task's prompt and targets
 
-    def _setup_model(self) -> None:
+    def _load_model(self) -> torch.nn.Module:
+        """The base checkpoint as a transformers model, in the run's precision and device."""
         from transformers import AutoModelForCausalLM
 
-        model_dir = self.cfg.model
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
-        self.model.requires_grad_(False)
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype)
+        return model.to(self.device).requires_grad_(False)
+
+    def _setup_model(self) -> None:
+        self.model = self._load_model()
         self.model.config.use_cache = True
         probe = Adapter(self.model, self.cfg.adapter)  # validates targets, names the weights
         self.adapted_numel = {
@@ -207,9 +247,12 @@ class Recipe:
     # ------------------------------------------------------------------ run directory
 
     def _check_run_dir(self) -> None:
-        if self.resume and not (self.run_dir / "run.json").is_file():
+        started = (self.run_dir / "run.json").is_file()
+        if self.added and started:
+            return  # an append continues the run
+        if self.resume and not started:
             raise TrainerError(f"{self.run_dir}: no run.json, nothing to resume")
-        if not self.resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+        if not started and self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise TrainerError(
                 f"{self.run_dir}: exists and is not empty; use --resume or a new dir"
             )
@@ -227,6 +270,7 @@ class Recipe:
             "base_model": str(self.cfg.model),
             "base_fingerprint": self.base_fingerprint,
             "tasks": [t.name for t in self.tasks],
+            "appended": self.appended,
             "completed": self.completed,
             "versions": self.versions,
             "task_log": self.task_log,
@@ -247,8 +291,7 @@ class Recipe:
         }
         atomic_write_bytes(self.run_dir / "run.json", json.dumps(info, indent=2).encode())
 
-    def _load_progress(self) -> None:
-        info = json.loads((self.run_dir / "run.json").read_text())
+    def _load_progress(self, info: dict[str, Any]) -> None:
         if info["config"] != self.cfg.model_dump(mode="json"):
             raise TrainerError(f"{self.run_dir}: --resume needs the same config as the run")
         if info["base_fingerprint"] != self.base_fingerprint:
@@ -256,10 +299,7 @@ class Recipe:
         self.completed = info["completed"]
         self.versions = info["versions"][: self.completed + 1]
         self.task_log = info["task_log"][: self.completed]
-        self.accuracy.exact = info["accuracy"]["exact"]
-        self.accuracy.prefix = info["accuracy"]["prefix"]
-        self.accuracy.base = info["accuracy"]["base"]
-        self.accuracy.base_prefix = info["accuracy"]["base_prefix"]
+        self.accuracy.restore(info["accuracy"])  # grown by the tasks appended since
         if self.is_main:
             self._drop_partial_outputs()
         for v in self.versions[1:]:
@@ -300,9 +340,10 @@ class Recipe:
         (trainer.parallel: the same global batches for any number of processes)."""
         examples = self.enc.train_examples(task)
         generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + task_index)
+        batch_size = self.task_cfgs[task_index].train.batch_size
         return DataLoader(
             Examples(examples),
-            batch_sampler=global_batches(len(examples), self.cfg.train.batch_size, generator),
+            batch_sampler=global_batches(len(examples), batch_size, generator),
             generator=generator,
             collate_fn=self.enc.collate,
         )
@@ -333,11 +374,12 @@ class Recipe:
         torch.manual_seed(self.cfg.train.seed * 1000 + i)
         adapter = self.method.start_task(self.model, i)
         self.method.prepare_task(adapter, lambda: self._forward_over(task))
+        settings = self.task_cfgs[i].train  # the run's, or the task's own (trainer.append)
         loader = self._loader(task, i)
-        total = len(loader) * self.cfg.train.epochs
+        total = len(loader) * settings.epochs
         schedule = SparsitySchedule(total)
         gate = self.cfg.adapter.gate
-        optimizer = adapter_optimizer(adapter, self.cfg.train.lr, self.cfg.adapter)
+        optimizer = adapter_optimizer(adapter, settings.lr, self.cfg.adapter)
         model = self.model
         if dist.is_initialized():
             model = data_parallel(model, adapter, self.device)
@@ -350,7 +392,7 @@ class Recipe:
         start = time.perf_counter()
         with self._progress() as progress:
             bar = progress.add_task(f"{i + 1}/{len(self.tasks)} {task.name}", total=total, **stats)
-            for _epoch in range(self.cfg.train.epochs):
+            for _epoch in range(settings.epochs):
                 for batch in loader:
                     batch = {k: v.to(self.device) for k, v in batch.items()}
 
@@ -418,22 +460,49 @@ class Recipe:
 
     def evaluate(self, i: int, fingerprint: str) -> None:
         """Row i of the accuracy matrix on version i + 1 (the model `fingerprint`; a server is
-        identified by it, not by its version number): every task seen so far and the next
-        one (for FWT). i = -1: the base row, every task of the stream on version 0."""
+        identified by it, not by its version number): the tasks of `eval_columns`.
+        i = -1: the base row, every task of the stream on version 0."""
         if self.served is not None:
             self.served.wait_for_fingerprint(fingerprint)
-        self.model.eval()
+        self._evaluate_on(self.model, i, self.eval_columns(i), fingerprint)
+
+    def _evaluate_on(
+        self, model: torch.nn.Module, i: int, columns: list[int], fingerprint: str | None = None
+    ) -> None:
+        """Entries (i, j) for j in `columns`: in process on `model`, or through the server
+        when the run evaluates there and `fingerprint` names what it serves."""
+        model.eval()
         with self.autocast():
-            for j in self.eval_columns(i):
+            for j in columns:
                 task = self.tasks[j]
-                if self.served is None:
+                if self.served is None or fingerprint is None:
                     r = evaluate_task(
-                        self.model, self.enc, task, self.cfg.train.eval_batch_size, self.device
+                        model, self.enc, task, self.cfg.train.eval_batch_size, self.device
                     )
                 else:
                     predictions = self.served.predict(self.enc, task, fingerprint=fingerprint)
                     r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
+
+    def evaluate_added(self) -> None:
+        """Tasks appended to a run that has versions already: their base-row entries (on
+        version 0) and, for FWT, the current version on the first of them, before it
+        trains. In process, on a model loaded for it (the training model holds the current
+        version, and some methods an adapter)."""
+        base_missing = [j for j, b in enumerate(self.accuracy.base) if b is None]
+        last, nxt = self.completed - 1, self.completed
+        before_missing = (
+            last >= 0 and nxt < len(self.tasks) and self.accuracy.exact[last][nxt] is None
+        )
+        if not base_missing and not before_missing:
+            return
+        model = self._load_model()  # version 0
+        self._evaluate_on(model, -1, base_missing)
+        if before_missing:
+            model.load_state_dict(self.state, strict=False)  # the current version
+            self._evaluate_on(model, last, [nxt])
+        del model
+        self._write_run_json()
 
     def eval_columns(self, i: int) -> list[int]:
         """The tasks row i evaluates: every task for the base row (i = -1); tasks 0..i+1
@@ -542,6 +611,8 @@ class Recipe:
         if self.is_main and self.accuracy.base[0] is None:  # the base row, once per run
             self.evaluate(-1, self.base_fingerprint)
             self._write_run_json()
+        elif self.is_main:
+            self.evaluate_added()
         for i in range(self.completed, last):
             task = self.tasks[i]
             adapter, log = self.train_task(i, task)

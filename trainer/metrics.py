@@ -40,6 +40,18 @@ class AccuracyMatrix:
         self.base: list[float | None] = [None] * n
         self.base_prefix: list[float | None] = [None] * n
 
+    def restore(self, saved: dict[str, list]) -> None:
+        """The entries of a saved matrix (run.json "accuracy"), on a stream that may have
+        grown since: the new tasks' rows and columns stay empty."""
+        n = len(self.tasks)
+
+        def padded(row: list) -> list:
+            return [*row, *[None] * (n - len(row))]
+
+        self.exact = [padded(r) for r in saved["exact"]] + self.exact[len(saved["exact"]) :]
+        self.prefix = [padded(r) for r in saved["prefix"]] + self.prefix[len(saved["prefix"]) :]
+        self.base, self.base_prefix = padded(saved["base"]), padded(saved["base_prefix"])
+
     def update(self, i: int, j: int, exact: float, prefix: float) -> None:
         """Row i (after task i); i = -1 is the base row (version 0)."""
         if i < 0:

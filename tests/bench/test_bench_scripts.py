@@ -160,7 +160,7 @@ def test_gpu_check_chain_stand_in_tasks_and_comparison(
 
 
 def test_cl_report_calls_a_gap_within_noise_by_its_standard_error() -> None:
-    from bench.report import _oa_verdict
+    from bench.report.cl_verdicts import _oa_verdict
 
     assert _oa_verdict(0.62, 0.61, 800) == "at least as high"
     # 800 rows at p ~ 0.6: the standard error of a difference is ~2.4 points
@@ -170,20 +170,20 @@ def test_cl_report_calls_a_gap_within_noise_by_its_standard_error() -> None:
 
 
 def test_cl_report_pools_the_learned_gate_against_topk_over_runs() -> None:
-    from bench.report import _learned_vs_topk_over_runs
+    from bench.report.cl_verdicts import learned_vs_topk_over_runs
 
     def rows(jump: float, topk: float) -> list[dict]:
         return [{"variant": "incLoRA+jump", "OA": jump}, {"variant": "incLoRA+topk", "OA": topk}]
 
     only_jump = [{"variant": "incLoRA+jump", "OA": 0.1}]
-    assert _learned_vs_topk_over_runs([("a", rows(0.6, 0.62)), ("b", only_jump)], 800) == []
-    (sentence,) = _learned_vs_topk_over_runs(
+    assert learned_vs_topk_over_runs([("a", rows(0.6, 0.62)), ("b", only_jump)], 800) == []
+    (sentence,) = learned_vs_topk_over_runs(
         [("a", rows(0.6, 0.62)), ("b", only_jump), ("c", rows(0.5, 0.54))], 800
     )
     # gaps -2 and -4 points, each with a standard error of ~2.4-2.5: mean -3, SE ~1.7
     assert "2 runs with both (a; c): -2.0, -4.0 points, mean -3.0" in sentence
     assert "standard error of the mean 1.7" in sentence
-    (unknown_rows,) = _learned_vs_topk_over_runs(
+    (unknown_rows,) = learned_vs_topk_over_runs(
         [("a", rows(0.6, 0.62)), ("c", rows(0.5, 0.54))], None
     )
     assert unknown_rows.endswith("mean -3.0.")
@@ -192,7 +192,7 @@ def test_cl_report_pools_the_learned_gate_against_topk_over_runs() -> None:
 def test_cl_report_shows_runs_with_one_setting_changed_at_the_same_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bench.report
+    import bench.report.cl_quality
 
     budget = {"data": {"order": "short_order_1", "train_rows": 128}, "train": {"lr": 0.001}}
     row = {"variant": "incLoRA+jump", "OA": 0.5}
@@ -208,9 +208,9 @@ def test_cl_report_shows_runs_with_one_setting_changed_at_the_same_budget(
     write("l0-2", "short_order_2", ["adapter.l0_weight=2"])  # another order
     write("sweep", "short_order_1", ["data.tasks=[dbpedia,amazon]", "adapter.l0_weight=0"])
     write("small", "short_order_1", ["adapter.l0_weight=3"], data={"train_rows": 16})
-    monkeypatch.setattr(bench.report, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.report.cl_quality, "RESULTS", tmp_path)
     primary = json.loads((tmp_path / "cl_quality_short_order_1.json").read_text())
-    runs = bench.report._override_runs(primary)
+    runs = bench.report.cl_quality._override_runs(primary)
     assert [(label, [r["variant"] for r in rows]) for label, rows in runs] == [
         ("adapter.l0_weight=5", ["incLoRA+jump"]),
         ("train.seed=43", ["incLoRA+jump"]),

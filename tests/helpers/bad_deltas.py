@@ -22,6 +22,7 @@ from safetensors.torch import load, save
 from jlserve.delta import SparseDelta, codec, diff_tensors
 from jlserve.delta.format import (
     INDEX_SUFFIX,
+    MAX_HEADER_BYTES,
     METADATA_KEY,
     NEW_SUFFIX,
     OLD_SUFFIX,
@@ -32,6 +33,7 @@ from jlserve.delta.format import (
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 V = "model.layers.1.self_attn.v_proj.weight"
+OVER_2_48 = [2**24, 2**24 + 1]  # one row more than 2**48 entries
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ def format_errors(delta: SparseDelta) -> list[BadDelta]:
     def rename_tensor(tensors: dict, meta: dict) -> None:
         tensors["model.extra.weight::index"] = tensors[Q + INDEX_SUFFIX].clone()
 
+    def q_spec(**fields) -> Callable[[dict, dict], None]:
+        return meta_edit(lambda m: m["params"][Q].update(fields))
+
     cases = [
         BadDelta("empty", b"", "empty file"),
         BadDelta("too-short", b"\x01\x02\x03", "shorter than the 8-byte"),
@@ -109,6 +114,11 @@ def format_errors(delta: SparseDelta) -> list[BadDelta]:
         ),
         BadDelta("random-bytes", bytes(range(256)) * 4, "exceeds"),
         BadDelta("huge-header", struct.pack("<Q", 2**40) + b"{}", "exceeds"),
+        BadDelta(
+            "header-over-16MiB",
+            struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}",
+            f"header of {MAX_HEADER_BYTES + 1} bytes exceeds the {MAX_HEADER_BYTES}-byte limit",
+        ),
         BadDelta("header-only", good[: 8 + header_len], "truncated file"),
         BadDelta("truncated", good[: len(good) - 7], "truncated file"),
         BadDelta("no-metadata", _save(_split(delta)[0], None), "no 'jlserve.delta' metadata"),
@@ -134,6 +144,26 @@ def format_errors(delta: SparseDelta) -> list[BadDelta]:
         BadDelta(
             "version-zero", _edit(delta, meta_edit(lambda m: m.update(version=0))), "'version'"
         ),
+        # Unknown fields are refused at every level of the metadata (extra="forbid").
+        BadDelta(
+            "unknown-field",
+            _edit(delta, meta_edit(lambda m: m.update(surprise=1))),
+            "'surprise': Extra inputs are not permitted",
+        ),
+        BadDelta(
+            "unknown-param-field",
+            _edit(delta, q_spec(scale=2)),
+            f"'params.{Q}.scale': Extra inputs are not permitted",
+        ),
+        # `params`: nnz >= 1; a shape has a dimension, no zero one, at most 2**48 entries.
+        BadDelta("zero-nnz", _edit(delta, q_spec(nnz=0)), f"'params.{Q}.nnz'"),
+        BadDelta("no-dimension", _edit(delta, q_spec(shape=[])), f"'params.{Q}.shape'"),
+        BadDelta("zero-dimension", _edit(delta, q_spec(shape=[64, 0])), "shape [64, 0] is empty"),
+        BadDelta(
+            "shape-over-2-48",
+            _edit(delta, q_spec(shape=OVER_2_48)),
+            f"shape {OVER_2_48} is empty or has more than 2**48 entries",
+        ),
         BadDelta(
             "wrong-value-dtype",
             _edit(delta, _set(Q + NEW_SUFFIX, lambda t: t.float())),
@@ -144,6 +174,11 @@ def format_errors(delta: SparseDelta) -> list[BadDelta]:
         ),
         BadDelta(
             "length-mismatch", _edit(delta, _set(Q + OLD_SUFFIX, lambda t: t[:-1])), "old has shape"
+        ),
+        BadDelta(
+            "index-not-1d",
+            _edit(delta, _set(Q + INDEX_SUFFIX, lambda t: t.reshape(1, -1))),
+            "index has shape [1, ",
         ),
         BadDelta(
             "out-of-range-index",
@@ -229,6 +264,9 @@ def v2_format_errors(delta: SparseDelta) -> list[BadDelta]:
     def encoding_with(**fields) -> dict:
         return meta_with(encoding={**meta["encoding"], **fields})
 
+    def meta_with_spec(**fields) -> dict:
+        return meta_with(params={**meta["params"], Q: {**meta["params"][Q], **fields}})
+
     return [
         BadDelta(
             "v2-missing-encoding",
@@ -239,6 +277,21 @@ def v2_format_errors(delta: SparseDelta) -> list[BadDelta]:
             "v1-with-encoding",
             _save(_split(delta)[0], meta_with(format_version=1)),
             "'encoding': not part of format_version 1",
+        ),
+        BadDelta(
+            "v2-unknown-encoding-field",
+            _v2_file(positions, planes, encoding_with(level=9)),
+            "'encoding.level': Extra inputs are not permitted",
+        ),
+        BadDelta(
+            "v2-zero-nnz",
+            _v2_file(positions, planes, meta_with_spec(nnz=0)),
+            f"'params.{Q}.nnz'",  # refused as metadata, before any section size is computed
+        ),
+        BadDelta(
+            "v2-shape-over-2-48",
+            _v2_file(positions, planes, meta_with_spec(shape=OVER_2_48)),
+            f"shape {OVER_2_48} is empty or has more than 2**48 entries",
         ),
         BadDelta(
             "v2-unknown-codec",
@@ -270,6 +323,17 @@ def v2_format_errors(delta: SparseDelta) -> list[BadDelta]:
             "xor section is int16",
         ),
         BadDelta(
+            "v2-section-not-1d",
+            _save(
+                {
+                    POSITIONS_TENSOR: codec.as_tensor(positions).reshape(1, -1),
+                    XOR_TENSOR: codec.as_tensor(planes),
+                },
+                meta,
+            ),
+            "positions section is uint8[1, ",
+        ),
+        BadDelta(
             "v2-section-size",
             _save(
                 {
@@ -291,12 +355,25 @@ def v2_format_errors(delta: SparseDelta) -> list[BadDelta]:
             "decompressed bytes cannot hold",
         ),
         BadDelta(
+            "v2-positions-over-9-bytes-each",
+            _save(
+                {POSITIONS_TENSOR: codec.as_tensor(positions), XOR_TENSOR: codec.as_tensor(planes)},
+                encoding_with(positions_bytes=9 * delta.nnz + 1),
+            ),
+            "decompressed bytes cannot hold",
+        ),
+        BadDelta(
             "v2-truncated-varint",
             _v2_file(positions[:-1] + bytes([positions[-1] | 0x80]), planes, meta),
             "truncated varint",
         ),
         BadDelta(
             "v2-count-mismatch", _v2_file(_varints(short), planes, meta), "the params declare"
+        ),
+        BadDelta(
+            "v2-extra-varint",
+            _v2_file(positions + b"\x00", planes, meta),  # one more than the params declare
+            "the params declare",
         ),
         BadDelta("v2-overlong-varint", _v2_file(overlong, planes, meta), "non-canonical varint"),
         BadDelta(

@@ -1,6 +1,11 @@
 """The learned threshold on problems whose best update is sparse: theta moves by its own
-gradient, the kept support approaches the true one, and the density differs by task and,
-with per-block thresholds, by block."""
+gradient, the kept support ends exactly on the true one, so the density differs by task
+and, with per-block thresholds, by block, and equals the truth's.
+
+Exact, not approximate: measured over seeds 0-7 of each fit below (CPU fp32), every true
+entry ended at >= 3.2 theta and every other one at <= 0.95 theta, so summation-order noise
+(~1e-7 relative) cannot move an entry across it; the seeds used here gave identical results
+on 1 and 2 threads."""
 
 from __future__ import annotations
 
@@ -81,6 +86,7 @@ def _fit(
                 "grads": [float(grad[g]) for grad in grads],
                 "density": float(kept.float().mean()),
                 "jaccard": float((kept & support).sum() / (kept | support).sum()),
+                "kept_is_truth": bool(kept.equal(support)),
                 "true_density": float(support.float().mean()),
             }
         )
@@ -94,21 +100,23 @@ def test_theta_rises_by_its_own_gradient_and_the_support_approaches_the_true_one
     # the sparse phase); later it is zero where theta sits in the gap between noise and
     # signal, with no entry within the kernel window.
     assert all(g != 0.0 for g in fit["grads"][:25])
-    assert fit["jaccard"] > 0.9
-    assert fit["density"] < 2 * fit["true_density"]
+    # The kept support is the true one: density 32 / 4096 = 0.78 % (Jaccard 1).
+    assert fit["kept_is_truth"], (fit["density"], fit["jaccard"])
 
 
 def test_tasks_of_different_difficulty_end_at_different_densities() -> None:
     [easy] = _fit([(2, 8)], seed=1)  # 16 entries
     [hard] = _fit([(8, 32)], seed=2)  # 256 entries
-    assert easy["density"] < hard["density"] / 4
+    # Each ends on its true support: 16 / 4096 = 0.39 % and 256 / 4096 = 6.25 % dense.
     for fit in (easy, hard):
-        assert 0.5 * fit["true_density"] < fit["density"] < 2 * fit["true_density"]
+        assert fit["kept_is_truth"], (fit["density"], fit["jaccard"])
+    assert easy["density"] == 16 / D**2 and hard["density"] == 256 / D**2
 
 
 def test_per_block_thresholds_learn_a_density_per_block() -> None:
     small, large = _fit([(2, 8), (8, 32)], granularity="per_block", seed=3)
     assert small["phi"] != large["phi"]  # two thresholds, each learned
-    assert small["density"] < large["density"] / 4
+    # Side by side in one model, each block ends on its own true support (0.39 %, 6.25 %).
     for fit in (small, large):
-        assert 0.5 * fit["true_density"] < fit["density"] < 2 * fit["true_density"]
+        assert fit["kept_is_truth"], (fit["density"], fit["jaccard"])
+    assert small["density"] == 16 / D**2 and large["density"] == 256 / D**2

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jlserve.checkpoint import load_tensors
 from tests.conftest import REPO_ROOT
+from tests.helpers.cl_stream import ORDER, write_stream
 from trainer.adapter import Adapter
 from trainer.config import AdapterConfig
 from trainer.data import IGNORE_INDEX, Encoder
@@ -156,32 +156,6 @@ def test_thresholds_stay_equal_across_ranks_and_equal_to_one_process(
 # ------------------------------------------------------------------ torchrun end to end
 
 
-def _write_stream(root: Path) -> None:
-    """Two synthetic tasks in the CL benchmark layout. Labels of different token lengths
-    (ranks see different target-token counts); 33 and 30 train rows at batch 4: the last
-    global batches hold 1 (one rank gets an example without target) and 2 examples."""
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "green", "quick"]
-    specs = {
-        "colors": (["red", "dark blue", "light sea green"], 33),
-        "moods": (["happy", "not sad at all"], 30),
-    }
-    tasks = {}
-    for name, (options, n_train) in specs.items():
-        tasks[name] = {"instruction": f"Name the {name}.", "options": options}
-        (root / name).mkdir(parents=True)
-        for split, n in (("train", n_train), ("dev", 4)):
-            rows = [
-                {
-                    "sentence": " ".join(rng.choices(words, k=rng.randint(3, 14))),
-                    "label": rng.choice(options),
-                }
-                for _ in range(n)
-            ]
-            (root / name / f"{split}.json").write_text(json.dumps(rows))
-    (root / "tasks.json").write_text(json.dumps({"tasks": tasks, "orders": {"two": list(tasks)}}))
-
-
 def _train(nproc: int, cfg: Path, out: Path, *extra: str, logs: Path | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
@@ -209,11 +183,11 @@ def _rank_log(logs: Path, rank: int) -> str:
 
 @pytest.mark.slow  # four torchrun/python launches: ~90 s on 2 busy cores
 def test_two_processes_train_like_one_and_only_rank_0_writes(tmp_path, tiny_model_dir) -> None:
-    _write_stream(tmp_path / "data")
+    write_stream(tmp_path / "data")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         f"model: {tiny_model_dir}\n"
-        f"data: {{root: {tmp_path / 'data'}, order: two, max_length: 64}}\n"
+        f"data: {{root: {tmp_path / 'data'}, order: {ORDER}, max_length: 64}}\n"
         "train: {batch_size: 4, eval_batch_size: 8}\n"
     )
     one, two, part = tmp_path / "one", tmp_path / "two", tmp_path / "part"

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from jlserve.checkpoint import TensorDigests, load_tensors
-from jlserve.delta import diff_tensors, parse_delta, plan_update, read_delta, write_delta
+from jlserve.delta import (
+    SparseDelta,
+    diff_tensors,
+    parse_delta,
+    plan_update,
+    read_delta,
+    write_delta,
+)
 from jlserve.errors import DeltaFormatError, DeltaMismatchError
 from tests.helpers.bad_deltas import (
     FORMAT_CASES,
     MODEL_CASES,
+    Q,
     format_errors,
     good_delta,
     model_errors,
@@ -148,6 +158,38 @@ def test_corpus_covers_the_v2_fields():
     for kind in ("gap-overflow", "truncated-varint", "decompression-bomb", "zero-xor"):
         assert f"v2-{kind}" in FORMAT_CASES
     assert "v2-xor-wrong-parent" in MODEL_CASES
+
+
+def test_corpus_covers_the_params_rules_and_unknown_fields():
+    """docs/delta-format.md: unknown fields are refused (metadata, a `params` entry, v2's
+    `encoding`), and `params` has nnz >= 1 and shapes with a dimension, no zero one and at
+    most 2**48 entries, in both versions."""
+    for kind in ("unknown-field", "unknown-param-field", "v2-unknown-encoding-field"):
+        assert kind in FORMAT_CASES
+    for kind in ("zero-nnz", "no-dimension", "zero-dimension", "shape-over-2-48"):
+        assert kind in FORMAT_CASES
+    for kind in ("zero-nnz", "shape-over-2-48"):
+        assert f"v2-{kind}" in FORMAT_CASES
+
+
+@pytest.mark.parametrize("format_version", [1, 2])
+def test_a_shape_of_exactly_2_48_entries_is_accepted(format_version):
+    """The bound is inclusive: the corpus refuses one row more (`shape-over-2-48`)."""
+    delta = good_delta(synthetic_tensors())
+    spec = delta.metadata.params[Q]
+    at_limit = delta.metadata.model_copy(
+        update={
+            "params": {
+                **delta.metadata.params,
+                Q: spec.model_copy(update={"shape": [2**24, 2**24]}),
+            }
+        }
+    )
+    changes = {**delta.changes, Q: dataclasses.replace(delta.changes[Q], shape=(2**24, 2**24))}
+    data = SparseDelta(metadata=at_limit, changes=changes).to_bytes(format_version, "none")
+    back = parse_delta(data)
+    assert back.metadata.params[Q].numel == 2**48
+    assert back.changes[Q].index.tolist() == delta.changes[Q].index.tolist()
 
 
 @pytest.mark.parametrize("name", MODEL_CASES)
