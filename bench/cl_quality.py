@@ -19,6 +19,7 @@ task, max length 256, batch 8, 1 epoch, r 8, lr 1e-3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -29,7 +30,14 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import RESULTS, machine_info, machine_line
+from bench.common import (
+    ENGINE_ARGS,
+    RESULTS,
+    jlserve_server,
+    machine_info,
+    machine_line,
+    running,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "cl_benchmark"
@@ -73,8 +81,13 @@ def row_of(name: str, metrics: dict) -> dict:
     }
 
 
-def run_variant(name: str, base_cfg: dict, overrides: list[str], run_dir: Path) -> dict:
-    """Train one variant (resuming a half-finished run) and return its row."""
+def run_variant(
+    name: str, base_cfg: dict, overrides: list[str], run_dir: Path, eval_engine: str
+) -> dict:
+    """Train one variant (resuming a half-finished run) and return its row. eval_engine
+    vllm: the variant publishes each task's delta to its own `jlserve serve` (fp32, state
+    dir beside the run, so a resumed variant finds its server at the run's last version)
+    and evaluates through it (`--publish` + `--eval-via`)."""
     method, gate = VARIANTS[name]
     cfg = {**base_cfg, "method": {"name": method}, "adapter": {**base_cfg["adapter"], "gate": gate}}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +97,19 @@ def run_variant(name: str, base_cfg: dict, overrides: list[str], run_dir: Path) 
     cmd += [arg for o in overrides for arg in ("--set", o)]
     if (run_dir / "run.json").is_file():
         cmd.append("--resume")
-    print(f"== {name}: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with contextlib.ExitStack() as stack:
+        if eval_engine == "vllm":
+            server_dir = run_dir.parent / f"{run_dir.name}-server"
+            server_dir.mkdir(exist_ok=True)
+            server = jlserve_server(
+                Path(cfg["model"]), server_dir / "state", server_dir / "server.log",
+                engine_args=(*ENGINE_ARGS, "--dtype", "float32"),
+            )  # fmt: skip
+            stack.enter_context(running(server))
+            cmd += ["--publish", server.url, "--eval-via", server.url]
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, cwd=REPO, env=env)
     return row_of(name, json.loads((run_dir / "metrics.json").read_text()))
 
 
@@ -151,6 +175,19 @@ def main() -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override"
     )
+    parser.add_argument(
+        "--eval-schedule",
+        choices=["full", "needed"],
+        default="full",
+        help="train.eval_schedule: the whole accuracy matrix, or only what OA/BWT/FWT read",
+    )
+    parser.add_argument(
+        "--eval-engine",
+        choices=["in_process", "vllm"],
+        default="in_process",
+        help="greedy evaluation in the trainer (transformers) or through a jlserve server "
+        "per variant (vLLM; bench/eval_engine.py compares the two)",
+    )
     parser.add_argument("--force", action="store_true", help="re-run finished variants")
     parser.add_argument("--quick", action="store_true", help="tiny random model, 2 tasks, few rows")
     args = parser.parse_args()
@@ -183,7 +220,11 @@ def main() -> int:
         "adapter": {"r": args.r, "alpha": 4 * args.r},
         "train": {"lr": args.lr, "batch_size": 4 if args.quick else args.batch_size, "epochs": 1},
     }
+    if args.eval_schedule != "full":  # (rows saved before the option have the full matrix)
+        base_cfg["train"]["eval_schedule"] = args.eval_schedule
     settings = {**{k: v for k, v in base_cfg.items() if k != "model"}, "overrides": args.set}
+    if args.eval_engine != "in_process":
+        settings["eval_engine"] = args.eval_engine
     rows_dir.mkdir(parents=True, exist_ok=True)
     write_summary(args, tag, model, settings)  # what is already on disk
     for name in args.variants:
@@ -203,7 +244,7 @@ def main() -> int:
         run_dir = runs_dir / name.replace("+", "_")
         if args.force and run_dir.exists():
             shutil.rmtree(run_dir)
-        row = run_variant(name, base_cfg, args.set, run_dir)
+        row = run_variant(name, base_cfg, args.set, run_dir, args.eval_engine)
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))

@@ -61,7 +61,8 @@ from trainer.publish import Publisher
 from trainer.report import write_report
 from trainer.schedule import SparsitySchedule
 from trainer.served import ServedModel
-from trainer.step import adapter_optimizer, train_step
+from trainer.step import StepResult, adapter_optimizer, train_step
+from trainer.telemetry import Telemetry
 
 
 def _slug(name: str) -> str:
@@ -165,6 +166,7 @@ class Recipe:
                 self._init_run_dir()
             elif new_tasks:
                 self._write_run_json()  # the commit point of the append
+        self.telemetry = Telemetry(self.run_dir) if self.is_main else None
         self._barrier()
 
     def _setup_distributed(self) -> None:
@@ -385,6 +387,7 @@ class Recipe:
             model = data_parallel(model, adapter, self.device)
         model.train()
         log_every = max(1, total // 20)
+        steps_before = sum(t["steps"] for t in self.task_log)  # the run's global step
         stats = {"loss": math.nan, "density": 1.0, "theta": math.nan}
         losses: list[float] = []
         reinit_phi: list[float] | None = None
@@ -416,6 +419,8 @@ class Recipe:
                         reinit_phi = self._phi(adapter)
                     losses.append(result.loss)
                     step += 1
+                    if log_now and self.telemetry is not None:
+                        self._log_step(steps_before + step, result, adapter, optimizer)
                     if log_now:
                         stats = {
                             "loss": sum(losses[-log_every:]) / len(losses[-log_every:]),
@@ -437,6 +442,21 @@ class Recipe:
             "t1": schedule.t1,
             "t2": schedule.t2,
         }
+
+    def _log_step(
+        self, step: int, result: StepResult, adapter: Adapter, optimizer: torch.optim.Optimizer
+    ) -> None:
+        thetas = adapter.thresholds.values().detach().cpu().tolist()
+        names = ["global"] if len(thetas) == 1 else [f"block{g}" for g in range(len(thetas))]
+        self.telemetry.step(
+            step,
+            loss=result.loss,
+            lr=optimizer.param_groups[0]["lr"],
+            grad_norm=result.grad_norm,
+            density=result.density,
+            thetas=dict(zip(names, thetas, strict=True)),
+            extras=result.extras,
+        )
 
     @staticmethod
     def _phi(adapter: Adapter) -> list[float]:
@@ -626,6 +646,8 @@ class Recipe:
                     self.evaluate(i, delta.metadata.child_fingerprint)
                 self.export(i, task, merged, delta, log)
                 self.console.print(self._summary(i, log))
+                if self.telemetry is not None:
+                    self.telemetry.task_end(i, self.accuracy.result(), log["delta_density"])
                 if self.on_task_end is not None:
                     self.on_task_end(self.metrics())
             self._barrier()
@@ -635,6 +657,8 @@ class Recipe:
         return self.metrics()
 
     def cleanup(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

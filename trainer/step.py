@@ -32,6 +32,7 @@ class StepResult:
     loss: float  # the task loss alone
     extras: dict[str, float] = field(default_factory=dict)
     density: float | None = None  # kept fraction at this step (when asked for)
+    grad_norm: float = 0.0  # global norm of the adapter gradients, before clipping
 
 
 def train_step(
@@ -55,14 +56,18 @@ def train_step(
             extras["l0"] = l0_weight * f * adapter.l0_term()
         optimizer.zero_grad(set_to_none=True)
         (loss + sum(extras.values())).backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(adapter.lora_parameters()), grad_clip)
+        params = [p for p in adapter.lora_parameters() if p.grad is not None]
+        max_norm = grad_clip if grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
         optimizer.step()
         density = None
         if measure_density:
             density = adapter.density() if f > 0.0 else 1.0
         return StepResult(
-            loss=loss.item(), extras={k: v.item() for k, v in extras.items()}, density=density
+            loss=loss.item(),
+            extras={k: v.item() for k, v in extras.items()},
+            density=density,
+            grad_norm=float(grad_norm),
         )
     finally:
         adapter.end_step()

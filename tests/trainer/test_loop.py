@@ -60,6 +60,7 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(
     assert acc["matrix"][0][1] is not None and acc["matrix"][1][1] is not None
     assert {"OA", "BWT", "FWT", "base_OA", "gain_over_base"} <= acc.keys()
     assert 0 < metrics["density"]["movie_sentiment"]["density"] < 1
+    _assert_tensorboard_events(run / "tensorboard", info)
     assert len(metrics["support_overlap"]["jaccard"]) == 2
     # Applying the deltas (format v2, the default) to the base reproduces every merged
     # checkpoint bit for bit.
@@ -81,6 +82,24 @@ def _same_results(a: Path, b: Path) -> None:
     assert [v["fingerprint"] for v in ra["versions"]] == [v["fingerprint"] for v in rb["versions"]]
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert ma["accuracy"] == mb["accuracy"] and ma["density"] == mb["density"]
+
+
+def _assert_tensorboard_events(events: Path, info: dict) -> None:
+    """The promised tags, read back with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    promised = {"train/loss", "train/lr", "train/grad_norm", "train/density", "train/theta/global"}
+    promised |= {"stream/OA", "stream/delta_density", "train/l0"}
+    promised |= {f"task/{name}/accuracy" for name in info["tasks"]}
+    assert promised <= scalars, promised - scalars
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    total = sum(t["steps"] for t in info["task_log"])
+    assert steps == sorted(steps) and steps[-1] == total  # steps done, counted over the run
+    assert [e.step for e in acc.Scalars("stream/delta_density")] == [0, 1]
+    assert "accuracy_matrix/text_summary" in acc.Tags()["tensors"]
 
 
 def test_resume_after_stop_gives_the_same_results(tmp_path, tiny_model_dir, cl_data_root) -> None:
