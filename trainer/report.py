@@ -4,6 +4,7 @@ support-overlap matrix. Written after every task, so a partial run has a report 
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ def _heatmap(
     matrix: list[list[float | None]], rows: list[str], cols: list[str], title: str, path: Path
 ) -> None:
     data = [[float("nan") if v is None else v for v in row] for row in matrix]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cols), 1.0 + 0.6 * len(rows)))
+    # At least 4.5 in wide (the colorbar and a wrapped title fit with 2 tasks), wider per task.
+    width = max(4.5, 1.6 + 0.7 * len(cols))
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.6 * len(rows)))
     im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -37,7 +40,7 @@ def _heatmap(
                 ax.text(
                     j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8
                 )
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, width=int(width * 9)), fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
