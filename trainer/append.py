@@ -31,6 +31,8 @@ from jlserve.checkpoint import atomic_write_bytes
 from trainer.config import DataConfig, RunConfig
 from trainer.data import Task, load_stream
 from trainer.errors import TrainerError
+from trainer.freeform import choose_metric
+from trainer.jsonl import as_row, read_task_file, split_task, token_counter
 from trainer.layout import INDEX, read_index, read_json
 
 TASKS_DIR = "tasks"
@@ -47,23 +49,30 @@ PER_TASK_KEYS = (
 
 @dataclass(frozen=True)
 class AddedTask:
-    """`--add-task NAME=PATH`: PATH is a task folder of a root in the CL layout
-    (`<root>/<task>/{train,dev}.json`, its spec in `<root>/tasks.json` under the folder's name)."""
+    """`--add-task NAME=PATH[:VALIDATION]`: PATH is a task folder of a root in the CL layout
+    (`<root>/<task>/{train,dev}.json`, its spec in `<root>/tasks.json` under the folder's
+    name), or a JSONL task file (chat or prompt/completion, trainer/jsonl.py), optionally
+    with a validation file held out instead of a share of the file."""
 
     name: str
     path: Path
+    validation: Path | None = None
 
     @classmethod
     def parse(cls, text: str) -> AddedTask:
         name, sep, path = text.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise TrainerError(f"--add-task expects NAME=PATH, got {text!r}")
+            raise TrainerError(f"--add-task expects NAME=PATH[:VALIDATION], got {text!r}")
+        path, validation = path.strip(), None
+        head, colon, tail = path.rpartition(":")
+        if colon and Path(head).is_file():
+            path, validation = head, Path(tail)
         name = name.strip()
         if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
             raise TrainerError(
                 f"--add-task {name!r}: a task name may hold letters, digits, '-', '_' and '.'"
             )
-        return cls(name, Path(path.strip()))
+        return cls(name, Path(path), validation)
 
 
 def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -122,15 +131,14 @@ def _source_task(added: AddedTask, cfg: RunConfig, settings: dict[str, Any]) -> 
     """The task at `added.path` with its row caps applied (the same seeded subset a fixed
     stream would draw for a task of that name)."""
     folder = added.path
-    if folder.suffix in (".jsonl", ".json") and folder.is_file():
-        raise TrainerError(
-            f"--add-task {added.name}: {folder}: JSONL task files are not supported by this "
-            "version yet; give a task folder in the CL layout (docs/data.md)"
-        )
+    if folder.is_file():
+        return _file_task(added, cfg)
+    if added.validation is not None:
+        raise TrainerError(f"--add-task {added.name}: a validation file goes with a task file")
     if not (folder / "train.json").is_file():
         raise TrainerError(
-            f"--add-task {added.name}: {folder} is not a task folder (no train.json there; "
-            "docs/data.md)"
+            f"--add-task {added.name}: {folder} is neither a JSONL task file nor a task folder "
+            "(no train.json there; docs/data.md)"
         )
     root = folder.resolve().parent
     specs, _ = read_index(root)
@@ -147,6 +155,36 @@ def _source_task(added: AddedTask, cfg: RunConfig, settings: dict[str, Any]) -> 
     )
     (task,) = load_stream(data, cfg.train.seed, rename={folder.resolve().name: added.name})
     return task
+
+
+def _file_task(added: AddedTask, cfg: RunConfig) -> Task:
+    """A JSONL task file, checked line by line (examples over data.max_length tokens
+    dropped), with its held-out rows: the validation file, or a seeded share of the file."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainerError(f"model: {cfg.model}: cannot load the tokenizer ({first})") from None
+    count = {"count_tokens": token_counter(tokenizer), "max_length": cfg.data.max_length}
+    where = f"--add-task {added.name}"
+    try:
+        task_file = read_task_file(added.path, **count)
+        validation = read_task_file(added.validation, **count) if added.validation else None
+        train, held_out = split_task(task_file, seed=cfg.train.seed, validation=validation)
+    except TrainerError as exc:
+        raise TrainerError(f"{where}: {exc}") from None
+    train_rows, dev_rows = [as_row(e) for e in train], [as_row(e) for e in held_out]
+    return Task(
+        name=added.name,
+        instruction="",
+        options=[],
+        train=train_rows,
+        dev=dev_rows,
+        format=task_file.format,
+        metric=choose_metric(train_rows + dev_rows),
+    )
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -190,7 +228,11 @@ def write_added(run_dir: Path, appended: list[dict[str, Any]], tasks: list[Task]
         if final.exists():  # left by an append that never reached its commit point
             shutil.rmtree(final)
         os.replace(staging, final)
-        specs[task.name] = {"instruction": task.instruction, "options": task.options}
+        specs[task.name] = (
+            {"instruction": task.instruction, "options": task.options}
+            if task.format == "benchmark"
+            else {"format": task.format, "metric": task.metric}
+        )
     order = [a["name"] for a in appended]
     _write_json(index_path, {"tasks": specs, "orders": {APPENDED_ORDER: order}})
 

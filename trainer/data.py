@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from trainer.config import DataConfig
 from trainer.errors import TrainerError
-from trainer.layout import INDEX, read_index, read_rows, spec_problem
+from trainer.freeform import chat_eval_prompt, chat_pairs, is_freeform, reference, rouge_l
+from trainer.layout import INDEX, read_examples, read_index, read_rows, spec_problem
 
 IGNORE_INDEX = -100
 _WS = re.compile(r"\s+")
@@ -42,12 +44,16 @@ class Task:
     name: str
     instruction: str
     options: list[str]
-    train: list[dict[str, str]]
-    dev: list[dict[str, str]]
+    train: list[dict[str, Any]]  # benchmark: {"sentence", "label"}; free-form: the JSONL rows
+    dev: list[dict[str, Any]]
+    format: str = "benchmark"  # or "chat" / "completion" (trainer/freeform.py)
+    metric: str = "exact"  # free-form: "exact" or "rougeL"
 
 
-def _rows(path: Path, cap: int | None, rng: random.Random) -> list[dict[str, str]]:
-    rows = read_rows(path)
+def _rows(
+    path: Path, cap: int | None, rng: random.Random, read: Callable[[Path], list] = read_rows
+) -> list[dict[str, Any]]:
+    rows = read(path)
     if cap is not None and cap < len(rows):
         rows = rng.sample(rows, cap)
     return rows
@@ -86,13 +92,17 @@ def load_stream(cfg: DataConfig, seed: int, rename: dict[str, str] | None = None
         if problem is not None:
             raise TrainerError(f"{cfg.root / INDEX}: {problem}")
         rng = random.Random(f"{seed}:{name}")
+        spec = specs[name]
+        read = read_examples if is_freeform(spec.get("format")) else read_rows
         tasks.append(
             Task(
                 name=(rename or {}).get(name, name),
-                instruction=specs[name].get("instruction", "").strip(),
-                options=list(specs[name].get("options", [])),
-                train=_rows(cfg.root / name / "train.json", cfg.train_rows, rng),
-                dev=_rows(cfg.root / name / "dev.json", cfg.eval_rows, rng),
+                instruction=spec.get("instruction", "").strip(),
+                options=list(spec.get("options", [])),
+                train=_rows(cfg.root / name / "train.json", cfg.train_rows, rng, read),
+                dev=_rows(cfg.root / name / "dev.json", cfg.eval_rows, rng, read),
+                format=spec.get("format", "benchmark"),
+                metric=spec.get("metric", "exact"),
             )
         )
     return tasks
@@ -136,21 +146,29 @@ class ChatTemplate:
         )
 
     def prompt(self, user: str) -> list[int]:
-        return self._ids(self._render([("user", user)], generation=True))
+        return self.conversation_prompt([("user", user)])
 
     def reply(self, label: str) -> list[int]:
         if label not in self._replies:
-            prompt = self.prompt("x")
-            turns = [("user", "x"), ("assistant", label)]
-            full = self._ids(self._render(turns, generation=False))
-            rest = full[len(prompt) :]
-            if full[: len(prompt)] != prompt or self.end_of_turn not in rest:
-                raise TrainerError(
-                    "data.prompt_format chat: the chat template's reply does not extend its "
-                    "generation prompt; use plain"
-                )
-            self._replies[label] = rest[: rest.index(self.end_of_turn) + 1]
+            self._replies[label] = self.conversation_reply([("user", "x")], label)
         return self._replies[label]
+
+    def conversation_prompt(self, turns: list[tuple[str, str]]) -> list[int]:
+        """The ids of `turns` (role, content) followed by the assistant's header."""
+        return self._ids(self._render(turns, generation=True))
+
+    def conversation_reply(self, turns: list[tuple[str, str]], content: str) -> list[int]:
+        """The ids the assistant's reply `content` adds after `turns`, up to and including
+        the end-of-turn token."""
+        prompt = self.conversation_prompt(turns)
+        full = self._ids(self._render([*turns, ("assistant", content)], generation=False))
+        rest = full[len(prompt) :]
+        if full[: len(prompt)] != prompt or self.end_of_turn not in rest:
+            raise TrainerError(
+                "the chat template's reply does not extend its generation prompt; use plain "
+                "prompts (data.prompt_format) and completion-format task files"
+            )
+        return rest[: rest.index(self.end_of_turn) + 1]
 
 
 class Encoder:
@@ -171,6 +189,24 @@ class Encoder:
         self.chat = ChatTemplate(tokenizer) if prompt_format == "chat" else None
         self.stop = self.eos if self.chat is None else self.chat.end_of_turn
         self._suffix = self._ids("\nAnswer:")
+        self._template = self.chat  # chat-format task files need one whatever prompt_format
+
+    def template(self) -> ChatTemplate:
+        if self._template is None:
+            self._template = ChatTemplate(self.tok)
+        return self._template
+
+    def stop_for(self, task: Task) -> int:
+        """The token generation stops at for `task`: its chat template's end of turn for a
+        chat task file, EOS for a completion file, else the prompt format's stop."""
+        if task.format == "chat":
+            return self.template().end_of_turn
+        return self.eos if task.format == "completion" else self.stop
+
+    def _freeform_pair(self, task: Task, row: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+        if task.format == "chat":
+            return chat_pairs(self.template(), row)
+        return [(self._ids(row["prompt"]), [*self._ids(row["completion"]), self.eos])]
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -181,7 +217,10 @@ class Encoder:
         return [*self._ids(" " + label), self.eos]
 
     def max_target_len(self, task: Task) -> int:
-        """Longest target (label tokens + the stop token) among the task's labels."""
+        """Longest target (label tokens + the stop token) among the task's labels; for a
+        task file, among its evaluation answers."""
+        if is_freeform(task.format):
+            return max(len(self._freeform_pair(task, row)[-1][1]) for row in task.dev)
         labels = set(task.options) | {r["label"] for r in task.train + task.dev}
         return max(len(self.target(label)) for label in labels)
 
@@ -195,7 +234,10 @@ class Encoder:
 
     def body_budget(self, task: Task) -> int:
         """plain: body tokens before the "\nAnswer:" suffix; chat: prompt tokens; so that
-        any target fits `max_length`. Fails when not even an empty text fits."""
+        any target fits `max_length`. Fails when not even an empty text fits. (A task
+        file's examples over max_length were dropped when it was read.)"""
+        if is_freeform(task.format):
+            return self.max_length
         room = self.max_length - self.max_target_len(task)
         fixed = (
             len(self._suffix)
@@ -233,12 +275,18 @@ class Encoder:
         return text, ids
 
     def train_examples(self, task: Task) -> list[tuple[list[int], list[int]]]:
+        if is_freeform(task.format):
+            return [pair for row in task.train for pair in self._freeform_pair(task, row)]
         room = self.body_budget(task)
         return [
             (self.prompt(task, r["sentence"], room), self.target(r["label"])) for r in task.train
         ]
 
     def eval_prompts(self, task: Task) -> list[list[int]]:
+        if task.format == "chat":
+            return [chat_eval_prompt(self.template(), row) for row in task.dev]
+        if task.format == "completion":
+            return [self._ids(row["prompt"]) for row in task.dev]
         room = self.body_budget(task)
         return [self.prompt(task, r["sentence"], room) for r in task.dev]
 
@@ -281,14 +329,15 @@ class EvalResult:
 @torch.no_grad()
 def greedy_tokens(
     model: Any, enc: Encoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-    device: torch.device,
+    device: torch.device, stop: int | None = None,
 ) -> list[list[int]]:  # fmt: skip
-    """Greedy continuations of token-id prompts, as token ids up to and including
-    `enc.stop` (when reached): left-padded batches, shortest prompts batched together."""
+    """Greedy continuations of token-id prompts, as token ids up to and including `stop`
+    (default `enc.stop`; when reached): left-padded batches, shortest prompts together."""
     from transformers import GenerationConfig
 
+    stop = enc.stop if stop is None else stop
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=enc.stop, pad_token_id=enc.pad
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=enc.pad
     )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     generated: dict[int, list[int]] = {}
@@ -301,22 +350,30 @@ def greedy_tokens(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
         )
         for i, row in zip(idx, out[:, ids.shape[1] :].tolist(), strict=True):
-            generated[i] = row[: row.index(enc.stop) + 1] if enc.stop in row else row
+            generated[i] = row[: row.index(stop) + 1] if stop in row else row
     model.train(was_training)
     return [generated[i] for i in range(len(prompts))]
 
 
 def generate_greedy(
     model: Any, enc: Encoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-    device: torch.device,
+    device: torch.device, stop: int | None = None,
 ) -> list[str]:  # fmt: skip
     """The texts of `greedy_tokens`, special tokens skipped."""
-    tokens = greedy_tokens(model, enc, prompts, max_new_tokens, batch_size, device)
+    tokens = greedy_tokens(model, enc, prompts, max_new_tokens, batch_size, device, stop)
     return [enc.tok.decode(t, skip_special_tokens=True) for t in tokens]
 
 
 def score(task: Task, predictions: list[str]) -> EvalResult:
-    """Exact match (the metric) and prefix match of predictions against the dev labels."""
+    """Exact match (the metric) and prefix match of predictions against the dev labels.
+    A task file scored by ROUGE-L: its mean F1 is the metric, exact match beside it."""
+    if is_freeform(task.format):
+        refs = [reference(r) for r in task.dev]
+        exact = sum(
+            normalize(p) == normalize(y) for p, y in zip(predictions, refs, strict=True)
+        ) / len(refs)
+        metric = rouge_l(predictions, refs) if task.metric == "rougeL" else exact
+        return EvalResult(exact=metric, prefix=exact, n=len(refs))
     labels = [normalize(r["label"]) for r in task.dev]
     preds = [normalize(p) for p in predictions]
     exact = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
@@ -329,5 +386,6 @@ def evaluate_task(
 ) -> EvalResult:
     """Greedy generation on the task's dev rows; exact match after normalisation."""
     prompts = enc.eval_prompts(task)
-    predictions = generate_greedy(model, enc, prompts, enc.max_target_len(task), batch_size, device)
+    n, stop = enc.max_target_len(task), enc.stop_for(task)
+    predictions = generate_greedy(model, enc, prompts, n, batch_size, device, stop)
     return score(task, predictions)

@@ -71,6 +71,18 @@ Example = ChatExample | CompletionExample
 TokenCounter = Callable[[Example], int]
 
 
+def as_row(example: Example) -> dict[str, Any]:
+    """The example as the JSON object it was read from (the keys it gave), for a run's copy."""
+    if isinstance(example, CompletionExample):
+        return {"prompt": example.prompt, "completion": example.completion}
+    messages = []
+    for m in example.messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        message.update({k: v for k, v in (("weight", m.weight), ("name", m.name)) if v is not None})
+        messages.append(message)
+    return {"messages": messages}
+
+
 @dataclass(frozen=True)
 class TaskFile:
     """A checked task file: its usable examples in file order, and what was dropped."""

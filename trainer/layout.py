@@ -49,6 +49,15 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def read_examples(path: Path) -> list[dict[str, Any]]:
+    """A run's copy of a task file's examples (trainer/append.py): a non-empty JSON list of
+    the objects `trainer.jsonl` validated."""
+    rows = read_json(path)
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise TrainerError(f"{path}: expected a non-empty list of examples")
+    return rows
+
+
 def _is_row(row: Any) -> bool:
     return (
         isinstance(row, dict)
@@ -76,6 +85,12 @@ def spec_problem(name: str, spec: Any) -> str | None:
         return f"task {name!r}: must be a mapping with 'instruction' and 'options'"
     if not isinstance(spec.get("instruction", ""), str):
         return f"task {name!r}: 'instruction' must be a string"
+    if spec.get("format", "benchmark") != "benchmark":  # a task file copied into a run
+        if spec.get("format") not in ("chat", "completion"):
+            return f"task {name!r}: 'format' must be benchmark, chat or completion"
+        if spec.get("metric") not in ("exact", "rougeL"):
+            return f"task {name!r}: 'metric' must be exact or rougeL"
+        return None
     options = spec.get("options")
     if (
         not isinstance(options, list)

@@ -75,8 +75,8 @@ class ServedModel:
 
     def predict(self, enc: Encoder, task: Task, *, fingerprint: str) -> list[str]:
         """Greedy answers to the task's dev prompts in `enc`'s format, from the served model `fingerprint`."""
-        n, stop = enc.max_target_len(task), enc.stop
-        if enc.chat is None:
+        n, stop = enc.max_target_len(task), enc.stop_for(task)
+        if enc.chat is None or task.format != "benchmark":  # a task file: its prompt ids
             return self.generate(
                 enc.eval_prompts(task), max_new_tokens=n, stop_token=stop, fingerprint=fingerprint
             )
