@@ -275,12 +275,14 @@ class Encoder:
         return text, ids
 
     def train_examples(self, task: Task) -> list[tuple[list[int], list[int]]]:
+        return self.pairs(task, task.train)
+
+    def pairs(self, task: Task, rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, target ids) of `rows`, the way the task is taught."""
         if is_freeform(task.format):
-            return [pair for row in task.train for pair in self._freeform_pair(task, row)]
+            return [pair for row in rows for pair in self._freeform_pair(task, row)]
         room = self.body_budget(task)
-        return [
-            (self.prompt(task, r["sentence"], room), self.target(r["label"])) for r in task.train
-        ]
+        return [(self.prompt(task, r["sentence"], room), self.target(r["label"])) for r in rows]
 
     def eval_prompts(self, task: Task) -> list[list[int]]:
         if task.format == "chat":
@@ -379,6 +381,31 @@ def score(task: Task, predictions: list[str]) -> EvalResult:
     exact = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
     prefix = sum(p.startswith(y) for p, y in zip(preds, labels, strict=True)) / len(labels)
     return EvalResult(exact=exact, prefix=prefix, n=len(labels))
+
+
+@torch.no_grad()
+def held_out_loss(
+    model: Any, enc: Encoder, task: Task, batch_size: int, device: torch.device
+) -> float:
+    """Mean cross-entropy per target token on the task's held-out rows, as it is taught
+    (teacher forcing): the metric every task has, free-form or not."""
+    examples = enc.pairs(task, task.dev)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = enc.collate(examples[start : start + batch_size])
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).logits  # (B, L, V)
+        labels = batch["labels"].to(device)[:, 1:]  # (B, L-1): token t+1 predicted at t
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )  # fmt: skip
+        total += float(losses)
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / count
 
 
 def evaluate_task(

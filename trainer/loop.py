@@ -52,10 +52,10 @@ from jlserve.errors import JlserveError
 from trainer.adapter import Adapter
 from trainer.append import AddedTask, appended_tasks, for_task, read_added, write_added
 from trainer.config import RunConfig, config_yaml
-from trainer.data import Encoder, Task, evaluate_task, load_stream, score
+from trainer.data import Encoder, Task, evaluate_task, held_out_loss, load_stream, score
 from trainer.errors import TrainerError
 from trainer.methods import Method, build_method
-from trainer.metrics import AccuracyMatrix, DeltaDensity, SupportOverlap
+from trainer.metrics import AccuracyMatrix, DeltaDensity, LossMatrix, SupportOverlap
 from trainer.parallel import Examples, data_parallel, global_batches
 from trainer.publish import Publisher
 from trainer.report import write_report
@@ -150,6 +150,7 @@ class Recipe:
         self._setup_model()
         names = [t.name for t in self.tasks]
         self.accuracy = AccuracyMatrix(names)
+        self.losses = LossMatrix(names)
         self.density = DeltaDensity(self.adapted_numel)
         self.overlap = SupportOverlap()
         self.completed = 0
@@ -276,6 +277,7 @@ class Recipe:
             "completed": self.completed,
             "versions": self.versions,
             "task_log": self.task_log,
+            "loss": {"matrix": self.losses.matrix, "base": self.losses.base},
             "accuracy": {
                 "exact": self.accuracy.exact,
                 "prefix": self.accuracy.prefix,
@@ -302,6 +304,7 @@ class Recipe:
         self.versions = info["versions"][: self.completed + 1]
         self.task_log = info["task_log"][: self.completed]
         self.accuracy.restore(info["accuracy"])  # grown by the tasks appended since
+        self.losses.restore(info.get("loss"))
         if self.is_main:
             self._drop_partial_outputs()
         for v in self.versions[1:]:
@@ -489,8 +492,9 @@ class Recipe:
     def _evaluate_on(
         self, model: torch.nn.Module, i: int, columns: list[int], fingerprint: str | None = None
     ) -> None:
-        """Entries (i, j) for j in `columns`: in process on `model`, or through the server
-        when the run evaluates there and `fingerprint` names what it serves."""
+        """Entries (i, j) for j in `columns`: the task's metric in process on `model`, or
+        through the server when the run evaluates there and `fingerprint` names what it
+        serves; the held-out loss always in process (the same weights)."""
         model.eval()
         with self.autocast():
             for j in columns:
@@ -503,6 +507,10 @@ class Recipe:
                     predictions = self.served.predict(self.enc, task, fingerprint=fingerprint)
                     r = score(task, predictions)
                 self.accuracy.update(i, j, r.exact, r.prefix)
+                loss = held_out_loss(
+                    model, self.enc, task, self.cfg.train.eval_batch_size, self.device
+                )
+                self.losses.update(i, j, loss)
 
     def evaluate_added(self) -> None:
         """Tasks appended to a run that has versions already: their base-row entries (on
@@ -598,6 +606,8 @@ class Recipe:
     def metrics(self) -> dict[str, Any]:
         return {
             "accuracy": self.accuracy.result(),
+            "task_metrics": {t.name: t.metric for t in self.tasks},  # what "accuracy" holds
+            "loss": self.losses.result(),
             "density_summary": self.density.summary(),
             "density": self.density.result(),
             "support_overlap": self.overlap.result(),

@@ -90,6 +90,49 @@ class AccuracyMatrix:
         return out
 
 
+class LossMatrix:
+    """Held-out mean loss l[i][j] of task j after task i (None: not evaluated), b[j] on the
+    base model. Forgetting in loss: how much each earlier task's loss rose from right
+    after its own task to the last whole row (positive: forgotten)."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = tasks
+        self.reset()
+
+    def reset(self) -> None:
+        self.matrix: list[list[float | None]] = [[None] * len(self.tasks) for _ in self.tasks]
+        self.base: list[float | None] = [None] * len(self.tasks)
+
+    def restore(self, saved: dict[str, list] | None) -> None:
+        """Saved entries (run.json "loss") on a stream that may have grown since."""
+        if not saved:
+            return
+        n = len(self.tasks)
+        rows = [[*r, *[None] * (n - len(r))] for r in saved["matrix"]]
+        self.matrix = rows + self.matrix[len(rows) :]
+        self.base = [*saved["base"], *[None] * (n - len(saved["base"]))]
+
+    def update(self, i: int, j: int, loss: float) -> None:
+        if i < 0:
+            self.base[j] = loss
+        else:
+            self.matrix[i][j] = loss
+
+    def result(self) -> dict:
+        out: dict = {"matrix": self.matrix, "base": self.base, "tasks": self.tasks}
+        whole = [i for i, row in enumerate(self.matrix) if all(v is not None for v in row[: i + 1])]
+        if whole and whole[-1] > 0:
+            last = whole[-1]
+            rise = {
+                self.tasks[j]: self.matrix[last][j] - self.matrix[j][j]
+                for j in range(last)
+                if self.matrix[j][j] is not None
+            }
+            out["forgetting"] = rise
+            out["mean_forgetting"] = _mean(list(rise.values())) if rise else None
+        return out
+
+
 _BLOCK = re.compile(r"\.(\d+)\.")
 
 

@@ -71,6 +71,40 @@ def _density_plot(density: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _loss_lines(metrics: dict[str, Any]) -> list[str]:
+    """Each task's metric, and the held-out loss matrix with the rise of every earlier
+    task's loss (forgetting measured in loss, for every kind of task)."""
+    loss, tasks = metrics.get("loss"), metrics["accuracy"]["tasks"]
+    if not loss:
+        return []
+    kinds = metrics.get("task_metrics", {})
+    lines = [
+        "",
+        "Metric per task: "
+        + ", ".join(
+            f"{t} {'ROUGE-L F1' if kinds.get(t) == 'rougeL' else 'exact match'}" for t in tasks
+        ),
+        "",
+        "## Held-out loss (mean per target token; rows as above)",
+        "",
+        "| after \\ on | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+        "| base | " + " | ".join("-" if v is None else f"{v:.3f}" for v in loss["base"]) + " |",
+    ]
+    for i, row in enumerate(loss["matrix"]):
+        if row[i] is not None:
+            lines.append(
+                f"| {tasks[i]} | "
+                + " | ".join("-" if v is None else f"{v:.3f}" for v in row)
+                + " |"
+            )
+    if loss.get("forgetting"):
+        rise = ", ".join(f"{t} {v:+.3f}" for t, v in loss["forgetting"].items())
+        lines += ["", f"Loss rise of earlier tasks since their own (forgetting): {rise}; "
+                  f"mean {loss['mean_forgetting']:+.3f}"]  # fmt: skip
+    return lines
+
+
 def write_report(run_dir: Path, metrics: dict[str, Any], cfg: RunConfig, command: str) -> None:
     acc = metrics["accuracy"]
     tasks = acc["tasks"]
@@ -114,6 +148,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any], cfg: RunConfig, command
     for i, row in enumerate(acc["matrix"]):
         if row[i] is not None:
             lines.append(f"| {tasks[i]} | " + " | ".join(_fmt(v, pct=True) for v in row) + " |")
+    lines += _loss_lines(metrics)
     lines += [
         "",
         "## Per task",

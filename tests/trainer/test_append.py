@@ -62,6 +62,8 @@ def test_two_tasks_plus_an_appended_one_equal_a_three_task_run(
     assert grown_acc["tasks"] == [*TWO_TASKS, THIRD]
     for key in ("matrix", "base", "OA", "BWT", "FWT"):  # the matrix grew a row and a column
         assert grown_acc[key] == fixed_acc[key], key
+    grown_loss = json.loads((grown / "metrics.json").read_text())["loss"]
+    assert grown_loss == json.loads((fixed / "metrics.json").read_text())["loss"]
 
 
 def test_a_run_of_added_tasks_grows_and_refuses_what_would_break_its_chain(
@@ -89,7 +91,7 @@ def test_a_run_of_added_tasks_grows_and_refuses_what_would_break_its_chain(
     refused("--add-task", third, "--set", "method.name=ella", message="method.name")
     refused("--add-task", third, "--set", "adapter.r=4", message="adapter.r")
     refused("--add-task", third, "--set", f"model={tmp_path}", message="model")
-    refused("--add-task", f"x={tmp_path / 'nowhere'}", message="not a task folder")
+    refused("--add-task", f"x={tmp_path / 'nowhere'}", message="neither a JSONL task file nor a task folder")
     refused("--add-task", "no-equals-sign", message="NAME=PATH")
     refused("--add-task", third, "--add-task", third, message="given twice")
     # A later call needs only --out and the task; its own settings are recorded.

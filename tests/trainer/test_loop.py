@@ -61,6 +61,13 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(
     assert {"OA", "BWT", "FWT", "base_OA", "gain_over_base"} <= acc.keys()
     assert 0 < metrics["density"]["movie_sentiment"]["density"] < 1
     _assert_tensorboard_events(run / "tensorboard", info)
+    # The held-out loss of every task, where the metric was evaluated, and its rise.
+    loss = metrics["loss"]
+    filled = [[v is not None for v in row] for row in loss["matrix"]]
+    assert filled == [[v is not None for v in row] for row in acc["matrix"]]
+    assert all(v > 0 for v in loss["base"]) and set(loss["forgetting"]) == {"movie_sentiment"}
+    assert metrics["task_metrics"] == {"movie_sentiment": "exact", "tweet_sentiment": "exact"}
+    assert "## Held-out loss" in (run / "report.md").read_text()
     assert len(metrics["support_overlap"]["jaccard"]) == 2
     # Applying the deltas (format v2, the default) to the base reproduces every merged
     # checkpoint bit for bit.

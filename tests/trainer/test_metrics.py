@@ -3,7 +3,7 @@
 import torch
 
 from jlserve.delta import diff_tensors
-from trainer.metrics import AccuracyMatrix, DeltaDensity, SupportOverlap
+from trainer.metrics import AccuracyMatrix, DeltaDensity, LossMatrix, SupportOverlap
 
 
 def test_oa_bwt_fwt_and_gain_over_the_base_row_by_hand() -> None:
@@ -39,6 +39,19 @@ def test_oa_and_bwt_read_the_last_whole_row() -> None:
     r = acc.result()
     assert r["OA_after"] == "c" and abs(r["OA"] - (0.5 + 0.7 + 1.0) / 3) < 1e-12
     assert abs(r["BWT"] - ((0.5 - 0.8) + (0.7 - 0.9)) / 2) < 1e-12
+
+
+def test_held_out_loss_forgetting_by_hand() -> None:
+    losses = LossMatrix(["a", "b", "c"])
+    for i, j, v in [(0, 0, 1.0), (0, 1, 3.0), (1, 1, 0.5), (1, 2, 2.0)]:
+        losses.update(i, j, v)
+    assert "forgetting" not in losses.result()  # no whole row after the first task yet
+    for j, v in enumerate([1.5, 0.75, 0.25]):
+        losses.update(2, j, v)
+    r = losses.result()
+    assert r["forgetting"] == {"a": 0.5, "b": 0.25} and r["mean_forgetting"] == 0.375
+    losses.restore({"matrix": [[1.0, 2.0]], "base": [4.0, 5.0]})  # a stream that grew
+    assert losses.matrix[0] == [1.0, 2.0, None] and losses.base == [4.0, 5.0, None]
 
 
 def test_density_and_jaccard_overlap() -> None:
