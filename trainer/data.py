@@ -27,7 +27,14 @@ from torch import Tensor
 
 from trainer.config import DataConfig
 from trainer.errors import TrainerError
-from trainer.freeform import chat_eval_prompt, chat_pairs, is_freeform, reference, rouge_l
+from trainer.freeform import (
+    chat_eval_messages,
+    chat_eval_prompt,
+    chat_pairs,
+    is_freeform,
+    reference,
+    rouge_l,
+)
 from trainer.layout import INDEX, read_examples, read_index, read_rows, spec_problem
 
 IGNORE_INDEX = -100
@@ -292,10 +299,17 @@ class Encoder:
         room = self.body_budget(task)
         return [self.prompt(task, r["sentence"], room) for r in task.dev]
 
-    def eval_chats(self, task: Task) -> list[tuple[str, list[int]]]:
-        """(user turn, prompt ids) per dev row: what a chat client sends, what it becomes."""
+    def eval_chats(self, task: Task) -> list[tuple[list[dict[str, str]], list[int]]]:
+        """(messages, prompt ids) per dev row: what a chat client sends, what it becomes. A
+        chat task file: its conversation before the last assistant turn."""
+        if task.format == "chat":
+            return [
+                (chat_eval_messages(row), chat_eval_prompt(self.template(), row))
+                for row in task.dev
+            ]
         room = self.body_budget(task)
-        return [self.chat_prompt(task, r["sentence"], room) for r in task.dev]
+        chats = [self.chat_prompt(task, r["sentence"], room) for r in task.dev]
+        return [([{"role": "user", "content": user}], ids) for user, ids in chats]
 
     def collate(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         """Right-padded (B, L) input_ids/attention_mask/labels; loss on target tokens only."""

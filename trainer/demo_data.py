@@ -8,8 +8,12 @@ two PyPI packages:
   human-rated movie-review snippets and tweets -> tasks `movie_sentiment` and
   `tweet_sentiment` (mean rating >= +0.5 is Positive, <= -0.5 Negative, the rest dropped).
 
-Output: `<out>/tasks.json` (instructions, options, order `demo`) and
-`<out>/<task>/{train,dev,labels}.json`, balanced per label, train and dev disjoint.
+`build_demo_benchmark` writes them in the CL benchmark layout: `<out>/tasks.json`
+(instructions, options, order `demo`) and `<out>/<task>/{train,dev,labels}.json`, balanced
+per label, train and dev disjoint. `build_demo_task_files` writes what `make demo` feeds
+the live run instead: OpenAI chat fine-tuning files, as a user would bring them
+(`<task>.jsonl` to train on, `<task>.valid.jsonl` held out), including a free-form task
+(`news_headline`: write an article's headline, scored by ROUGE-L).
 """
 
 from __future__ import annotations
@@ -155,3 +159,68 @@ def build_demo_benchmark(out_dir: Path, *, cache_dir: Path, train_rows: int = 25
         json.dumps({"tasks": tasks, "orders": {"demo": DEMO_ORDER}}, indent=1)
     )
     return out_dir
+
+
+# chat task files: name -> (system message or None, user message format, source)
+CHAT_TASKS = {
+    "news_topic": (
+        "Classify the news article's topic as Business, Entertainment, Politics, Sport or "
+        "Technology. Answer with the topic only.",
+        "{text}",
+        "bbc_topic",
+    ),
+    "review_sentiment": (
+        "Is this movie review Positive or Negative? Answer with one word.",
+        "{text}",
+        "movie_sentiment",
+    ),
+    "news_headline": (None, "Write the headline of this news article:\n{text}", "bbc_headline"),
+}
+CHAT_ORDER = ["news_topic", "review_sentiment", "news_headline"]
+CHAT_TEXT_CHARS = 160
+
+
+def _headline_rows(bbc: list[dict[str, str]]) -> list[dict[str, str]]:
+    """BBC articles as (text, headline) rows: the label is free-form."""
+    rows = []
+    for r in bbc:
+        title, _, text = r["sentence"].partition("\nText: ")
+        rows.append({"sentence": text, "label": title.removeprefix("Title: ").strip()})
+    return rows
+
+
+def _chat_line(task: str, row: dict[str, str]) -> str:
+    system, user, _ = CHAT_TASKS[task]
+    text = row["sentence"].split("\nText: ", 1)[-1]  # a BBC row: the article only
+    if len(text) > CHAT_TEXT_CHARS:  # the lede: short prompts keep the demo fast
+        text = text[:CHAT_TEXT_CHARS].rsplit(" ", 1)[0] + " ..."
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [
+        {"role": "user", "content": user.format(text=text)},
+        {"role": "assistant", "content": row["label"]},
+    ]
+    return json.dumps({"messages": messages})
+
+
+def build_demo_task_files(out_dir: Path, *, cache_dir: Path, train_rows: int = 64,
+                          dev_rows: int = 40, seed: int = 0) -> dict[str, tuple[Path, Path]]:  # fmt: skip
+    """Write the demo's chat task files; returns name -> (train file, validation file)."""
+    rng = random.Random(seed)
+    bbc = _bbc_rows()
+    sources = {"bbc_topic": bbc, "bbc_headline": _headline_rows(bbc),
+               **_sentiment_rows(ensure_vader_sdist(cache_dir))}  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for task in CHAT_ORDER:
+        rows = sources[CHAT_TASKS[task][2]]
+        if task == "news_headline":  # every label differs: a plain seeded sample
+            picked = rng.sample(rows, train_rows + dev_rows)
+            train, dev = picked[:train_rows], picked[train_rows:]
+        else:
+            train, dev = _balanced_split(rows, train_rows, dev_rows, rng)
+        paths = (out_dir / f"{task}.jsonl", out_dir / f"{task}.valid.jsonl")
+        for path, split in zip(paths, (train, dev), strict=True):
+            path.write_text("".join(_chat_line(task, r) + "\n" for r in split))
+        files[task] = paths
+    return files

@@ -78,8 +78,14 @@ def chat_pairs(template: Any, row: dict[str, Any]) -> list[tuple[list[int], list
     return pairs
 
 
-def chat_eval_prompt(template: Any, row: dict[str, Any]) -> list[int]:
-    """The conversation before its last assistant turn, with the generation prompt."""
+def chat_eval_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The conversation before its last assistant turn, as a chat client sends it."""
     messages = row["messages"]
     last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
-    return template.conversation_prompt(_turns(messages[:last]))
+    return [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+
+
+def chat_eval_prompt(template: Any, row: dict[str, Any]) -> list[int]:
+    """The conversation before its last assistant turn, with the generation prompt."""
+    turns = [(m["role"], m["content"]) for m in chat_eval_messages(row)]
+    return template.conversation_prompt(turns)

@@ -9,8 +9,8 @@ run they name other weights).
 
 - `plain` prompts travel to /v1/completions as the token ids the in-process evaluation
   uses (no re-tokenization on the server).
-- `chat` prompts travel to /v1/chat/completions as a user message, the way any chat client
-  asks; the server applies the chat template itself. Each answer carries the prompt ids the
+- `chat` prompts (and chat task files) travel to /v1/chat/completions as messages, the way
+  any chat client asks; the server applies the chat template itself. Each answer carries the prompt ids the
   server built (`return_token_ids`), and they must equal the trainer's, so served and
   in-process evaluation provably see the same prompt.
 """
@@ -76,7 +76,7 @@ class ServedModel:
     def predict(self, enc: Encoder, task: Task, *, fingerprint: str) -> list[str]:
         """Greedy answers to the task's dev prompts in `enc`'s format, from the served model `fingerprint`."""
         n, stop = enc.max_target_len(task), enc.stop_for(task)
-        if enc.chat is None or task.format != "benchmark":  # a task file: its prompt ids
+        if task.format == "completion" or (enc.chat is None and task.format != "chat"):
             return self.generate(
                 enc.eval_prompts(task), max_new_tokens=n, stop_token=stop, fingerprint=fingerprint
             )
@@ -127,21 +127,21 @@ class ServedModel:
         return texts
 
     def chat(
-        self, chats: list[tuple[str, list[int]]], *, max_new_tokens: int, stop_token: int,
-        fingerprint: str,
+        self, chats: list[tuple[list[dict[str, str]], list[int]]], *, max_new_tokens: int,
+        stop_token: int, fingerprint: str,
     ) -> list[str]:  # fmt: skip
-        """Greedy replies to one-turn chats (/v1/chat/completions), from the served model `fingerprint`.
+        """Greedy replies to chats (/v1/chat/completions), from the served model `fingerprint`.
 
-        `chats` holds (user message, the prompt ids the trainer built from it); the
-        server's own prompt ids must be the same. Requests run `batch_size` at a time so
-        the server batches them (the chat API takes one conversation per request)."""
+        `chats` holds (messages, the prompt ids the trainer built from them); the server's
+        own prompt ids must be the same. Requests run `batch_size` at a time so the server
+        batches them (the chat API takes one conversation per request)."""
         if self._ready != fingerprint:
             self.wait_for_fingerprint(fingerprint)
         sampling = {**self._sampling(max_new_tokens, stop_token), "return_token_ids": True}
 
-        def ask(chat: tuple[str, list[int]]) -> str:
-            user, expected = chat
-            body = {**sampling, "messages": [{"role": "user", "content": user}]}
+        def ask(chat: tuple[list[dict[str, str]], list[int]]) -> str:
+            messages, expected = chat
+            body = {**sampling, "messages": messages}
             answer = self._post("/v1/chat/completions", body, fingerprint)
             served = answer.get("prompt_token_ids")
             if served != expected:

@@ -117,7 +117,8 @@ def test_chat_prompts_round_trip_through_the_template_smollm2(smollm2_dir) -> No
 def test_a_long_chat_text_is_cut_and_stays_a_template_prompt(tiny_model_dir) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     enc = Encoder(tok, max_length=64, prompt_format="chat")
-    [(user, ids)] = enc.eval_chats(CHAT_TASK)
+    [([message], ids)] = enc.eval_chats(CHAT_TASK)
+    user = message["content"]
     assert len(ids) + enc.max_target_len(CHAT_TASK) <= 64
     assert len(user) < len(Encoder.user_text(CHAT_TASK, CHAT_TASK.dev[0]["sentence"]))
     assert user.startswith("Task Instruction: Pick one.\nOptions: Good | Bad\nText: the film")

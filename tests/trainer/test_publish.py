@@ -137,10 +137,10 @@ def test_served_chat_equals_in_process_chat(setup):
             n, chats = enc.max_target_len(task), enc.eval_chats(task)
             prompts = [ids for _, ids in chats]
             local = greedy_tokens(model, enc, prompts, n, 8, torch.device("cpu"))
-            for (user, ids), expected in zip(chats, local, strict=True):
+            for (messages, ids), expected in zip(chats, local, strict=True):
                 reply = client.chat.completions.create(
                     model=client.models.list().data[0].id,
-                    messages=[{"role": "user", "content": user}],
+                    messages=messages,
                     max_tokens=n, temperature=0,
                     extra_body={"stop_token_ids": [enc.stop], "return_token_ids": True},
                 )  # fmt: skip
@@ -149,10 +149,10 @@ def test_served_chat_equals_in_process_chat(setup):
             texts = [enc.tok.decode(t, skip_special_tokens=True) for t in local]
             served_texts = served.predict(enc, task, fingerprint=final_fingerprint(ref))
             assert score(task, served_texts) == score(task, texts)
-        user, ids = chats[0]
+        messages, ids = chats[0]
         with pytest.raises(TrainerError, match="chat prompt differs from the trainer's"):
             served.chat(
-                [(user, ids[1:])], max_new_tokens=n, stop_token=enc.stop,
+                [(messages, ids[1:])], max_new_tokens=n, stop_token=enc.stop,
                 fingerprint=final_fingerprint(ref),
             )  # fmt: skip
     finally:
