@@ -42,7 +42,9 @@ from jlserve.engine.protocol import ServingEngine, TensorPatch, WeightLayout
 from jlserve.errors import (
     DegradedError,
     DrainTimeoutError,
+    JlserveError,
     PreconditionFailedError,
+    StateError,
     UnsupportedUpdateError,
     VersionConflictError,
 )
@@ -200,10 +202,18 @@ class SwapCoordinator:
         chain = self._store.chain
         if chain:
             start = time.perf_counter()
-            deltas = self._read_chain(chain)
-            for delta, source in deltas:
-                self._refuse_unsupported(delta, source)
-            replay = _Plan.of(plan_chain(self._tensors, self._digests, deltas), chain[-1].version)
+            try:
+                deltas = self._read_chain(chain)
+                for delta, source in deltas:
+                    self._refuse_unsupported(delta, source)
+                update = plan_chain(self._tensors, self._digests, deltas)
+            except JlserveError as exc:  # one message saying what is refused, and why
+                raise StateError(
+                    f"{self._store.root}: cannot restore the recorded model version "
+                    f"{chain[-1].version} ({chain[-1].fingerprint}): {exc}; refusing to "
+                    "start rather than serve another version"
+                ) from None
+            replay = _Plan.of(update, chain[-1].version)
             loaded = await self._engine.loaded_fingerprint()
             if loaded == replay.digests.fingerprint:  # the loader applied the chain
                 await self._adopt(replay)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,12 @@ def outputs_only(results: list[dict]) -> list[dict]:
 def stalled_stream(server: ServerProcess) -> socket.socket:
     """A streaming completion whose client reads the response head and then nothing:
     with a tiny receive window, the server's send blocks and the request stays open."""
+    return open_stalled_stream(server)[0]
+
+
+def open_stalled_stream(server: ServerProcess) -> tuple[socket.socket, bytes]:
+    """`stalled_stream`, with the bytes of the response read so far (its first line),
+    so that `read_stream_to_end` can read the rest of it later."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     sock.connect(("127.0.0.1", server.port))
@@ -122,8 +129,70 @@ def stalled_stream(server: ServerProcess) -> socket.socket:
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     sock.sendall(head + body)
-    assert sock.recv(64).startswith(b"HTTP/1.1 200")  # admitted and streaming
-    return sock
+    first = sock.recv(64)
+    assert first.startswith(b"HTTP/1.1 200"), first  # admitted and streaming
+    return sock, first
+
+
+@dataclass(frozen=True)
+class StreamedResponse:
+    """A streamed completion read off the socket: its headers and its SSE events."""
+
+    headers: dict[str, str]
+    events: list[dict]  # the JSON chunks, in order
+    done: bool  # it ended with `data: [DONE]` and the last (empty) chunk
+
+
+def read_stream_to_end(
+    sock: socket.socket, first: bytes, timeout_s: float = 120
+) -> StreamedResponse:
+    """Read a chunked streaming response to its end (`first`: the bytes already read)."""
+    sock.settimeout(timeout_s)
+    data = bytearray(first)
+    while not data.endswith(b"\r\n0\r\n\r\n"):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    assert headers.get("transfer-encoding") == "chunked", headers
+    payload, last = bytearray(), False
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            last = True
+            break
+        payload += body[:size]
+        body = body[size + 2 :]
+    lines = [x for x in bytes(payload).decode().split("\n") if x.startswith("data: ")]
+    done = last and bool(lines) and lines[-1] == "data: [DONE]"
+    events = [json.loads(x.removeprefix("data: ")) for x in lines if x != "data: [DONE]"]
+    return StreamedResponse(headers, events, done)
+
+
+def refused_start(server: LocalServer, timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[int, str]:
+    """Start a server that must refuse to start and wait until it exits, asking /health
+    all along: it must never answer 200 (it would have served). Returns its exit code and
+    what it logged during this start."""
+    offset = server.log_path.stat().st_size if server.log_path.exists() else 0
+    server.start()
+    assert server.proc is not None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (code := server.proc.poll()) is None:
+            assert time.monotonic() < deadline, f"still running after {timeout_s:.0f} s"
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"{server.url}/health", timeout=2)
+                assert r.status_code != 200, "the server answered /health with 200: it started"
+            time.sleep(0.5)
+    finally:
+        server.kill()
+    return code, server.log_path.read_bytes()[offset:].decode(errors="replace")
 
 
 def server_processes(server: ServerProcess) -> dict[int, bytes]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jlserve.checkpoint import load_tensors
 from jlserve.delta import read_delta
@@ -120,6 +121,50 @@ def test_bad_delta_is_refused_and_changes_nothing(shared, bad_bodies, case):
     )
     assert_error(r, status, fragment)
     assert r.json()["error"]["type"] == error_type
+    assert_unchanged(shared)
+
+
+def rejected_counts(server: ServerProcess) -> dict[str, float]:
+    """`jlserve_updates_rejected` on vLLM's `/metrics`: count by reason."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "jlserve_updates_rejected"
+        for sample in family.samples
+        if sample.name == "jlserve_updates_rejected_total"
+    }
+
+
+def test_refused_updates_are_counted_on_metrics_by_reason(shared, bad_bodies, delta_chain):
+    """Each delta refused once received counts once, under its error class; a request
+    refused before a delta is received (no token, over the size limit, an empty body) is
+    not counted."""
+    url = shared.server.url
+    before = rejected_counts(shared.server)
+    other = "sha256:" + "0" * 64
+    refusals = [
+        (bad_bodies["truncated"], {}, 400, "DeltaFormatError"),
+        (bad_bodies["not-the-served-parent"], {}, 409, "DeltaMismatchError"),
+        (bad_bodies["empty"], {}, 400, None),  # refused before parsing: nothing was received
+        (delta_chain.deltas[0].read_bytes(), {"If-Match": other}, 412, "PreconditionFailedError"),
+    ]
+    for body, headers, status, _reason in refusals:
+        r = httpx.post(
+            f"{url}/admin/deltas", content=body, headers=admin_headers() | headers, timeout=60
+        )
+        assert r.status_code == status, r.text
+    assert httpx.post(f"{url}/admin/deltas", content=b"x" * 64).status_code == 401
+    oversized = (
+        "POST /admin/deltas HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: {MAX_DELTA_BYTES + 1}\r\n"
+    )
+    assert _raw_request(shared.server, oversized)[0] == 413
+    expected = dict(before)
+    for *_, reason in refusals:
+        if reason is not None:
+            expected[reason] = expected.get(reason, 0.0) + 1
+    assert rejected_counts(shared.server) == expected
     assert_unchanged(shared)
 
 

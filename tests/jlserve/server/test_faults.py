@@ -10,7 +10,13 @@ side by side, each restarted on its state dir with the next fault armed:
     server B: state_write:kill  -> after_commit:kill -> state_write:enospc
 
 The references are fresh servers: A before its first update (base, version 0) and a server
-started on the merged checkpoint of version 1.
+started on the merged checkpoint of version 1. That reference then takes one update with
+`mid_apply:raise,restore_apply:raise` armed: the swap fails and so does restoring the
+previous weights, which must leave it degraded (its outcome is recorded, then checked).
+
+A full state dir needs a filesystem small enough to fill: a tmpfs, mounted where the
+machine allows (root). A read-only one is a remounted tmpfs there, else a state dir
+without write permission (any other user); only root without the right to mount skips it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jlserve.faults import FAULT_ENV
+from jlserve.errors import ServeConfigError
+from jlserve.faults import FAULT_ENV, FaultAction, FaultStep, armed_faults
 from tests.helpers.serving import (
     ADMIN_TOKEN,
     ServerProcess,
@@ -64,12 +71,29 @@ class KillOutcome:
 
 
 @dataclass
+class DegradedOutcome:
+    """What a swap whose restore failed too left behind (on the version-1 reference)."""
+
+    update: httpx.Response
+    health: httpx.Response
+    status: dict
+    status_before: dict
+    refused_update: httpx.Response
+    refused_rollback: httpx.Response
+    state_before: bytes
+    state_after: bytes
+    log: str
+
+
+@dataclass
 class Faults:
     references: dict[int, Reference]
     kills: dict[str, KillOutcome]
+    degraded: DegradedOutcome
     a: ServerProcess  # mid_apply:raise armed; its state dir is a tmpfs when mounting works
     b: ServerProcess  # state_write:enospc armed; at version 1
     tmpfs: Path | None
+    mount_error: str  # why no tmpfs could be mounted ("" when one was)
 
 
 def status(server: ServerProcess) -> dict:
@@ -94,15 +118,46 @@ def rollback(server: ServerProcess, to_version: int) -> None:
     assert r.status_code == 200, r.text
 
 
-def _try_mount_tmpfs(path: Path) -> bool:
-    """A small tmpfs, to fill it for real; needs root (else those tests skip)."""
+def _try_mount_tmpfs(path: Path) -> str:
+    """A small tmpfs, to fill it for real (needs root); "" when mounted, else why not."""
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(path)],
         capture_output=True,
+        text=True,
         check=False,
     )
-    return done.returncode == 0
+    if done.returncode == 0:
+        return ""
+    return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+
+
+def _degrade(server: ServerProcess, data: bytes) -> DegradedOutcome:
+    """Post `data` (a delta that fits) to a server armed with `mid_apply:raise,
+    restore_apply:raise`, and record everything the failure left behind."""
+    state_file = server.state_dir / "state.json"
+    state_before, status_before = state_file.read_bytes(), status(server)
+    update = post_delta(server, data)
+    health = httpx.get(f"{server.url}/health", timeout=30)
+    after = status(server)
+    refused_update = post_delta(server, data, timeout_s=30)
+    refused_rollback = httpx.post(
+        f"{server.url}/admin/rollback",
+        json={"to_version": 0},
+        headers=admin_headers(),
+        timeout=30,
+    )
+    return DegradedOutcome(
+        update,
+        health,
+        after,
+        status_before,
+        refused_update,
+        refused_rollback,
+        state_before,
+        state_file.read_bytes(),
+        server.log_path.read_text(errors="replace"),
+    )
 
 
 def _update_until_killed(server: ServerProcess, data: bytes, step: str) -> tuple[str, bool]:
@@ -148,7 +203,7 @@ def faults(delta_chain, tmp_path_factory) -> Faults:
     token_file.write_text(ADMIN_TOKEN)
     flags = ("--admin-token-file", str(token_file))
     tmpfs = root / "state-a"
-    mounted = _try_mount_tmpfs(tmpfs)
+    mount_error = _try_mount_tmpfs(tmpfs)
     servers = {
         name: ServerProcess(
             delta_chain.base,
@@ -159,7 +214,13 @@ def faults(delta_chain, tmp_path_factory) -> Faults:
         )
         for name, chain in CHAINS.items()
     }
-    reference = ServerProcess(delta_chain.merged[1], root / "ref-state", root / "ref1.log", flags)
+    reference = ServerProcess(
+        delta_chain.merged[1],
+        root / "ref-state",
+        root / "ref1.log",
+        flags,
+        env={FAULT_ENV: "mid_apply:raise,restore_apply:raise"},  # only fire on a swap
+    )
     delta = delta_chain.deltas[0].read_bytes()
     try:
         start_all([*servers.values(), reference])
@@ -167,16 +228,25 @@ def faults(delta_chain, tmp_path_factory) -> Faults:
             0: Reference(greedy(servers["a"]), status(servers["a"])["fingerprint"]),
             1: Reference(greedy(reference), status(reference)["fingerprint"]),
         }
+        degraded = _degrade(reference, delta_chain.deltas[1].read_bytes())
         reference.stop()
         kills: dict[str, KillOutcome] = {}
         for round_ in (0, 1):
             kills |= _kill_round(servers, delta, round_)
-        yield Faults(references, kills, servers["a"], servers["b"], tmpfs if mounted else None)
+        yield Faults(
+            references,
+            kills,
+            degraded,
+            servers["a"],
+            servers["b"],
+            None if mount_error else tmpfs,
+            mount_error,
+        )
     finally:
         reference.stop()
         for server in servers.values():
             server.kill()
-        if mounted:
+        if not mount_error:
             subprocess.run(["umount", str(tmpfs)], check=False)
 
 
@@ -243,6 +313,55 @@ def test_state_write_failure_restores_the_previous_weights(faults, delta_chain):
     assert outputs_only(greedy(server)) == outputs_only(faults.references[1].outputs)
 
 
+def test_a_failed_restore_after_a_failed_swap_degrades_the_server(faults):
+    """The swap fails in the engine and loading the previous weights back fails too
+    (`restore_apply`): the engine's weights are unknown, so the server says so everywhere
+    and refuses every change, and the state dir still records the served version."""
+    out = faults.degraded
+    assert out.update.status_code == 500, out.update.text
+    assert out.update.json()["error"]["type"] == "engine_error"
+    assert "injected fault at mid_apply" in out.update.json()["error"]["message"]
+    assert "fault injection: mid_apply:raise" in out.log
+    assert "fault injection: restore_apply:raise" in out.log
+    reason = "an update failed and restoring version 0 failed too: injected fault at restore_apply"
+    assert out.status["degraded"] is not None and reason in out.status["degraded"]
+    assert out.health.status_code == 503, out.health.text
+    assert out.health.json()["error"]["type"] == "degraded"
+    assert reason in out.health.json()["error"]["message"]
+    for refused in (out.refused_update, out.refused_rollback):
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "degraded"
+        assert reason in refused.json()["error"]["message"]
+    # nothing was recorded: a restart restores the version the state dir holds
+    assert (out.status["version"], out.status["fingerprint"], out.status["chain"]) == (
+        out.status_before["version"],
+        out.status_before["fingerprint"],
+        [],
+    )
+    assert out.state_after == out.state_before
+    assert "DEGRADED: " + reason in out.log
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["mid_aply:raise", "mid_apply", "mid_apply:explode", "mid_apply:raise,oops", ":raise"],
+)
+def test_a_malformed_fault_setting_is_refused(spec):
+    """A typo must never silently test nothing; a server with it refuses to start
+    (`test_plugin_mode.py`, `malformed-fault-setting`)."""
+    with pytest.raises(ServeConfigError, match=f"{FAULT_ENV}: .* is not STEP:ACTION"):
+        armed_faults({FAULT_ENV: spec})
+
+
+def test_a_well_formed_fault_setting_arms_each_step():
+    env = {FAULT_ENV: " mid_apply:raise , restore_apply:kill,"}
+    assert armed_faults(env) == {
+        FaultStep.MID_APPLY: FaultAction.RAISE,
+        FaultStep.RESTORE_APPLY: FaultAction.KILL,
+    }
+    assert armed_faults({}) == {} and armed_faults({FAULT_ENV: " "}) == {}
+
+
 @contextlib.contextmanager
 def _full(directory: Path):
     """Fill the filesystem holding `directory` until the kernel says ENOSPC."""
@@ -257,7 +376,7 @@ def _full(directory: Path):
 
 
 @contextlib.contextmanager
-def _read_only(mount_point: Path):
+def _read_only_mount(mount_point: Path):
     subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
     try:
         yield
@@ -265,22 +384,47 @@ def _read_only(mount_point: Path):
         subprocess.run(["mount", "-o", "remount,rw", str(mount_point)], check=True)
 
 
-@pytest.mark.parametrize(
-    ("condition", "message"),
-    [("disk_full", "No space left on device"), ("read_only", "Read-only file system")],
-)
-def test_full_or_read_only_state_dir_refuses_the_update(faults, delta_chain, condition, message):
-    if faults.tmpfs is None:
-        pytest.skip("needs root to mount a tmpfs state dir")
+@contextlib.contextmanager
+def _without_write_permission(state_dir: Path):
+    """The state dir and its deltas/ read-only by permissions (binds every user but root)."""
+    folders = (state_dir, state_dir / "deltas")
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        yield
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+
+
+def _unwritable(faults: Faults, condition: str):
+    """How to make server A's state dir full or read-only here, and the OS error's words;
+    skips, naming what is missing, where this machine cannot."""
+    if faults.tmpfs is not None:
+        if condition == "disk_full":
+            return _full(faults.tmpfs), "No space left on device"
+        return _read_only_mount(faults.tmpfs), "Read-only file system"
+    if condition == "read_only" and os.geteuid() != 0:
+        return _without_write_permission(faults.a.state_dir), "Permission denied"
+    pytest.skip(
+        f"a {condition.replace('_', ' ')} state dir needs a tmpfs (mounting one failed: "
+        f"{faults.mount_error})"
+        + ("" if condition == "disk_full" else " or a user other than root")
+        + "; ENOSPC at the state.json write is tested without it"
+    )
+
+
+@pytest.mark.parametrize("condition", ["disk_full", "read_only"])
+def test_full_or_read_only_state_dir_refuses_the_update(faults, delta_chain, condition):
     server = faults.a
+    unwritable, message = _unwritable(faults, condition)
     before = status(server)
-    deltas_before = sorted(os.listdir(faults.tmpfs / "deltas"))
-    make = _full if condition == "disk_full" else _read_only
-    with make(faults.tmpfs):
+    deltas_before = sorted(os.listdir(server.state_dir / "deltas"))
+    with unwritable:
         r = post_delta(server, delta_chain.deltas[0].read_bytes())
     assert r.status_code == 500, r.text
     assert r.json()["error"]["type"] == "state_error"
     assert message in r.json()["error"]["message"]
     assert status(server) == before
-    assert sorted(os.listdir(faults.tmpfs / "deltas")) == deltas_before  # no partial file
+    assert sorted(os.listdir(server.state_dir / "deltas")) == deltas_before  # no partial file
     assert greedy(server) == faults.references[0].outputs

@@ -8,7 +8,6 @@ other than the recorded one.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from jlserve.engine.launch import VLLM_SERVER_MODULE, WORKER_EXTENSION
 from jlserve.faults import FAULT_ENV
 from jlserve.local_server import LocalServer
-from tests.helpers.serving import ENGINE_ARGS, STARTUP_TIMEOUT_S
+from tests.helpers.serving import ENGINE_ARGS, STARTUP_TIMEOUT_S, refused_start
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +31,13 @@ class VllmWithPlugin(LocalServer):
     host: str = "127.0.0.1"
     plugin_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = STARTUP_TIMEOUT_S
+    worker_extension: str | None = WORKER_EXTENSION  # None: vLLM's flag left out
 
     def command(self) -> list[str]:
+        extension = ["--worker-extension-cls", self.worker_extension]
         return [
             sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(self.model),
-            "--worker-extension-cls", WORKER_EXTENSION, "--host", self.host,
+            *(extension if self.worker_extension else []), "--host", self.host,
             "--port", str(self.port), *ENGINE_ARGS,
         ]  # fmt: skip
 
@@ -132,15 +133,35 @@ def test_insecure_admin_is_refused_when_vllm_binds_every_interface(delta_chain, 
     assert "--insecure-admin is only allowed on a loopback host, and vLLM binds '0.0.0.0'" in log
 
 
-def test_a_plugin_that_cannot_load_stops_the_server(delta_chain, env, tmp_path):
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("plugin_import:raise", "InjectedFault: injected fault at plugin_import"),
+        # a typo in the test-only fault setting must never test nothing
+        ("plugin_imprt:raise", f"ServeConfigError: {FAULT_ENV}: 'plugin_imprt:raise' is not"),
+    ],
+    ids=["import-fails", "malformed-fault-setting"],
+)
+def test_a_plugin_that_cannot_load_stops_the_server(delta_chain, env, tmp_path, spec, why):
     failing = server(
         delta_chain, tmp_path, "failing", env,
-        extra_env={"JLSERVE_INSECURE_ADMIN": "1", FAULT_ENV: "plugin_import:raise"},
+        extra_env={"JLSERVE_INSECURE_ADMIN": "1", FAULT_ENV: spec},
     )  # fmt: skip
-    started = time.monotonic()
-    assert failing.start().exit_code(STARTUP_TIMEOUT_S) != 0
-    log = failing.log_path.read_text()
-    assert "the jlserve endpoint plugin cannot load" in log and "refusing to start" in log
-    assert time.monotonic() - started < STARTUP_TIMEOUT_S
+    code, log = refused_start(failing)
+    assert code != 0
+    assert f"the jlserve endpoint plugin cannot load ({why}" in log
+    assert "refusing to start" in log
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{failing.url}/health", timeout=2)
+
+
+def test_a_missing_worker_extension_stops_the_server(delta_chain, env, tmp_path):
+    """Without jlserve's worker extension no swap could reach the weights: vLLM's engine
+    starts, and then the plugin refuses to let the server listen."""
+    bare = server(
+        delta_chain, tmp_path, "bare", env, worker_extension=None,
+        extra_env={"JLSERVE_INSECURE_ADMIN": "1"},
+    )  # fmt: skip
+    code, log = refused_start(bare)
+    assert code != 0
+    assert f"jlserve needs vLLM's --worker-extension-cls {WORKER_EXTENSION} (got '')" in log

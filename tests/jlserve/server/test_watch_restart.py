@@ -1,25 +1,40 @@
-"""`--watch DIR` on a read-only mount, the preempt policy, restart from the state dir,
-and (last) a dead engine."""
+"""`--watch DIR` on a read-only folder, the preempt policy, restart from the state dir
+(under other swap settings: drain, preempting past a short drain timeout), a dead engine,
+and (last) a corrupt state dir, which must stop the server from starting.
+
+The watched folder is read-only to the server as compose mounts it (a read-only bind
+mount) where the machine allows mounting, else by permissions (a user other than root);
+only where neither works (root without the right to mount) does it stay writable, and the
+one test that needs it read-only says so as a skip. Every other test runs everywhere.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from jlserve.delta import read_delta
+from jlserve.vocab import DEFAULT_MAX_FILE_BYTES
 from tests.helpers.serving import (
     ADMIN_TOKEN,
     ServerProcess,
     admin_headers,
     greedy,
+    open_stalled_stream,
+    read_stream_to_end,
+    refused_start,
     server_processes,
     start_all,
 )
@@ -32,16 +47,70 @@ from tests.jlserve.server.test_serving import (
 
 pytestmark = pytest.mark.slow
 
+# After the first restart the server drains, and preempts what still runs after this long.
+DRAIN_TIMEOUT_S = 0.5
+DRAIN_THEN_PREEMPT = (
+    "--swap-policy", "drain", "--drain-timeout", str(DRAIN_TIMEOUT_S),
+    "--drain-timeout-action", "preempt",
+)  # fmt: skip
+HUGE_BYTES = 1 << 40  # a sparse 1 TiB file: no machine here could read it into memory
 
-def _read_only_view(source: Path, view: Path) -> bool:
-    """`view` shows `source` through a read-only bind mount, as compose mounts the
-    watched folder (needs root; the tests skip otherwise)."""
+
+@dataclass
+class WatchFolder:
+    """The folder the server watches (`view`) and where the test writes (`source`)."""
+
+    source: Path
+    view: Path
+    read_only: str | None  # how the server is kept from writing to `view`; None: it is not
+    why_writable: str = ""
+
+    @contextlib.contextmanager
+    def writable(self) -> Iterator[Path]:
+        """`source`, writable for the duration (only the permissions fallback needs it)."""
+        by_permissions = self.source == self.view and self.read_only is not None
+        if by_permissions:
+            self.source.chmod(0o755)
+        try:
+            yield self.source
+        finally:
+            if by_permissions:
+                self.source.chmod(0o555)
+
+
+def _first_line(done: subprocess.CompletedProcess) -> str:
+    return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+
+
+def _watch_folder(root: Path) -> WatchFolder:
+    """A read-only bind mount of a writable folder, as compose mounts the watched folder
+    (needs the right to mount); else the folder itself without write permission, which
+    binds every user but root; else a writable folder (and the reason)."""
+    source, view = root / "incoming-src", root / "incoming"
+    source.mkdir()
     view.mkdir()
-    mounted = subprocess.run(["mount", "--bind", str(source), str(view)], check=False).returncode
-    if mounted != 0:
-        return False
-    ro = subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=False).returncode
-    return ro == 0
+    bound = subprocess.run(
+        ["mount", "--bind", str(source), str(view)], capture_output=True, text=True, check=False
+    )
+    if bound.returncode == 0:
+        ro = subprocess.run(
+            ["mount", "-o", "remount,ro,bind", str(view)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if ro.returncode == 0:
+            return WatchFolder(source, view, "a read-only bind mount")
+        subprocess.run(["umount", str(view)], check=False, capture_output=True)
+        failed = f"`mount -o remount,ro,bind` failed: {_first_line(ro)}"
+    else:
+        failed = f"`mount --bind` failed: {_first_line(bound)}"
+    view.rmdir()
+    if os.geteuid() != 0:
+        source.chmod(0o555)
+        return WatchFolder(source, source, f"no write permission ({failed})")
+    why = f"{failed}, and permissions do not bind root"
+    return WatchFolder(source, source, None, why)
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +118,50 @@ def setup(delta_chain, tmp_path_factory):
     root = tmp_path_factory.mktemp("watch")
     token_file = root / "admin.token"
     token_file.write_text(ADMIN_TOKEN)
-    source, watch = root / "incoming-src", root / "incoming"
-    source.mkdir()
-    if not _read_only_view(source, watch):
-        pytest.skip("cannot make a read-only view of the watched folder here")
+    folder = _watch_folder(root)
     flags = (
-        "--admin-token-file", str(token_file), "--watch", str(watch), "--swap-policy", "preempt",
+        "--admin-token-file", str(token_file), "--watch", str(folder.view),
+        "--swap-policy", "preempt",
     )  # fmt: skip
     server = ServerProcess(delta_chain.base, root / "state", root / "server.log", flags)
     try:
         start_all([server])
-        yield server, source, watch
+        yield server, folder
     finally:
         server.stop()
-        subprocess.run(["umount", str(watch)], check=False, capture_output=True)
+        if folder.view != folder.source:
+            subprocess.run(["umount", str(folder.view)], check=False, capture_output=True)
+        folder.source.chmod(0o755)
 
 
-def drop(source: Path, name: str, data: bytes) -> None:
-    """Write-then-rename, as the watch directory requires (into the writable source)."""
-    tmp = source / f".{name}.partial"
-    tmp.write_bytes(data)
-    os.replace(tmp, source / name)
+@pytest.fixture(scope="module")
+def references(setup, delta_chain) -> dict[str, dict[str, str]]:
+    """What each model of the chain answers alone to the stream prompts (200 tokens):
+    fingerprint -> prompt -> text. Leaves the server at the last delta's model."""
+    server, _folder = setup
+    post = {"to_version": 0}
+    assert httpx.post(f"{server.url}/admin/rollback", json=post, headers=admin_headers()).is_success
+    expected = {status(server)["fingerprint"]: asyncio.run(_reference_texts(server, 200))}
+    for delta in delta_chain.deltas:
+        r = httpx.post(
+            f"{server.url}/admin/deltas", content=delta.read_bytes(), headers=admin_headers()
+        )
+        assert r.status_code == 200, r.text
+        expected[status(server)["fingerprint"]] = asyncio.run(_reference_texts(server, 200))
+    return expected
+
+
+def drop(folder: WatchFolder, name: str, data: bytes | int) -> None:
+    """Write-then-rename, as the watch directory requires (into the writable source);
+    an int makes a sparse file of that size."""
+    with folder.writable() as source:
+        tmp = source / f".{name}.partial"
+        if isinstance(data, int):
+            with open(tmp, "wb") as f:
+                f.truncate(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, source / name)
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:
@@ -88,34 +180,33 @@ def child(path: Path) -> str:
     return read_delta(path).metadata.child_fingerprint
 
 
-def test_read_only_watch_folder_applies_by_lineage_and_skips_bad_and_stale_files(
-    setup, delta_chain
-):
-    server, source, watch = setup
-    with pytest.raises(OSError):  # the server really sees a read-only folder
-        (watch / "probe").write_text("x")
+def test_watch_folder_applies_by_lineage_and_skips_bad_and_stale_files(setup, delta_chain):
+    server, folder = setup
     deltas = [d.read_bytes() for d in delta_chain.deltas]
-    drop(source, "b-task2.safetensors", deltas[1])
-    drop(source, "broken.safetensors", b"not a safetensors file at all")
-    (source / "e-link.safetensors").symlink_to(delta_chain.deltas[0])
+    drop(folder, "b-task2.safetensors", deltas[1])
+    drop(folder, "broken.safetensors", b"not a safetensors file at all")
+    drop(folder, "f-huge.safetensors", HUGE_BYTES)  # refused by its size, never read
+    with folder.writable() as source:
+        (source / "e-link.safetensors").symlink_to(delta_chain.deltas[0])
     time.sleep(2.5)  # task2 waits for its parent
     assert status(server)["version"] == 0
-    drop(source, "c-task1.safetensors", deltas[0])
+    drop(folder, "c-task1.safetensors", deltas[0])
     wait_for(lambda: status(server)["fingerprint"] == child(delta_chain.deltas[1]))
     # a stale file (its parent is long gone) waits and blocks nothing
-    drop(source, "a-stale.safetensors", deltas[0])
-    drop(source, "d-task3.safetensors", deltas[2])
+    drop(folder, "a-stale.safetensors", deltas[0])
+    drop(folder, "d-task3.safetensors", deltas[2])
     wait_for(lambda: status(server)["fingerprint"] == child(delta_chain.deltas[2]))
     assert [e["task"] for e in status(server)["chain"]] == ["task1", "task2", "task3"]
 
     # nothing in the watched folder was moved or written; the bookkeeping is in the state dir
-    assert sorted(p.name for p in watch.iterdir()) == [
+    assert sorted(p.name for p in folder.view.iterdir()) == [
         "a-stale.safetensors",
         "b-task2.safetensors",
         "broken.safetensors",
         "c-task1.safetensors",
         "d-task3.safetensors",
         "e-link.safetensors",
+        "f-huge.safetensors",
     ]
     ledger = json.loads((server.state_dir / "watch.json").read_text())["files"]
     outcomes = {name: record["outcome"] for name, record in ledger.items()}
@@ -125,48 +216,76 @@ def test_read_only_watch_folder_applies_by_lineage_and_skips_bad_and_stale_files
         "c-task1.safetensors": "applied",
         "d-task3.safetensors": "applied",
         "e-link.safetensors": "rejected",
+        "f-huge.safetensors": "rejected",
     }
     assert "broken.safetensors" in ledger["broken.safetensors"]["message"]
     assert "symlink" in ledger["e-link.safetensors"]["message"]
+    # the size check's own words: the reader's limit ("file is N bytes, ...") never ran,
+    # and reading 1 TiB would have failed with MemoryError, leaving no record at all
+    assert ledger["f-huge.safetensors"]["message"] == (
+        f"{HUGE_BYTES} bytes, over the limit of {DEFAULT_MAX_FILE_BYTES}"
+    )
+    assert ledger["f-huge.safetensors"]["size"] == HUGE_BYTES
     assert httpx.get(f"{server.url}/health").status_code == 200
-    for name in os.listdir(source):  # leave nothing that could fit a later model
-        (source / name).unlink()
+    with folder.writable() as source:  # leave nothing that could fit a later model
+        for name in os.listdir(source):
+            (source / name).unlink()
 
 
-def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_chain):
-    server, _source, _watch = setup
-    # What each model answers alone: a response that ran across a swap (frozen, then
-    # resumed on the new weights) matches neither; under drain every response matches the
-    # model it was admitted under (test_serving's drain test).
-    post = {"to_version": 0}
-    assert httpx.post(f"{server.url}/admin/rollback", json=post, headers=admin_headers()).is_success
-    expected = {status(server)["fingerprint"]: asyncio.run(_reference_texts(server, 200))}
-    for delta in delta_chain.deltas:
+def test_the_watched_folder_was_read_only_to_the_server(setup):
+    """The files above were applied from a folder the server cannot write to (the server
+    runs as this user, so this process's view is the server's)."""
+    server, folder = setup
+    if folder.read_only is None:
+        pytest.skip(f"the watched folder cannot be made read-only here: {folder.why_writable}")
+    with pytest.raises(OSError):
+        (folder.view / "probe").write_text("x")
+    ledger = json.loads((server.state_dir / "watch.json").read_text())["files"]
+    assert [r["outcome"] for r in ledger.values()].count("applied") == 3
+
+
+def _crossing_streams(
+    server, delta_chain, references, *, overlap_counts: bool, rounds: int = 3
+) -> list:
+    """Run 16 streams of 200 tokens while the chain is swapped in (from version 0), up to
+    `rounds` times, until some response is not the text of the model it was admitted
+    under (it ran across a swap: frozen, then resumed on the new weights), or, with
+    `overlap_counts`, still streamed after the swap away from its model was answered.
+    Returns those responses of the last round."""
+    crossed: list = []
+    for _ in range(rounds):  # a fast machine may finish every stream before a swap: retry
         r = httpx.post(
-            f"{server.url}/admin/deltas", content=delta.read_bytes(), headers=admin_headers()
+            f"{server.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers()
         )
         assert r.status_code == 200, r.text
-        expected[status(server)["fingerprint"]] = asyncio.run(_reference_texts(server, 200))
-    crossed: list = []
-    for _ in range(3):  # a fast machine may finish every stream before a swap: retry
-        r = httpx.post(f"{server.url}/admin/rollback", json=post, headers=admin_headers())
-        assert r.status_code == 200, r.text
         results, swaps = asyncio.run(_streams_during_updates(server, delta_chain.deltas, 200))
-        assert [r.status for r in results] == [200] * 16
+        assert [r.status for r in results] == [200] * 16  # no request dropped or failed
         assert all(len(r.text) > 0 for r in results)
         assert status(server)["fingerprint"] == child(delta_chain.deltas[2])
         crossed = [
             r
             for i, r in enumerate(results)
-            if r.text != expected[r.fingerprint][STREAM_PROMPTS[i % 8]]
-        ] + overlapping(results, swaps)
+            if r.text != references[r.fingerprint][STREAM_PROMPTS[i % 8]]
+        ]
+        if overlap_counts:
+            crossed += overlapping(results, swaps)
         if crossed:
             break
+    return crossed
+
+
+def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_chain, references):
+    # What each model answers alone: a response that ran across a swap (frozen, then
+    # resumed on the new weights) matches neither; under drain every response matches the
+    # model it was admitted under (test_serving's drain test).
+    server, _folder = setup
+    assert status(server)["swap_policy"] == "preempt"
+    crossed = _crossing_streams(server, delta_chain, references, overlap_counts=True)
     assert crossed, "no response ran across a swap in three rounds"
 
 
 def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
-    server, _source, _watch = setup
+    server, _folder = setup
     r = httpx.post(f"{server.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers())
     assert r.status_code == 200, r.text
     for delta in delta_chain.deltas[:2]:
@@ -178,9 +297,16 @@ def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
     before = greedy(server)
     assert {x["version"] for x in before} == {str(served["version"])}
     server.stop()
+    # the swap settings are the command line's; the state dir only holds the model
+    server.flags = (*server.flags, *DRAIN_THEN_PREEMPT)  # the last --swap-policy wins
     log = restarted_log(server)
     after = status(server)
     assert (after["version"], after["fingerprint"]) == (served["version"], served["fingerprint"])
+    assert (after["swap_policy"], after["drain_timeout_s"], after["drain_timeout_action"]) == (
+        "drain",
+        DRAIN_TIMEOUT_S,
+        "preempt",
+    )
     assert after["next_version"] == served["next_version"]  # numbers are never reused
     assert greedy(server) == before
     assert f"restored model version {served['version']}" in log
@@ -190,7 +316,7 @@ def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
 
 
 def test_restart_after_the_base_file_changed_rehashes_it_and_says_why(setup, delta_chain):
-    server, _source, _watch = setup
+    server, _folder = setup
     served = status(server)
     weights = delta_chain.base / "model.safetensors"
     server.stop()
@@ -205,6 +331,63 @@ def test_restart_after_the_base_file_changed_rehashes_it_and_says_why(setup, del
     assert "hashed base weights" not in log
 
 
+def test_past_the_drain_timeout_preempt_swaps_with_a_stalled_reader_open(setup, delta_chain):
+    """A client that stops reading keeps its request admitted, so the drain cannot end;
+    with `--drain-timeout-action preempt` the update goes on after the drain timeout
+    (not refused, not waiting for the reader), and the stalled request is not dropped:
+    read later, it completes, labelled with the version it was admitted under."""
+    server, _folder = setup
+    r = httpx.post(f"{server.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers())
+    assert r.status_code == 200, r.text
+    before = status(server)
+    assert (before["swap_policy"], before["drain_timeout_action"]) == ("drain", "preempt")
+    offset = server.log_path.stat().st_size
+    sock, first = open_stalled_stream(server)
+    try:
+        time.sleep(1.0)  # let the server fill the socket buffers and block
+        started = time.monotonic()
+        r = httpx.post(
+            f"{server.url}/admin/deltas",
+            content=delta_chain.deltas[0].read_bytes(),
+            headers=admin_headers(),
+            timeout=60,
+        )
+        waited = time.monotonic() - started
+        assert r.status_code == 200, r.text
+        assert r.json()["applied"] is True and r.json()["previous_version"] == 0
+        assert DRAIN_TIMEOUT_S <= waited < 30  # it waited for the drain, then went on
+        new = r.json()["version"]
+        assert {x["version"] for x in greedy(server)} == {str(new)}  # new requests: new model
+        stream = read_stream_to_end(sock, first)
+    finally:
+        sock.close()
+    log = server.log_path.read_bytes()[offset:].decode(errors="replace")
+    assert f"drain timeout ({DRAIN_TIMEOUT_S:.1f} s): preempting 1 running request(s)" in log
+    assert stream.done, "the stalled request did not complete"
+    assert stream.headers["x-jlserve-model-version"] == "0"  # the admission version
+    assert stream.headers["x-jlserve-model-fingerprint"] == before["fingerprint"]
+    finished = [c for e in stream.events for c in e["choices"] if c.get("finish_reason")]
+    assert sorted(c["index"] for c in finished) == list(range(32))  # every choice ended
+    assert {c["finish_reason"] for c in finished} == {"length"}  # at max_tokens, not cut
+    assert status(server)["version"] == new
+
+
+def test_past_the_drain_timeout_preempt_recomputes_running_requests_on_the_new_model(
+    setup, delta_chain, references
+):
+    """Streams still running after the drain timeout are preempted: frozen and recomputed
+    on the new weights after the swap, so a response may mix versions, and none fails."""
+    server, _folder = setup
+    assert status(server)["drain_timeout_action"] == "preempt"
+    offset = server.log_path.stat().st_size
+    # only a text that is not its admission model's counts: a drain that waited for the
+    # engine would leave every response whole on the model it was admitted under
+    crossed = _crossing_streams(server, delta_chain, references, overlap_counts=False)
+    log = server.log_path.read_bytes()[offset:].decode(errors="replace")
+    assert f"drain timeout ({DRAIN_TIMEOUT_S:.1f} s): preempting" in log
+    assert crossed, "no response was recomputed on a new model in three rounds"
+
+
 def restarted_log(server) -> str:
     """Start `server` again and return what it logged during this start."""
     offset = server.log_path.stat().st_size
@@ -216,7 +399,7 @@ def test_a_dead_engine_fails_health_until_the_server_exits(setup):
     """Last, it ends the server: vLLM's engine core is killed as a crash would. /health
     never answers OK again (503 degraded, naming the dead engine, while the API server
     lives), then vLLM's own shutdown ends the server so a supervisor restarts it."""
-    server, _source, _watch = setup
+    server, _folder = setup
     assert server.proc is not None
     core = next(
         p for p, cmd in server_processes(server).items() if cmd.startswith(b"VLLM::EngineCore")
@@ -236,3 +419,54 @@ def test_a_dead_engine_fails_health_until_the_server_exits(setup):
     first_failure = next(i for i, code in enumerate(codes) if code != 200)
     assert 200 not in codes[first_failure:]
     assert any(code == 503 and "the vLLM engine died" in text for code, text in answers)
+
+
+def _corrupted(path: Path) -> bytes:
+    """`path` (a delta file) with one bit of one changed value flipped: still a well-formed
+    delta of the same lineage, as bit rot would leave it, but it no longer makes the
+    model it declares. vLLM's loader applies it without complaint; only the check of
+    the recorded fingerprint can tell."""
+    delta = read_delta(path)
+    name = sorted(delta.changes)[0]
+    change = delta.changes[name]
+    xor = change.xor.clone()
+    xor[0] ^= 2 if int(xor[0]) != 2 else 1  # a low mantissa bit; an XOR is never 0
+    changes = {**delta.changes, name: dataclasses.replace(change, xor=xor)}
+    return dataclasses.replace(delta, changes=changes).to_bytes(delta.metadata.format_version)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_corrupt_delta_in_the_state_dir_refuses_start_and_changes_nothing(setup):
+    """Last (the engine died above): restarting on a state dir whose recorded delta was
+    altered must not serve anything, must say why in one message, and must leave the
+    state dir as it was, so the recorded model is still the one a repaired dir restores."""
+    server, _folder = setup
+    server.stop()
+    state = json.loads((server.state_dir / "state.json").read_text())
+    assert state["chain"], "the tests above leave applied deltas"
+    last = state["chain"][-1]
+    target = server.state_dir / last["file"]
+    good = target.read_bytes()
+    target.write_bytes(_corrupted(target))
+    before = _files(server.state_dir)
+    try:
+        code, log = refused_start(server)
+        after = _files(server.state_dir)
+    finally:
+        target.write_bytes(good)
+    assert code != 0
+    # one message naming the state dir, the version it cannot restore, the file and why
+    message = (
+        f"cannot restore the recorded model version {last['version']} "
+        f"({last['fingerprint']}): {last['file']}: result sha256:"
+    )
+    errors = [line for line in log.splitlines() if message in line]
+    assert len(errors) == 1, log[-4000:]
+    assert errors[0].startswith(f"jlserve.errors.StateError: {server.state_dir.resolve()}: ")
+    assert "refusing to start rather than serve another version" in errors[0]
+    assert after == before  # nothing in the state dir was rewritten, moved or added
