@@ -91,7 +91,11 @@ def test_a_run_of_added_tasks_grows_and_refuses_what_would_break_its_chain(
     refused("--add-task", third, "--set", "method.name=ella", message="method.name")
     refused("--add-task", third, "--set", "adapter.r=4", message="adapter.r")
     refused("--add-task", third, "--set", f"model={tmp_path}", message="model")
-    refused("--add-task", f"x={tmp_path / 'nowhere'}", message="neither a JSONL task file nor a task folder")
+    refused(
+        "--add-task",
+        f"x={tmp_path / 'nowhere'}",
+        message="neither a JSONL task file nor a task folder",
+    )
     refused("--add-task", "no-equals-sign", message="NAME=PATH")
     refused("--add-task", third, "--add-task", third, message="given twice")
     # A later call needs only --out and the task; its own settings are recorded.
