@@ -29,6 +29,7 @@ import torch
 from jlserve.delta import SparseDelta, parse_delta
 from jlserve.delta.format import bits
 from jlserve.engine.launch import LOAD_FORMAT, STATE_DIR_KEY
+from jlserve.errors import JlserveError
 from jlserve.store import StateFile
 
 LOADED_ATTR = "jlserve_loaded_fingerprint"  # set on the model: which model the loader made
@@ -82,7 +83,16 @@ def register() -> None:
         def get_all_weights(
             self, model_config: Any, model: torch.nn.Module
         ) -> Generator[tuple[str, torch.Tensor], None, None]:
-            deltas, fingerprint = recorded_chain(self.state_dir) if self.state_dir else ([], None)
+            deltas, fingerprint = [], None
+            if self.state_dir:
+                try:
+                    deltas, fingerprint = recorded_chain(self.state_dir)
+                except (JlserveError, OSError, ValueError) as exc:
+                    # The base, marked as not the recorded model: the API server's
+                    # coordinator reads the chain itself and refuses to start, with one
+                    # message naming the state dir (a raise here would bury it in worker
+                    # tracebacks).
+                    log.warning("cannot read the recorded chain (%s); loading the base", exc)
             for name, tensor in super().get_all_weights(model_config, model):
                 yield name, patched(name, tensor, deltas)
             setattr(model, LOADED_ATTR, fingerprint)
