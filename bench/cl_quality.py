@@ -254,18 +254,10 @@ def main() -> int:
 
 def settings_difference(saved: dict | None, current: dict) -> str:
     """The keys whose values differ, as 'key: saved -> current' (nested keys dotted)."""
+    from trainer.append import flat
+
     if not isinstance(saved, dict):
         return "no settings recorded"
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in d.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
     old, new = flat(saved), flat(current)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)

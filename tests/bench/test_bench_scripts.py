@@ -215,3 +215,23 @@ def test_cl_report_shows_runs_with_one_setting_changed_at_the_same_budget(
         ("adapter.l0_weight=5", ["incLoRA+jump"]),
         ("train.seed=43", ["incLoRA+jump"]),
     ]
+
+
+def test_cl_quality_refuses_a_saved_row_run_with_other_settings(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A re-run with another setting must not mix its rows with the saved ones under one
+    summary: the saved row's settings are compared first, and a difference is named."""
+    rows = tmp_path / "cl_quality" / "mine"
+    rows.mkdir(parents=True)
+    saved = {"variant": "incLoRA", "OA": 0.5, "BWT": 0.0, "s_per_step": 1.0, "peak_rss_mib": 1}
+    saved["settings"] = {"train": {"lr": 0.5}, "overrides": []}
+    (rows / "incLoRA.json").write_text(json.dumps(saved))
+    env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "bench.cl_quality", "--tag", "mine", "--variants", "incLoRA"]
+    cmd += ["--model", str(tiny_model_dir), "--lr", "0.001"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "was run with other settings" in result.stderr
+    assert "train.lr: 0.5 -> 0.001" in result.stderr and "--force" in result.stderr
+    assert json.loads((rows / "incLoRA.json").read_text()) == saved  # left as it was
