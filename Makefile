@@ -48,7 +48,7 @@ lint: setup
 	$(VENV)/bin/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
 
 test: setup model lint
-	$(PY) -m pytest -q -ra -m "not container"
+	$(PY) -m pytest -q -ra --durations=30 -m "not container"
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not container"

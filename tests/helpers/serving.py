@@ -24,6 +24,11 @@ from jlserve.local_server import LocalServer
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 STARTUP_TIMEOUT_S = 240.0
 ENGINE_ARGS = ("--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "32")
+# vLLM's CPU backend repacks linear weights for oneDNN (-> the reload path) only where
+# oneDNN has a kernel for the dtype: bf16 needs AVX-512 BF16/AMX, float32 runs on any x86.
+# Tests of the reload path serve in float32 (main and reference alike) so they take that
+# path on every CPU; elsewhere a bf16 model on an AVX2-only CPU keeps dense weights.
+REPACKED_ARGS = ("--dtype", "float32")
 PROMPTS = ("the world of music", "Task Instruction: Options: Text:", "paris france capital city")
 
 

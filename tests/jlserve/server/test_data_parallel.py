@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.helpers.serving import ServerProcess, start_all
+from tests.helpers.serving import REPACKED_ARGS, ServerProcess, start_all
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,14 @@ def servers(delta_chain, tmp_path_factory):
         root / "state",
         root / "dp.log",
         ("--insecure-admin",),
-        engine_args=("--data-parallel-size", "2"),
+        engine_args=("--data-parallel-size", "2", *REPACKED_ARGS),
     )
     fresh = ServerProcess(
-        delta_chain.merged[1], root / "ref", root / "ref.log", ("--insecure-admin",)
+        delta_chain.merged[1],
+        root / "ref",
+        root / "ref.log",
+        ("--insecure-admin",),
+        engine_args=REPACKED_ARGS,
     )
     start_all([two, fresh])
     yield two, fresh

@@ -16,7 +16,7 @@ import pytest
 
 from jlserve.checkpoint import load_tensors, write_checkpoint
 from jlserve.delta import diff_tensors, write_delta
-from tests.helpers.serving import ServerProcess, greedy, outputs_only, start_all
+from tests.helpers.serving import REPACKED_ARGS, ServerProcess, greedy, outputs_only, start_all
 from tests.helpers.tiny_moe import build_tiny_mixtral
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,6 @@ ATTENTION_AND_ROUTER = (
     "model.layers.1.self_attn.q_proj.weight",
     "model.layers.1.block_sparse_moe.gate.weight",
 )
-DENSE = ("--insecure-admin", "--cpu-dense-weights")
-REPACKED = ("--insecure-admin",)
 
 
 @dataclass
@@ -61,28 +59,32 @@ def moe(tmp_path_factory) -> Moe:
     )
 
 
-@pytest.fixture(scope="module")
-def servers(moe, tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe-servers")
-    made = {
-        f"{path}-{role}": ServerProcess(
-            moe.base if role == "main" else moe.merged,
-            root / f"{path}-{role}-state",
-            root / f"{path}-{role}.log",
-            flags,
-        )
-        for path, flags in (("in_place", DENSE), ("reload", REPACKED))
-        for role in ("main", "ref")
-    }
-    start_all(list(made.values()))
-    yield made
-    for server in made.values():
+# (jlserve flags, engine args) per apply path
+PATHS = {
+    "in_place": (("--insecure-admin", "--cpu-dense-weights"), ()),
+    "reload": (("--insecure-admin",), REPACKED_ARGS),
+}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def servers(moe, tmp_path_factory, request):
+    """The main server (on the base) and its reference (on the merged checkpoint) for one
+    apply path; two at a time, so four engines never start together on a small machine."""
+    path = request.param
+    flags, engine_args = PATHS[path]
+    root = tmp_path_factory.mktemp(f"moe-{path}")
+    made = [
+        ServerProcess(model, root / f"{role}-state", root / f"{role}.log", flags, engine_args)
+        for role, model in (("main", moe.base), ("ref", moe.merged))
+    ]
+    start_all(made)
+    yield path, *made
+    for server in made:
         server.stop()
 
 
-@pytest.mark.parametrize("path", ["in_place", "reload"])
-def test_an_expert_delta_is_refused_and_attention_updates_exactly(servers, moe, path):
-    main, reference = servers[f"{path}-main"], servers[f"{path}-ref"]
+def test_an_expert_delta_is_refused_and_attention_updates_exactly(servers, moe):
+    path, main, reference = servers
     assert httpx.get(f"{main.url}/admin/status").json()["apply_path"] == path
     before = greedy(main)
     r = httpx.post(f"{main.url}/admin/deltas", content=moe.expert_delta.read_bytes(), timeout=120)

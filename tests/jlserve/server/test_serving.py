@@ -25,6 +25,7 @@ from jlserve.client import AdminClient
 from jlserve.delta import read_delta
 from tests.helpers.serving import (
     ADMIN_TOKEN,
+    REPACKED_ARGS,
     ServerProcess,
     admin_headers,
     greedy,
@@ -42,10 +43,18 @@ def servers(delta_chain, tmp_path_factory):
     token_file = root / "admin.token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     main = ServerProcess(
-        delta_chain.base, root / "state", root / "main.log", ("--admin-token-file", str(token_file))
+        delta_chain.base,
+        root / "state",
+        root / "main.log",
+        ("--admin-token-file", str(token_file)),
+        engine_args=REPACKED_ARGS,
     )
     reference = ServerProcess(
-        delta_chain.merged[3], root / "ref-state", root / "ref.log", ("--insecure-admin",)
+        delta_chain.merged[3],
+        root / "ref-state",
+        root / "ref.log",
+        ("--insecure-admin",),
+        engine_args=REPACKED_ARGS,
     )
     start_all([main, reference])
     yield {"main": main, "reference": reference, "token_file": token_file}
