@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from jlserve.checkpoint import atomic_write_bytes
+from jlserve.taskfile import as_row, read_task_file
 from trainer.config import DataConfig, RunConfig
 from trainer.data import Task, load_stream
 from trainer.errors import TrainerError
 from trainer.freeform import choose_metric
-from trainer.jsonl import as_row, read_task_file, split_task, token_counter
+from trainer.jsonl import split_task, token_counter
 from trainer.layout import INDEX, read_index, read_json
 
 TASKS_DIR = "tasks"
@@ -249,3 +250,42 @@ def appended_tasks(run_dir: Path, cfg: RunConfig, appended: list[dict[str, Any]]
         prompt_format=cfg.data.prompt_format,
     )
     return load_stream(data, cfg.train.seed)
+
+
+def withdraw_unfinished(run_dir: Path) -> list[str]:
+    """Take the appended tasks a run has not finished back out of it, as if never added:
+    a jobs worker does this after a job that stopped (cancelled, refused, failed), so the
+    next job continues from the run's last version rather than retraining the stopped one.
+    One atomic rewrite of run.json (matrices cut to the finished tasks), then the rows'
+    folders go. Returns the names taken out."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return []
+    info = read_json(path)
+    done = info["completed"]
+    dropped = info["tasks"][done:]
+    appended_names = {a["name"] for a in info["appended"]}
+    if not dropped:
+        return []
+    if not set(dropped) <= appended_names:
+        raise TrainerError(
+            f"{run_dir}: unfinished tasks {dropped} are not all appended ones; finish the "
+            "run with --resume"
+        )
+
+    def cut(matrix: list[list]) -> list[list]:
+        return [row[:done] for row in matrix[:done]]
+
+    info["tasks"] = info["tasks"][:done]
+    info["appended"] = [a for a in info["appended"] if a["name"] not in dropped]
+    accuracy = info["accuracy"]
+    for key in ("exact", "prefix"):
+        accuracy[key] = cut(accuracy[key])
+    for key in ("base", "base_prefix"):
+        accuracy[key] = accuracy[key][:done]
+    if info.get("loss"):
+        info["loss"] = {"matrix": cut(info["loss"]["matrix"]), "base": info["loss"]["base"][:done]}
+    atomic_write_bytes(path, json.dumps(info, indent=2).encode())
+    for name in dropped:
+        shutil.rmtree(run_dir / TASKS_DIR / name, ignore_errors=True)
+    return dropped

@@ -132,14 +132,8 @@ def _tokenizer(model: Path) -> Any:
 
 def _check_task_file(path: Path, model: Path | None, max_length: int | None) -> int:
     """Problems on stderr (exit 1); or the format, counts, length notes and split (exit 0)."""
-    from trainer.jsonl import (
-        ROLES,
-        ChatExample,
-        TaskFileError,
-        held_out_size,
-        read_task_file,
-        token_counter,
-    )
+    from jlserve.taskfile import ROLES, ChatExample, TaskFileError, read_task_file
+    from trainer.jsonl import held_out_size, token_counter
 
     limit = MAX_LENGTH if max_length is None else max_length
     if limit < 1:

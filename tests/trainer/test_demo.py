@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
+from jlserve.taskfile import read_task_file
 from tests.conftest import REPO_ROOT, TWO_TASKS
 from trainer.demo import main
 from trainer.demo_data import CHAT_ORDER, DEMO_ORDER, build_demo_benchmark, build_demo_task_files
-from trainer.jsonl import read_task_file
 
 
 @pytest.mark.slow
