@@ -151,7 +151,9 @@ class AdminClient:
             raise AdminRequestError(f"{self.url}: request failed ({exc})") from None
         if response.status_code != 200:
             raise AdminRequestError(
-                f"server refused ({response.status_code}): {_message(response)}"
+                f"server refused ({response.status_code}): {_message(response)}",
+                status=response.status_code,
+                kind=_kind(response),
             )
         try:
             return model.model_validate_json(response.content)
@@ -219,6 +221,13 @@ def update_fleet(
         except (AdminRequestError, httpx.TimeoutException):
             continue
     return outcomes
+
+
+def _kind(response: httpx.Response) -> str | None:
+    try:
+        return ErrorBody.model_validate_json(response.content).error.type
+    except ValidationError:
+        return None
 
 
 def _message(response: httpx.Response) -> str:

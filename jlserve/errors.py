@@ -55,7 +55,12 @@ class EngineUpdateError(Exception):
 
 
 class AdminRequestError(JlserveError):
-    """The admin API refused a request (the CLI client prints the server's message)."""
+    """The admin API refused a request (the CLI client prints the server's message).
+    `status` and `kind` are the HTTP status and the error body's type, when it answered."""
+
+    def __init__(self, message: str, *, status: int | None = None, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
 
 
 class ServerUnreachableError(AdminRequestError):

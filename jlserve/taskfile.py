@@ -36,6 +36,9 @@ MESSAGE_KEYS = ("role", "content", "weight", "name")
 COMPLETION_KEYS = ("prompt", "completion")
 MIN_EXAMPLES = 10  # usable examples a file needs; also what a held-out split leaves to train on
 MAX_PROBLEMS = 20  # report lines shown; the rest are counted
+HELD_OUT_SHARE = 0.1  # without a validation file: this share of the examples is held out
+HELD_OUT_MIN = 20
+HELD_OUT_MAX = 500
 MAX_FILE_BYTES = 512 * 2**20  # OpenAI's limit as well; the whole file is held in memory
 
 
@@ -97,6 +100,7 @@ class TaskFileError(JlserveError):
     counting the rest), `count` all of them."""
 
     def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
         self.report = _capped(problems, "problems")
         self.count = len(problems)
         plural = "s" * (self.count > 1)
@@ -352,3 +356,32 @@ def _drop_too_long(
         "dropped from training (never cut)"
     )
     return kept, dropped, [head, *_capped(lines, "dropped")]
+
+
+class TaskSplitError(JlserveError):
+    """Too few examples to hold a share out: the task needs a validation file."""
+
+
+def held_out_size(
+    n: int,
+    *,
+    share: float = HELD_OUT_SHARE,
+    minimum: int = HELD_OUT_MIN,
+    maximum: int = HELD_OUT_MAX,
+) -> int:
+    """How many of `n` examples a split holds out: `share` of them, within [minimum,
+    maximum]. Refuses (TaskSplitError) when that leaves fewer than MIN_EXAMPLES to train on:
+    a smaller file needs a validation file instead (the server checks an upload with it,
+    so a job that would not split fails before it is queued)."""
+    if not 0 < share < 1 or not 1 <= minimum <= maximum:
+        raise ValueError(
+            f"held-out split: needs 0 < share < 1 and 1 <= minimum <= maximum, got share "
+            f"{share}, minimum {minimum}, maximum {maximum}"
+        )
+    size = min(maximum, max(minimum, round(share * n)))
+    if n - size < MIN_EXAMPLES:
+        raise TaskSplitError(
+            f"{n} examples are too few to hold out {size} and keep {MIN_EXAMPLES} for "
+            f"training (a split needs at least {size + MIN_EXAMPLES}): give a validation file"
+        )
+    return size

@@ -11,6 +11,8 @@ from enum import StrEnum
 FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 DELTA_FORMAT_VERSION = 2  # what delta writers produce by default; readers accept 1 and 2
 DEFAULT_MAX_FILE_BYTES = 2 * 1024**3  # delta file limit: far above any sparse delta of a <10B model
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2  # a fine-tuning job's training file (OpenAI's limit too)
+DEFAULT_LEASE_S = 60.0  # a jobs worker that has not renewed its lease for this long lost the job
 
 
 class SwapPolicy(StrEnum):

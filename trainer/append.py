@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from jlserve.checkpoint import atomic_write_bytes
-from jlserve.taskfile import as_row, read_task_file
+from jlserve.errors import JlserveError
+from jlserve.taskfile import TaskFileError, as_row, read_task_file
 from trainer.config import DataConfig, RunConfig
 from trainer.data import Task, load_stream
 from trainer.errors import TrainerError
@@ -174,7 +175,9 @@ def _file_task(added: AddedTask, cfg: RunConfig) -> Task:
         task_file = read_task_file(added.path, **count)
         validation = read_task_file(added.validation, **count) if added.validation else None
         train, held_out = split_task(task_file, seed=cfg.train.seed, validation=validation)
-    except TrainerError as exc:
+    except TaskFileError:
+        raise  # names its file and lines already (a jobs worker reports which file)
+    except JlserveError as exc:
         raise TrainerError(f"{where}: {exc}") from None
     train_rows, dev_rows = [as_row(e) for e in train], [as_row(e) for e in held_out]
     return Task(

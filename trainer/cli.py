@@ -13,7 +13,7 @@ from typing import Any
 
 from jlserve.client import resolve_token
 from jlserve.errors import JlserveError
-from trainer import data_cmd
+from trainer import data_cmd, worker
 from trainer.config import RunConfig, load_config
 from trainer.errors import TrainerError
 from trainer.publish import DirectoryPublisher, Publisher, ServerPublisher
@@ -96,25 +96,28 @@ def command_line(prog: str, args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def _append_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], str]:
-    """(the run's config, the added tasks' own settings, the run's command) for --add-task."""
+def append_config(
+    out: Path, config: Path | None, overrides: list[str], keep_all_merged: bool, command: str
+) -> tuple[RunConfig, dict[str, Any], str]:
+    """(the run's config, the added tasks' own settings, the run's command) for tasks added
+    to the run in `out` (a new run if it has none: `command` becomes its command)."""
     from trainer.append import open_stream_config, task_settings
 
-    run_json = args.out / "run.json"
+    run_json = out / "run.json"
     if not run_json.is_file():  # a new run whose stream is the added tasks
-        cfg, note = open_stream_config(load_config(args.config, args.overrides))
+        cfg, note = open_stream_config(load_config(config, overrides))
         if note:
             print(f"note: {note}", file=sys.stderr)
-        cfg = cfg.model_copy(update={"keep_all_merged": args.keep_all_merged})
-        return cfg, {}, command_line(args.prog, args)
+        cfg = cfg.model_copy(update={"keep_all_merged": keep_all_merged})
+        return cfg, {}, command
     try:
         info = json.loads(run_json.read_text())
         raw = info["config"]
         run_cfg = RunConfig.model_validate(raw)
     except (OSError, ValueError, KeyError) as exc:
         raise TrainerError(f"{run_json}: not a readable run ({exc})") from None
-    asked = load_config(args.config, args.overrides, start=None if args.config else raw)
-    if args.keep_all_merged:
+    asked = load_config(config, overrides, start=None if config else raw)
+    if keep_all_merged:
         asked = asked.model_copy(update={"keep_all_merged": True})
     return run_cfg, task_settings(run_cfg, asked), info.get("command", "")
 
@@ -127,7 +130,13 @@ def run_train(args: argparse.Namespace) -> int:
     if added:
         if args.resume:
             raise TrainerError("--add-task continues the run by itself; drop --resume")
-        cfg, settings, command = _append_config(args)
+        cfg, settings, command = append_config(
+            args.out,
+            args.config,
+            args.overrides,
+            args.keep_all_merged,
+            command_line(args.prog, args),
+        )
     else:
         cfg, settings = load_config(args.config, args.overrides), {}
         command = command_line(args.prog, args)
@@ -171,6 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_arguments(parser)
     parser.set_defaults(func=run_train, prog="jlserve train")
     data_cmd.register(subparsers)
+    worker.register(subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -132,8 +132,15 @@ def _tokenizer(model: Path) -> Any:
 
 def _check_task_file(path: Path, model: Path | None, max_length: int | None) -> int:
     """Problems on stderr (exit 1); or the format, counts, length notes and split (exit 0)."""
-    from jlserve.taskfile import ROLES, ChatExample, TaskFileError, read_task_file
-    from trainer.jsonl import held_out_size, token_counter
+    from jlserve.taskfile import (
+        ROLES,
+        ChatExample,
+        TaskFileError,
+        TaskSplitError,
+        held_out_size,
+        read_task_file,
+    )
+    from trainer.jsonl import token_counter
 
     limit = MAX_LENGTH if max_length is None else max_length
     if limit < 1:
@@ -163,7 +170,7 @@ def _check_task_file(path: Path, model: Path | None, max_length: int | None) -> 
     counts = f"{n} examples" + (f" ({roles['assistant']} assistant turns)" if chats else "")
     try:
         split = f"{held_out_size(n)} would be held out"
-    except TrainerError as exc:
+    except TaskSplitError as exc:
         split = f"none held out: {exc}"
     print(f"{path}: ok, {task.format} format, {counts}, {split}")
     return 0

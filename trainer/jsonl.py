@@ -13,17 +13,16 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from jlserve.taskfile import (
-    MIN_EXAMPLES,
+    HELD_OUT_MAX,
+    HELD_OUT_MIN,
+    HELD_OUT_SHARE,
     CompletionExample,
     Example,
     TaskFile,
     TokenCounter,
+    held_out_size,
 )
 from trainer.errors import TrainerError
-
-HELD_OUT_SHARE = 0.1
-HELD_OUT_MIN = 20
-HELD_OUT_MAX = 500
 
 T = TypeVar("T")
 
@@ -49,30 +48,6 @@ def token_counter(tokenizer: Any) -> TokenCounter:
         return len(ids(tokenizer.apply_chat_template(messages, tokenize=False)))
 
     return count
-
-
-def held_out_size(
-    n: int,
-    *,
-    share: float = HELD_OUT_SHARE,
-    minimum: int = HELD_OUT_MIN,
-    maximum: int = HELD_OUT_MAX,
-) -> int:
-    """How many of `n` examples a split holds out: `share` of them, within [minimum,
-    maximum]. Refuses (TrainerError) when that leaves fewer than MIN_EXAMPLES to train on:
-    a smaller file needs a validation file instead."""
-    if not 0 < share < 1 or not 1 <= minimum <= maximum:
-        raise TrainerError(
-            f"held-out split: needs 0 < share < 1 and 1 <= minimum <= maximum, got share "
-            f"{share}, minimum {minimum}, maximum {maximum}"
-        )
-    size = min(maximum, max(minimum, round(share * n)))
-    if n - size < MIN_EXAMPLES:
-        raise TrainerError(
-            f"{n} examples are too few to hold out {size} and keep {MIN_EXAMPLES} for "
-            f"training (a split needs at least {size + MIN_EXAMPLES}): give a validation file"
-        )
-    return size
 
 
 def split_held_out(

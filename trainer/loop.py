@@ -35,6 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from trainer.adapter import Adapter
 from trainer.append import AddedTask, appended_tasks, for_task, read_added, write_added
 from trainer.config import RunConfig, config_yaml
 from trainer.data import Encoder, Task, evaluate_task, held_out_loss, load_stream, score
-from trainer.errors import TrainerError
+from trainer.errors import OutOfSyncError, TrainerError
 from trainer.methods import Method, build_method
 from trainer.metrics import AccuracyMatrix, DeltaDensity, LossMatrix, SupportOverlap
 from trainer.parallel import Examples, data_parallel, global_batches
@@ -86,6 +87,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass(frozen=True)
+class StepReport:
+    """What `on_step` hears after each optimizer step (`stats`: on logged steps only)."""
+
+    task: str
+    step: int  # 1-based, within the task
+    total: int
+    stats: dict[str, float] | None  # loss (mean since the last log), density, theta
+
+
 class Recipe:
     def __init__(
         self,
@@ -99,8 +110,10 @@ class Recipe:
         publisher: Publisher | None = None,
         served: ServedModel | None = None,
         on_task_end: Callable[[dict[str, Any]], None] | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
         added: list[AddedTask] | None = None,
         added_settings: dict[str, Any] | None = None,
+        expect_fingerprint: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -111,6 +124,10 @@ class Recipe:
         self.publisher = publisher  # where each task's delta goes as soon as it is merged
         self.served = served  # evaluate through this server instead of in process
         self.on_task_end = on_task_end  # called with the metrics after each task's commit
+        self.on_step = on_step  # called after every optimizer step; may raise to stop the run
+        # the model the run's last version must be (a jobs worker: the served one); checked
+        # before anything is written, so a run out of step with its server is left as it was
+        self.expect_fingerprint = expect_fingerprint
         self.added = added or []  # tasks to append to the stream (trainer.append)
         self.added_settings = added_settings or {}  # their own settings (PER_TASK_KEYS)
 
@@ -160,6 +177,12 @@ class Recipe:
         ]
         if info is not None:
             self._load_progress(info)
+        last = self.versions[-1]
+        if self.expect_fingerprint is not None and last["fingerprint"] != self.expect_fingerprint:
+            raise OutOfSyncError(
+                f"{self.run_dir}: the run's last version {last['version']} is "
+                f"{last['fingerprint']}, not the expected model {self.expect_fingerprint}"
+            )
         if self.is_main:
             if new_tasks:  # their rows into the run; run.json below makes them its tasks
                 write_added(self.run_dir, self.appended, new_tasks)
@@ -394,7 +417,7 @@ class Recipe:
         stats = {"loss": math.nan, "density": 1.0, "theta": math.nan}
         losses: list[float] = []
         reinit_phi: list[float] | None = None
-        step = 0
+        step = tokens = 0
         start = time.perf_counter()
         with self._progress() as progress:
             bar = progress.add_task(f"{i + 1}/{len(self.tasks)} {task.name}", total=total, **stats)
@@ -421,6 +444,7 @@ class Recipe:
                     if reinit:
                         reinit_phi = self._phi(adapter)
                     losses.append(result.loss)
+                    tokens += int(batch["attention_mask"].sum())
                     step += 1
                     if log_now and self.telemetry is not None:
                         self._log_step(steps_before + step, result, adapter, optimizer)
@@ -431,10 +455,13 @@ class Recipe:
                             "theta": float(adapter.thresholds.values().mean()),
                         }
                     progress.update(bar, advance=1, **stats)
+                    if self.on_step is not None:
+                        self.on_step(StepReport(task.name, step, total, stats if log_now else None))
         seconds = time.perf_counter() - start
         adapter.end_training()  # the last step moved dW: sync the threshold for the merge
         return adapter, {
             "steps": total,
+            "trained_tokens": tokens,  # this rank's (prompt and answer, padding left out)
             "train_seconds": seconds,
             "seconds_per_step": seconds / total,
             "final_loss": stats["loss"],
@@ -636,6 +663,12 @@ class Recipe:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.cleanup()
+
+    def _run(self) -> dict[str, Any]:
         self.setup()
         last = self.last_task
         if self.is_main and self.accuracy.base[0] is None:  # the base row, once per run
@@ -663,12 +696,12 @@ class Recipe:
             self._barrier()
         if self.is_main:
             self.write_metrics()
-        self.cleanup()
         return self.metrics()
 
     def cleanup(self) -> None:
-        if self.telemetry is not None:
-            self.telemetry.close()
+        telemetry = getattr(self, "telemetry", None)  # absent when setup stopped early
+        if telemetry is not None:
+            telemetry.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from jlserve.commands import positive_int
 from jlserve.errors import ServeConfigError
-from jlserve.vocab import DEFAULT_MAX_FILE_BYTES, DrainTimeoutAction, SwapPolicy
+from jlserve.vocab import (
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DrainTimeoutAction,
+    SwapPolicy,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,6 +91,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="re-hash the whole base checkpoint instead of trusting the state dir's digest "
         "cache (which is keyed by each file's size, mtime and header)",
     )
+    jobs = serve.add_argument_group("fine-tuning jobs (docs/jobs.md)")
+    jobs.add_argument(
+        "--training-token-file",
+        type=Path,
+        help="file holding the bearer token of /v1/files and /v1/fine_tuning "
+        "(default: the admin token)",
+    )
+    jobs.add_argument(
+        "--max-file-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        help=f"largest training file upload, in bytes (default {DEFAULT_MAX_UPLOAD_BYTES}: 512 MiB)",
+    )
+    jobs.add_argument(
+        "--job-lease",
+        type=_lease_seconds,
+        default=DEFAULT_LEASE_S,
+        help=f"seconds a worker may go without renewing its job's lease before the job is "
+        f"failed (default {DEFAULT_LEASE_S:g})",
+    )
     serve.add_argument(
         "--cpu-dense-weights",
         action="store_true",
@@ -103,6 +129,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _lease_seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     # Heavy imports only when serving, so the admin commands stay light.
     from jlserve.engine.launch import (
@@ -116,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_state_dir,
         read_admin_token,
         read_secret_file,
+        read_training_token,
     )
     from jlserve.weight_files import weight_files
 
@@ -137,8 +171,14 @@ def _serve(args: argparse.Namespace) -> int:
         engine_timeout_s=args.engine_timeout,
         max_delta_bytes=args.max_delta_bytes,
         rehash_base=args.rehash_base,
+        training_token_file=(
+            args.training_token_file.resolve() if args.training_token_file else None
+        ),
+        max_file_bytes=args.max_file_bytes,
+        job_lease_s=args.job_lease,
     )
-    read_admin_token(config, args.host)  # refuse now rather than after the engine loaded
+    admin_token = read_admin_token(config, args.host)  # refuse now, not after the engine loaded
+    read_training_token(config, admin_token)
     if config.api_key_file is not None:
         read_secret_file(config.api_key_file, "inference key")
     on_cpu = engine_runs_on_cpu()

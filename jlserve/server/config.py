@@ -25,7 +25,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jlserve.errors import ServeConfigError
-from jlserve.vocab import DEFAULT_MAX_FILE_BYTES, DrainTimeoutAction, SwapPolicy
+from jlserve.vocab import (
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DrainTimeoutAction,
+    SwapPolicy,
+)
 
 CONFIG_ENV = "JLSERVE_SERVE_CONFIG"
 MIN_TOKEN_CHARS = 16
@@ -46,6 +52,10 @@ class ServeConfig(BaseModel):
     engine_timeout_s: float = Field(300.0, gt=0)
     max_delta_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, ge=1)
     rehash_base: bool = False  # ignore the state dir's digest cache (jlserve.digest_cache)
+    # fine-tuning jobs (jlserve.jobs): their own token (default: the admin token)
+    training_token_file: Path | None = None
+    max_file_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1)
+    job_lease_s: float = Field(DEFAULT_LEASE_S, ge=1)
 
     def to_env(self) -> dict[str, str]:
         return {CONFIG_ENV: self.model_dump_json(exclude_defaults=True)}
@@ -77,6 +87,9 @@ ENV_VARS = {
     "engine_timeout_s": "JLSERVE_ENGINE_TIMEOUT",
     "max_delta_bytes": "JLSERVE_MAX_DELTA_BYTES",
     "rehash_base": "JLSERVE_REHASH_BASE",
+    "training_token_file": "JLSERVE_TRAINING_TOKEN_FILE",
+    "max_file_bytes": "JLSERVE_MAX_FILE_BYTES",
+    "job_lease_s": "JLSERVE_JOB_LEASE",
 }
 
 
@@ -139,3 +152,11 @@ def read_admin_token(config: ServeConfig, host: str | None, uds: str | None = No
             "(or --insecure-admin with --host 127.0.0.1 for local experiments)"
         )
     return read_secret_file(config.admin_token_file, "admin token")
+
+
+def read_training_token(config: ServeConfig, admin_token: str | None) -> str | None:
+    """The token of the fine-tuning routes: its own file, else the admin token (None in
+    the insecure local mode, as the admin routes)."""
+    if config.training_token_file is None:
+        return admin_token
+    return read_secret_file(config.training_token_file, "training token")

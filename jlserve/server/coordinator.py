@@ -266,6 +266,10 @@ class SwapCoordinator:
         """Why the engine's weights are unknown or it cannot serve; None when healthy."""
         return self._degraded or self._engine.dead_reason()
 
+    def version_of(self, fingerprint: str) -> int | None:
+        """The version of the served chain whose model is `fingerprint` (None: not in it)."""
+        return self._store.version_of(fingerprint)
+
     def status(self) -> StatusResponse:
         return StatusResponse(
             version=self._version,

@@ -30,3 +30,39 @@ class SwapMetrics:
             ["reason"],
             registry=registry,
         )
+
+
+# Jobs take minutes to hours.
+JOB_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+
+class JobMetrics:
+    """The fine-tuning jobs: how many wait or run, how long they took, why they failed."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.jobs = Gauge(
+            "jlserve_jobs", "Fine-tuning jobs by status.", ["status"], registry=registry
+        )
+        self.duration = Histogram(
+            "jlserve_job_duration_seconds",
+            "Time from a worker claiming a job to its end, by outcome.",
+            ["status"],
+            buckets=JOB_BUCKETS,
+            registry=registry,
+        )
+        self.failures = Counter(
+            "jlserve_jobs_failed",
+            "Fine-tuning jobs failed, by error code.",
+            ["code"],
+            registry=registry,
+        )
+
+    def set_counts(self, counts: dict[str, int]) -> None:
+        for status, n in counts.items():
+            self.jobs.labels(status=status).set(n)
+
+    def ended(self, status: str, code: str | None, seconds: float | None) -> None:
+        if seconds is not None:
+            self.duration.labels(status=status).observe(seconds)
+        if code is not None:
+            self.failures.labels(code=code).inc()

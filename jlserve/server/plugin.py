@@ -28,16 +28,20 @@ from jlserve.engine.launch import ENDPOINT_PLUGIN_NAME, WORKER_EXTENSION
 from jlserve.engine.vllm_engine import VllmEngine
 from jlserve.errors import ServeConfigError
 from jlserve.faults import FaultStep, armed_faults, fault_point
+from jlserve.jobs.routes import TrainingDispatch, build_training_app, build_worker_router
+from jlserve.jobs.service import JobService
+from jlserve.jobs.store import JOBS_DIR, JobStore
 from jlserve.server.auth import AdminAuth, AdminAuthMiddleware
 from jlserve.server.config import (
     ServeConfig,
     default_state_dir,
     read_admin_token,
     read_secret_file,
+    read_training_token,
 )
 from jlserve.server.coordinator import SwapCoordinator, SwapSettings
 from jlserve.server.errors import AdminHTTPError, admin_error_handler
-from jlserve.server.metrics import SwapMetrics
+from jlserve.server.metrics import JobMetrics, SwapMetrics
 from jlserve.server.middleware import ModelVersionMiddleware
 from jlserve.server.routes import ADMIN_PREFIX, build_admin_router
 from jlserve.server.watch import DeltaWatcher
@@ -62,8 +66,10 @@ class JlserveEndpointPlugin:
 
     def __init__(self) -> None:
         self.coordinator: SwapCoordinator | None = None
+        self.jobs: JobService | None = None
         self._config: ServeConfig | None = None
         self._auth = AdminAuth(configured=False)  # refuses (503) until init_state
+        self._training_auth = AdminAuth(configured=False)
         self._background: set[asyncio.Task] = set()
 
     def attach_router(self, app: Any) -> None:
@@ -79,6 +85,13 @@ class JlserveEndpointPlugin:
         app.add_middleware(AdminAuthMiddleware, auth=self._auth, prefix=ADMIN_PREFIX)
         app.add_exception_handler(AdminHTTPError, admin_error_handler)
         app.include_router(build_admin_router(lambda: self.coordinator))
+        app.include_router(build_worker_router(lambda: self.jobs, self._config.max_delta_bytes))
+        # Outermost: the training routes have their own token, ahead of vLLM's key check.
+        limit = self._config.max_file_bytes
+        training = build_training_app(lambda: self.jobs, limit)
+        app.add_middleware(
+            TrainingDispatch, training=training, auth=self._training_auth, max_file_bytes=limit
+        )
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         config = self._config
@@ -118,6 +131,17 @@ class JlserveEndpointPlugin:
             max_delta_bytes=config.max_delta_bytes,
             rehash_base=config.rehash_base,
         )
+        state_dir = self.coordinator.store_root
+        served_names = getattr(args, "served_model_name", None) or [args.model]
+        self.jobs = JobService(
+            JobStore(state_dir / JOBS_DIR),
+            self.coordinator,
+            served_names[0],
+            JobMetrics(),
+            lease_s=config.job_lease_s,
+        )
+        await self.jobs.open()
+        self._training_auth.configure(read_training_token(config, token))
         self._auth.configure(token)
         if config.watch_dir is not None:
             watcher = DeltaWatcher(config.watch_dir, self.coordinator, config.watch_interval_s)

@@ -45,7 +45,7 @@ def build_admin_router(coordinator: Callable[[], SwapCoordinator | None]) -> API
         whose child is already served answers `applied: false`. Optional `If-Match:
         <fingerprint>` makes it a compare-and-swap."""
         coord = current()
-        data = await _read_body(request, coord.max_delta_bytes)
+        data = await read_body(request, coord.max_delta_bytes)
         try:
             return await coord.apply_delta(data, "upload", _if_match(request))
         except (JlserveError, EngineUpdateError) as exc:
@@ -72,8 +72,9 @@ def _if_match(request: Request) -> str | None:
     return value.strip().strip('"') if value else None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body (a delta file), refused with 413 as soon as it passes `limit`
+    bytes and with 400 when empty."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise AdminHTTPError(

@@ -155,3 +155,34 @@ BAD_COMPLETION = {  # the broken line 7 of a prompt/completion file -> its one p
 
 def long_reply(i: int) -> dict:
     return chat(i, reply=" ".join(["the movie was good"] * 40))
+
+
+def cl_rows(root: Path, task: str) -> list[dict[str, str]]:
+    """Every row (train and dev) of a task in the CL layout."""
+    return [r for split in ("train", "dev") for r in json.loads((root / task / f"{split}.json").read_text())]  # fmt: skip
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat_sentiment(root: Path, out: Path) -> Path:
+    """tweet_sentiment as OpenAI chat fine-tuning lines: a classification by chat."""
+    return write_jsonl(out, [
+        {"messages": [
+            {"role": "system", "content": "Answer Positive or Negative."},
+            {"role": "user", "content": r["sentence"]},
+            {"role": "assistant", "content": r["label"]},
+        ]}
+        for r in cl_rows(root, "movie_sentiment")
+    ])  # fmt: skip
+
+
+def completion_titles(root: Path, out: Path) -> Path:
+    """BBC articles -> their title, as prompt/completion lines: a free-form task."""
+    rows = []
+    for r in cl_rows(root, "bbc_topic"):
+        title, _, text = r["sentence"].partition("\nText: ")
+        rows.append({"prompt": f"Article: {text[:120]}\nTitle:", "completion": " " + title[7:]})
+    return write_jsonl(out, rows)

@@ -19,7 +19,7 @@ from jlserve.delta.format import MAX_HEADER_BYTES, POSITIONS_TENSOR, XOR_TENSOR
 from jlserve.errors import DeltaFormatError
 from jlserve.server.config import ServeConfig
 from jlserve.server.errors import AdminHTTPError
-from jlserve.server.routes import _read_body
+from jlserve.server.routes import read_body
 from tests.helpers.bad_deltas import good_delta, synthetic_tensors
 
 GiB = 1024**3
@@ -124,7 +124,7 @@ def _read(
 ) -> tuple[bytes | AdminHTTPError, int]:
     request, reads = _request(chunks, declared)
     try:
-        return asyncio.run(_read_body(request, limit)), len(reads)
+        return asyncio.run(read_body(request, limit)), len(reads)
     except AdminHTTPError as exc:
         return exc, len(reads)
 

@@ -9,7 +9,15 @@ import pytest
 
 from jlserve import taskfile
 from jlserve.errors import JlserveError
-from jlserve.taskfile import ChatExample, CompletionExample, Message, TaskFileError, read_task_file
+from jlserve.taskfile import (
+    ChatExample,
+    CompletionExample,
+    Message,
+    TaskFileError,
+    TaskSplitError,
+    held_out_size,
+    read_task_file,
+)
 from tests.helpers.taskfiles import (
     BAD_CHAT,
     BAD_COMPLETION,
@@ -225,3 +233,18 @@ def test_too_long_examples_are_dropped_and_reported(tmp_path):
     ]
     with pytest.raises(ValueError, match="go together"):
         read_task_file(path, max_length=50)
+
+
+def test_held_out_sizes():
+    assert held_out_size(30) == 20  # the minimum, leaving 10 to train on
+    assert held_out_size(1_000) == 100  # 10 %
+    assert held_out_size(100_000) == 500  # the maximum
+    with pytest.raises(TaskSplitError) as caught:
+        held_out_size(29)
+    assert str(caught.value) == (
+        "29 examples are too few to hold out 20 and keep 10 for training (a split needs at "
+        "least 30): give a validation file"
+    )
+    for bad in ({"share": 0.0}, {"share": 1.0}, {"minimum": 0}, {"minimum": 9, "maximum": 8}):
+        with pytest.raises(ValueError, match="held-out split"):
+            held_out_size(1_000, **bad)

@@ -4,42 +4,12 @@ trained, scored by exact match or ROUGE-L (trainer/freeform.py), on the tiny mod
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from tests.conftest import TWO_TASKS
+from tests.helpers.taskfiles import chat_sentiment, completion_titles, write_jsonl
 from trainer.cli import main as trainer_main
 from trainer.data import Task, score
 from trainer.freeform import choose_metric, rouge_l
-
-
-def _rows(root: Path, task: str) -> list[dict[str, str]]:
-    return [r for split in ("train", "dev") for r in json.loads((root / task / f"{split}.json").read_text())]  # fmt: skip
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def chat_sentiment(root: Path, out: Path) -> Path:
-    """tweet_sentiment as OpenAI chat fine-tuning lines: a classification by chat."""
-    return _jsonl(out, [
-        {"messages": [
-            {"role": "system", "content": "Answer Positive or Negative."},
-            {"role": "user", "content": r["sentence"]},
-            {"role": "assistant", "content": r["label"]},
-        ]}
-        for r in _rows(root, "movie_sentiment")
-    ])  # fmt: skip
-
-
-def completion_titles(root: Path, out: Path) -> Path:
-    """BBC articles -> their title, as prompt/completion lines: a free-form task."""
-    rows = []
-    for r in _rows(root, "bbc_topic"):
-        title, _, text = r["sentence"].partition("\nText: ")
-        rows.append({"prompt": f"Article: {text[:120]}\nTitle:", "completion": " " + title[7:]})
-    return _jsonl(out, rows)
 
 
 def test_rouge_l_and_the_metric_choice_by_hand() -> None:
@@ -110,7 +80,7 @@ def test_a_bad_task_file_is_refused_by_line_and_the_run_is_unchanged(
     assert trainer_main(["--config", str(cfg), "--out", str(run)]) == 0
     capsys.readouterr()
     good = chat_sentiment(cl_data_root, tmp_path / "good.jsonl").read_text().splitlines()
-    bad = _jsonl(tmp_path / "bad.jsonl", [])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [])
     bad.write_text(
         "\n".join([*good[:30], '{"messages": [{"role": "bot", "content": "x"}]}']) + "\n"
     )

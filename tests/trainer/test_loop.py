@@ -281,6 +281,7 @@ def test_example_configs_parse_and_start_with_their_command() -> None:
     assert configs
     for path in configs:
         first = path.read_text().splitlines()[0]
-        assert first.startswith(f"# jlserve train --config configs/{path.name} "), path
+        assert first.startswith(("# jlserve train ", "# jlserve worker ")), path
+        assert f" --config configs/{path.name} " in first, path
         assert "shared" not in path.read_text(), path  # a clone has no ../shared
         assert load_config(path).data.root == REPO_ROOT / "data" / "cl_benchmark"
