@@ -139,8 +139,20 @@ class AdminClient:
         )
 
     def _call(self, method: str, path: str, model: type[Response], **kwargs: object) -> Response:
-        """One request; a timeout propagates (as httpx.TimeoutException) to the caller that
-        knows how to learn the outcome, every other failure is an AdminRequestError."""
+        """One request whose 200 answer is `model`; see `_send` for failures."""
+        response = self._send(method, path, **kwargs)
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise AdminRequestError(f"{self.url}{path}: unexpected answer ({exc})") from None
+
+    def _send(
+        self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: object
+    ) -> httpx.Response:
+        """One request answered with a status in `ok`. A timeout propagates (as
+        httpx.TimeoutException) to the caller that knows how to learn the outcome; no
+        connection is a ServerUnreachableError, every other failure an AdminRequestError
+        with the status and the error body's type."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
@@ -149,16 +161,13 @@ class AdminClient:
             raise ServerUnreachableError(f"{self.url}: cannot reach the server ({exc})") from None
         except httpx.HTTPError as exc:
             raise AdminRequestError(f"{self.url}: request failed ({exc})") from None
-        if response.status_code != 200:
+        if response.status_code not in ok:
             raise AdminRequestError(
                 f"server refused ({response.status_code}): {_message(response)}",
                 status=response.status_code,
                 kind=_kind(response),
             )
-        try:
-            return model.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise AdminRequestError(f"{self.url}{path}: unexpected answer ({exc})") from None
+        return response
 
 
 def read_delta_bytes(delta_file: Path) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any
 from jlserve.client import resolve_token
 from jlserve.errors import JlserveError
 from trainer import data_cmd, worker
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig, add_config_arguments, load_config
 from trainer.errors import TrainerError
 from trainer.publish import DirectoryPublisher, Publisher, ServerPublisher
 from trainer.served import ServedModel
@@ -31,16 +31,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+    add_config_arguments(parser, "YAML config file (see configs/)")
     parser.add_argument("--out", type=Path, required=True, help="run directory")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=5e-4 (repeatable)",
-    )
     parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     parser.add_argument(
         "--add-task",

@@ -6,6 +6,7 @@ produced it as a header comment) and inside run.json; `--resume` refuses a diffe
 
 from __future__ import annotations
 
+import argparse
 import copy
 from pathlib import Path
 from typing import Any, Literal
@@ -136,6 +137,19 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise TrainerError(f"--set {key}: {part!r} is not a section")
         node = child
     node[leaf] = parsed
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """`--config FILE` and the repeatable `--set KEY=VALUE` that `load_config` reads."""
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=5e-4 (repeatable)",
+    )
 
 
 def load_config(

@@ -52,7 +52,7 @@ from jlserve.jobs.schemas import (
 )
 from jlserve.taskfile import TaskFileError
 from trainer.append import AddedTask, withdraw_unfinished
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig, add_config_arguments, load_config
 from trainer.errors import OutOfSyncError, TrainerError
 from trainer.publish import Receipt
 
@@ -73,7 +73,7 @@ def patiently(call: Callable[..., T], *args: Any) -> T:
     while True:
         try:
             return call(*args)
-        except ServerUnreachableError:
+        except (ServerUnreachableError, httpx.TimeoutException):
             if time.monotonic() > deadline:
                 raise
             time.sleep(RETRY_S)
@@ -370,7 +370,7 @@ class Worker:
         """Send `events` (emptied once sent); kept for the next call if the server is away."""
         try:
             self.client.events(job_id, lease_id, list(events))
-        except ServerUnreachableError:
+        except (ServerUnreachableError, httpx.TimeoutException):
             return
         except AdminRequestError as exc:
             raise JobStopped(f"lease lost: {exc}", cancelled=False) from None
@@ -385,15 +385,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--url", required=True, help="the jlserve server, e.g. http://host:8000")
     parser.add_argument("--run", type=Path, required=True, help="the worker's run directory")
-    parser.add_argument("--config", type=Path, help="YAML config for a new run (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (as for jlserve train)",
-    )
+    add_config_arguments(parser, "YAML config of the run when the worker starts it (configs/)")
     parser.add_argument(
         "--admin-token-file",
         type=Path,
