@@ -156,9 +156,14 @@ class Worker:
         while self.args.max_jobs is None or done < self.args.max_jobs:
             try:
                 claim = self.client.claim(self.name)
-            except ServerUnreachableError as exc:
+            except (ServerUnreachableError, httpx.TimeoutException) as exc:
                 self.console.print(f"waiting for the server: {exc}")
                 time.sleep(RETRY_S)
+                continue
+            except AdminRequestError as exc:
+                if exc.status != 503:  # a wrong token or URL: stop and say so
+                    raise
+                time.sleep(RETRY_S)  # still starting
                 continue
             if claim is None:
                 time.sleep(self.args.poll)
@@ -182,7 +187,13 @@ class Worker:
             finish = FinishRequest(lease_id=lease.id, status="cancelled") if exc.cancelled else None
         except JobRefused as exc:
             self.console.print(f"job {job.id}: {exc}")
-            finish = None  # the server failed the job when it refused the delta
+            # the server fails the job itself when its checks refuse the delta; a refusal
+            # before them (e.g. over the size limit) is reported here (else: 409, ignored)
+            finish = (
+                FinishRequest(lease_id=lease.id, status="cancelled")
+                if beat.cancel_requested  # cancelled between the last step and the publish
+                else self._failed(lease.id, JobErrorCode.PUBLISH_REFUSED, str(exc))
+            )
         except JlserveError as exc:
             code = JobErrorCode.TRAINING_FAILED
             if isinstance(exc, TaskFileError):

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,6 +19,7 @@ import openai
 import pytest
 
 from jlserve.delta import read_delta
+from tests.helpers.jobs import Worker, first_metrics, job_in, served, upload
 from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers
 from tests.helpers.taskfiles import chat_sentiment, completion, good_file, with_bad_line, with_turn
 
@@ -83,69 +80,6 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
         "train: {batch_size: 4, eval_batch_size: 8}\n"
     )
     return root
-
-
-class Worker:
-    """A `jlserve worker` process on the module's run."""
-
-    def __init__(self, server: ServerProcess, run_root: Path, *extra: str) -> None:
-        token = run_root / "admin.token"
-        token.write_text(ADMIN_TOKEN)
-        self.log = run_root / "worker.log"
-        cmd = [sys.executable, "-m", "jlserve", "worker", "--url", server.url]
-        cmd += ["--run", str(run_root / "run"), "--config", str(run_root / "cfg.yaml")]
-        cmd += ["--admin-token-file", str(token), "--poll", "0.5", "--name", "test", *extra]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"worker still running:\n{self.log.read_text()[-3000:]}") from None
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-
-def served(server: ServerProcess) -> dict:
-    r = httpx.get(f"{server.url}/admin/status", headers=admin_headers(), timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def until(check: Callable[[], object], timeout: float = 300, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what or check}")
-
-
-def job_in(client: openai.OpenAI, job_id: str, *statuses: str, timeout: float = 300):
-    return until(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status in statuses and j,
-        timeout,
-        f"{job_id} to be {statuses}",
-    )
-
-
-def first_metrics(client: openai.OpenAI, job_id: str) -> object:
-    return until(
-        lambda: any(
-            e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job_id, limit=100)
-        ),
-        what=f"a metrics event of {job_id}",
-    )
-
-
-def upload(client: openai.OpenAI, path: Path):
-    with open(path, "rb") as f:
-        return client.files.create(file=f, purpose="fine-tune")
 
 
 def run_info(run_dir: Path) -> dict:
