@@ -156,16 +156,20 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+def _unknown_keys(value: dict, allowed: tuple[str, ...], where: str) -> list[str]:
+    return [
+        f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)})"
+        for key in value
+        if key not in allowed
+    ]
+
+
 def _message(value: Any, where: str, problems: list[str]) -> Message | None:
     if not isinstance(value, dict):
         problems.append(f"{where}: not a JSON object but {_kind(value)}")
         return None
     before = len(problems)
-    problems += [
-        f"{where}: unknown key {key!r} (allowed: {', '.join(MESSAGE_KEYS)})"
-        for key in value
-        if key not in MESSAGE_KEYS
-    ]
+    problems += _unknown_keys(value, MESSAGE_KEYS, where)
     role = value.get("role")
     if "role" not in value:
         problems.append(f"{where}: no 'role'")
@@ -204,11 +208,7 @@ def _chat_example(
             problems.append(f"{where}: no 'messages' (keys: {keys})")
         return None
     before = len(problems)
-    problems += [
-        f"{where}: unknown key {key!r} (allowed: {', '.join(CHAT_KEYS)})"
-        for key in value
-        if key not in CHAT_KEYS
-    ]
+    problems += _unknown_keys(value, CHAT_KEYS, where)
     raw = value["messages"]
     if not isinstance(raw, list) or not raw:
         problems.append(f"{where}: 'messages' must be a non-empty list, not {_kind(raw)}")
@@ -239,11 +239,7 @@ def _completion_example(
         )
         return None
     before = len(problems)
-    problems += [
-        f"{where}: unknown key {key!r} (allowed: {', '.join(COMPLETION_KEYS)})"
-        for key in value
-        if key not in COMPLETION_KEYS
-    ]
+    problems += _unknown_keys(value, COMPLETION_KEYS, where)
     for key in COMPLETION_KEYS:
         if key not in value:
             problems.append(f"{where}: no {key!r}")
