@@ -105,7 +105,7 @@ class JobStore:
             raise StateError(
                 f"{self.root / 'jobs.db'}: cannot open the jobs database ({exc})"
             ) from None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by delete_file
         self._remove_unnamed_blobs()
 
     def close(self) -> None:
@@ -142,12 +142,9 @@ class JobStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            sha = digest.hexdigest()
-            os.replace(tmp, self.blobs / sha)  # same bytes, same name: replacing is harmless
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.add_file_record(sha, size, filename, purpose)
+            return self._add_file(Path(tmp), digest.hexdigest(), size, filename, purpose)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # moved into place, or left by a failure
 
     def put_bytes(self, data: bytes, filename: str, purpose: str) -> FileObject:
         """Store bytes the server made (a job's delta, its metrics)."""
@@ -155,7 +152,12 @@ class JobStore:
 
         return self.put_file(io.BytesIO(data), filename, purpose, limit=len(data))
 
-    def add_file_record(self, sha: str, size: int, filename: str, purpose: str) -> FileObject:
+    def _add_file(
+        self, staged: Path, sha: str, size: int, filename: str, purpose: str
+    ) -> FileObject:
+        """Move the staged bytes into place and record them, in one transaction: a delete
+        of the same content (which removes the bytes in its transaction) comes wholly
+        before or after, never between the two."""
         record = FileObject(
             id=new_id("file"),
             bytes=size,
@@ -165,6 +167,7 @@ class JobStore:
             sha256=sha,
         )
         with self._tx() as db:
+            os.replace(staged, self.blobs / sha)  # same bytes, same name: harmless to replace
             db.execute(
                 "INSERT INTO files (id, sha256, doc) VALUES (?, ?, ?)",
                 (record.id, sha, record.model_dump_json()),
@@ -191,20 +194,21 @@ class JobStore:
     def delete_file(self, file_id: str) -> None:
         """Remove a file; refused (ConflictError) while an unfinished job needs it."""
         record = self.file(file_id)
-        with self._tx() as db:
-            for (doc,) in db.execute("SELECT doc FROM jobs WHERE status IN (?, ?, ?)", _ACTIVE):
-                job = FineTuningJob.model_validate_json(doc)
-                if file_id in (job.training_file, job.validation_file):
-                    raise ConflictError(
-                        f"file {file_id} is used by {job.id} ({job.status}); cancel the job "
-                        "or wait for it to finish"
-                    )
-            db.execute("DELETE FROM files WHERE id = ?", (file_id,))
-            shared = db.execute(
-                "SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (record.sha256,)
-            ).fetchone()
-        if shared is None:
-            (self.blobs / record.sha256).unlink(missing_ok=True)
+        with self._lock:  # the bytes go after the commit, before any upload can add a row
+            with self._tx() as db:
+                for (doc,) in db.execute("SELECT doc FROM jobs WHERE status IN (?, ?, ?)", _ACTIVE):
+                    job = FineTuningJob.model_validate_json(doc)
+                    if file_id in (job.training_file, job.validation_file):
+                        raise ConflictError(
+                            f"file {file_id} is used by {job.id} ({job.status}); cancel the "
+                            "job or wait for it to finish"
+                        )
+                db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+                shared = db.execute(
+                    "SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (record.sha256,)
+                ).fetchone()
+            if shared is None:
+                (self.blobs / record.sha256).unlink(missing_ok=True)
 
     def _remove_unnamed_blobs(self) -> None:
         with self._lock:
