@@ -99,6 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: the admin token)",
     )
     jobs.add_argument(
+        "--jobs-dir",
+        type=Path,
+        help="where the jobs' database and files live (default: STATE_DIR/jobs)",
+    )
+    jobs.add_argument(
         "--max-file-bytes",
         type=positive_int,
         default=DEFAULT_MAX_UPLOAD_BYTES,
@@ -174,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
         training_token_file=(
             args.training_token_file.resolve() if args.training_token_file else None
         ),
+        jobs_dir=args.jobs_dir.resolve() if args.jobs_dir else None,
         max_file_bytes=args.max_file_bytes,
         job_lease_s=args.job_lease,
     )

@@ -54,6 +54,7 @@ class ServeConfig(BaseModel):
     rehash_base: bool = False  # ignore the state dir's digest cache (jlserve.digest_cache)
     # fine-tuning jobs (jlserve.jobs): their own token (default: the admin token)
     training_token_file: Path | None = None
+    jobs_dir: Path | None = None  # the jobs' database and files (default: STATE_DIR/jobs)
     max_file_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1)
     job_lease_s: float = Field(DEFAULT_LEASE_S, ge=1)
 
@@ -88,6 +89,7 @@ ENV_VARS = {
     "max_delta_bytes": "JLSERVE_MAX_DELTA_BYTES",
     "rehash_base": "JLSERVE_REHASH_BASE",
     "training_token_file": "JLSERVE_TRAINING_TOKEN_FILE",
+    "jobs_dir": "JLSERVE_JOBS_DIR",
     "max_file_bytes": "JLSERVE_MAX_FILE_BYTES",
     "job_lease_s": "JLSERVE_JOB_LEASE",
 }

@@ -134,7 +134,7 @@ class JlserveEndpointPlugin:
         state_dir = self.coordinator.store_root
         served_names = getattr(args, "served_model_name", None) or [args.model]
         self.jobs = JobService(
-            JobStore(state_dir / JOBS_DIR),
+            JobStore(config.jobs_dir or state_dir / JOBS_DIR),
             self.coordinator,
             served_names[0],
             JobMetrics(),

@@ -181,7 +181,7 @@ def _rank_log(logs: Path, rank: int) -> str:
     return path.read_text()
 
 
-@pytest.mark.slow  # four torchrun/python launches: ~90 s on 2 busy cores
+@pytest.mark.slow  # six torchrun/python launches: ~2 min on 2 busy cores
 def test_two_processes_train_like_one_and_only_rank_0_writes(tmp_path, tiny_model_dir) -> None:
     write_stream(tmp_path / "data")
     cfg = tmp_path / "cfg.yaml"
@@ -239,3 +239,16 @@ def test_two_processes_train_like_one_and_only_rank_0_writes(tmp_path, tiny_mode
     ]
     assert metrics3["accuracy"] == metrics2["accuracy"]
     assert metrics3["density"] == metrics2["density"]
+
+    # Tasks arrive under torchrun too: a one-task run plus the second task appended is the
+    # two-task run, version for version.
+    first = tmp_path / "first.yaml"
+    first.write_text(cfg.read_text().replace(f"order: {ORDER}", "tasks: [colors]"))
+    grown = tmp_path / "grown"
+    _train(2, first, grown)
+    _train(2, first, grown, "--add-task", f"moods={tmp_path / 'data' / 'moods'}")
+    info4, metrics4 = _run_info(grown)
+    assert [v["fingerprint"] for v in info4["versions"]] == [
+        v["fingerprint"] for v in info2["versions"]
+    ]
+    assert metrics4["accuracy"]["matrix"] == metrics2["accuracy"]["matrix"]

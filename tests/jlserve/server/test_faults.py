@@ -204,12 +204,14 @@ def faults(delta_chain, tmp_path_factory) -> Faults:
     flags = ("--admin-token-file", str(token_file))
     tmpfs = root / "state-a"
     mount_error = _try_mount_tmpfs(tmpfs)
+    # The jobs' database stays open for writing; off the tmpfs, which the read-only case
+    # remounts (a filesystem with a file open for writing cannot be remounted read-only).
     servers = {
         name: ServerProcess(
             delta_chain.base,
             root / f"state-{name}",
             root / f"{name}.log",
-            flags,
+            (*flags, "--jobs-dir", str(root / f"jobs-{name}")),
             env={FAULT_ENV: chain[0]},
         )
         for name, chain in CHAINS.items()
