@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, BinaryIO, Protocol
 
 from jlserve.client import delta_child_fingerprint
@@ -209,9 +210,7 @@ class JobService:
             created_at=now(),
             hyperparameters=settings,
             model=request.model,
-            seed=request.seed
-            if request.seed is not None
-            else int.from_bytes(job_id.encode()[-4:], "big") % 2**31,
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
             status=JobStatus.VALIDATING_FILES,
             training_file=request.training_file,
             validation_file=request.validation_file,
@@ -553,7 +552,7 @@ class JobService:
     async def _update_gauges(self) -> None:
         self.metrics.set_counts(await self._run(self.store.counts))
 
-    def _spawn(self, coro: Callable[..., Any] | Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -15,6 +15,7 @@ A user's file name is a column, never a path. The store is synchronous and threa
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import sqlite3
@@ -148,8 +149,6 @@ class JobStore:
 
     def put_bytes(self, data: bytes, filename: str, purpose: str) -> FileObject:
         """Store bytes the server made (a job's delta, its metrics)."""
-        import io
-
         return self.put_file(io.BytesIO(data), filename, purpose, limit=len(data))
 
     def _add_file(
