@@ -1,4 +1,5 @@
-"""`jlserve update|status|rollback`: talk to a running `jlserve serve` over its admin API."""
+"""`jlserve update|status|rollback|rollout`: talk to running `jlserve serve`s over their
+admin API."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from jlserve.client import (
     update_fleet,
 )
 from jlserve.errors import AdminRequestError
+from jlserve.rollout import delta_in_feed, follow, publish_to_feed, summary
 from jlserve.server.schemas import UpdateResponse
 
 
@@ -26,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument(
         "--url",
         action="append",
-        help=f"server URL (default: ${URL_ENV} or {DEFAULT_URL}); update takes it repeatedly",
+        help=f"server URL (default: ${URL_ENV} or {DEFAULT_URL}); update and rollout take it repeatedly",
     )
     common.add_argument(
         "--admin-token-file",
@@ -42,9 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"by fingerprint (default {DEFAULT_TIMEOUT_S:g})",
     )
 
+    replicas = argparse.ArgumentParser(add_help=False)
+    replicas.add_argument(
+        "--urls-file",
+        type=Path,
+        help="file with one replica URL per line (with or instead of --url)",
+    )
+
     update = subparsers.add_parser(
         "update",
-        parents=[common],
+        parents=[common, replicas],
         help="apply a delta to a running server (or to several replicas, one after another)",
     )
     update.add_argument("--delta", type=Path, required=True, help="delta file (.safetensors)")
@@ -54,16 +63,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="apply only if the server serves this model (compare-and-swap)",
     )
     update.add_argument(
-        "--urls-file",
-        type=Path,
-        help="file with one replica URL per line (with or instead of --url)",
-    )
-    update.add_argument(
         "--no-rollback-on-failure",
         action="store_true",
         help="with several replicas: leave the updated ones at the new version if one fails",
     )
     update.set_defaults(func=_update)
+
+    rollout = subparsers.add_parser(
+        "rollout",
+        parents=[common, replicas],
+        help="put a delta into the feed replicas watch (--watch) and follow it until every "
+        "replica serves it",
+    )
+    rollout.add_argument("--delta", type=Path, required=True, help="delta file (.safetensors)")
+    rollout.add_argument(
+        "--feed",
+        type=Path,
+        help="the feed folder to write the delta into (validated, written then renamed); "
+        "without it the delta is already there (a trainer's --publish-dir wrote it)",
+    )
+    rollout.add_argument(
+        "--interval", type=float, default=0.5, help="seconds between polls (default 0.5)"
+    )
+    rollout.set_defaults(func=_rollout)
 
     status = subparsers.add_parser("status", parents=[common], help="served version and history")
     status.set_defaults(func=_status)
@@ -173,6 +195,33 @@ def _update(args: argparse.Namespace) -> int:
     if unknown:
         state += f"; {', '.join(unknown)}: model unknown"
     raise AdminRequestError(f"update failed on {', '.join(failed) or 'no replica'}; {state}")
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    urls = _urls(args)
+    token = resolve_token(args.admin_token_file)
+    if args.feed is not None:
+        name, fingerprint, written = publish_to_feed(args.delta, args.feed)
+        how = "written to" if written else "already in"
+        print(f"{name} ({fingerprint}) {how} {args.feed}", file=sys.stderr)
+    else:
+        name, fingerprint = delta_in_feed(args.delta)
+    report = follow(
+        urls,
+        token,
+        name,
+        fingerprint,
+        timeout_s=args.timeout,
+        interval_s=args.interval,
+        on_event=(lambda _line: None) if args.json else (lambda line: print(line, file=sys.stderr)),
+    )
+    if args.json:
+        body = dataclasses.asdict(report)
+        body.update(converged=report.converged, disagreement_s=report.disagreement_s)
+        print(json.dumps(body, indent=2))
+    else:
+        print("\n".join(summary(report)))
+    return 0 if report.converged else 1
 
 
 def _rollback(args: argparse.Namespace) -> int:

@@ -67,6 +67,7 @@ class JlserveEndpointPlugin:
     def __init__(self) -> None:
         self.coordinator: SwapCoordinator | None = None
         self.jobs: JobService | None = None
+        self.watcher: DeltaWatcher | None = None
         self._config: ServeConfig | None = None
         self._auth = AdminAuth(configured=False)  # refuses (503) until init_state
         self._training_auth = AdminAuth(configured=False)
@@ -84,7 +85,11 @@ class JlserveEndpointPlugin:
         app.add_middleware(ModelVersionMiddleware, coordinator=lambda: self.coordinator)
         app.add_middleware(AdminAuthMiddleware, auth=self._auth, prefix=ADMIN_PREFIX)
         app.add_exception_handler(AdminHTTPError, admin_error_handler)
-        app.include_router(build_admin_router(lambda: self.coordinator))
+        app.include_router(
+            build_admin_router(
+                lambda: self.coordinator, lambda: self.watcher and self.watcher.report()
+            )
+        )
         app.include_router(build_worker_router(lambda: self.jobs, self._config.max_delta_bytes))
         # Outermost: the training routes have their own token, ahead of vLLM's key check.
         limit = self._config.max_file_bytes
@@ -144,7 +149,7 @@ class JlserveEndpointPlugin:
         self._training_auth.configure(read_training_token(config, token))
         self._auth.configure(token)
         if config.watch_dir is not None:
-            watcher = DeltaWatcher(config.watch_dir, self.coordinator, config.watch_interval_s)
-            task = asyncio.create_task(watcher.run(), name="jlserve-watch")
+            self.watcher = DeltaWatcher(config.watch_dir, self.coordinator, config.watch_interval_s)
+            task = asyncio.create_task(self.watcher.run(), name="jlserve-watch")
             self._background.add(task)
             task.add_done_callback(self._background.discard)

@@ -20,14 +20,19 @@ from jlserve.server.schemas import (
     RollbackRequest,
     RollbackResponse,
     StatusResponse,
+    WatchStatus,
 )
 
 ADMIN_PREFIX = "/admin"
 _ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 409, 412, 413, 500, 503)}
 
 
-def build_admin_router(coordinator: Callable[[], SwapCoordinator | None]) -> APIRouter:
-    """Routes bound to the coordinator the plugin creates once the engine is up."""
+def build_admin_router(
+    coordinator: Callable[[], SwapCoordinator | None],
+    watch: Callable[[], WatchStatus | None],
+) -> APIRouter:
+    """Routes bound to the coordinator the plugin creates once the engine is up, and to
+    the `--watch` folder's report (None without one)."""
 
     def current() -> SwapCoordinator:
         found = coordinator()
@@ -61,7 +66,7 @@ def build_admin_router(coordinator: Callable[[], SwapCoordinator | None]) -> API
 
     @router.get("/status", response_model=StatusResponse)
     async def get_status() -> StatusResponse:
-        return current().status()
+        return current().status().model_copy(update={"watch": watch()})
 
     return router
 

@@ -5,6 +5,8 @@ Plain data: no torch and no vLLM, so `jlserve update|status|rollback` start fast
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jlserve.store import BaseCheckpoint, ChainEntry, HistoryEvent
@@ -82,6 +84,33 @@ class RollbackResponse(UpdateResponse):
     """`POST /admin/rollback`."""
 
 
+WatchOutcome = Literal["applied", "already_served", "rejected"]
+
+
+class WatchRecord(BaseModel):
+    """What the `--watch` folder's watcher did with one file (as it was when seen: size
+    and mtime)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int
+    mtime_ns: int
+    outcome: WatchOutcome
+    message: str
+    version: int | None = None  # the server's version number after applying it
+    at: str
+
+
+class WatchStatus(BaseModel):
+    """The watched folder as this server sees it: what it did with each file, and which
+    complete files wait for their parent to be served. A rollout across replicas reads it
+    to say which replica refused a file and why."""
+
+    directory: str
+    files: dict[str, WatchRecord]
+    waiting: list[str] = Field(description="well-formed files whose parent is not served yet")
+
+
 class StatusResponse(BaseModel):
     """`GET /admin/status`."""
 
@@ -108,6 +137,7 @@ class StatusResponse(BaseModel):
         description="why the server refuses updates and fails /health: the engine's weights "
         "are unknown (a failed restore) or the engine died",
     )
+    watch: WatchStatus | None = Field(None, description="the `--watch` folder, when one is set")
 
 
 class ErrorDetail(BaseModel):

@@ -25,7 +25,6 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,27 +38,13 @@ from jlserve.errors import (
 )
 from jlserve.fsutil import atomic_write_bytes
 from jlserve.server.coordinator import SwapCoordinator
+from jlserve.server.schemas import WatchOutcome, WatchRecord, WatchStatus
 from jlserve.store import utc_now
 
 log = logging.getLogger("jlserve.watch")
 
 LEDGER_FILE = "watch.json"
 DELTA_SUFFIX = ".safetensors"
-
-Outcome = Literal["applied", "already_served", "rejected"]
-
-
-class WatchRecord(BaseModel):
-    """What the watcher did with one file (as it was when seen: size and mtime)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    size: int
-    mtime_ns: int
-    outcome: Outcome
-    message: str
-    version: int | None = None  # the server's version number after applying it
-    at: str
 
 
 class WatchLedger(BaseModel):
@@ -89,6 +74,14 @@ class DeltaWatcher:
         self._ledger = self._load_ledger()
         # name -> candidate: parsed once per (size, mtime), while it waits for its parent
         self._waiting: dict[str, _Candidate] = {}
+
+    def report(self) -> WatchStatus:
+        """For `/admin/status`: the ledger and the files waiting for their parent."""
+        return WatchStatus(
+            directory=self._ledger.directory,
+            files=dict(self._ledger.files),
+            waiting=sorted(self._waiting),
+        )
 
     async def run(self) -> None:
         """Scan forever; any failure is logged, never fatal."""
@@ -196,7 +189,7 @@ class DeltaWatcher:
     # ------------------------------------------------------------------ bookkeeping
 
     def _record(
-        self, c: _Candidate, outcome: Outcome, message: str, version: int | None = None
+        self, c: _Candidate, outcome: WatchOutcome, message: str, version: int | None = None
     ) -> None:
         name = c.path.name
         self._waiting.pop(name, None)

@@ -66,6 +66,26 @@ def test_two_tasks_plus_an_appended_one_equal_a_three_task_run(
     assert grown_loss == json.loads((fixed / "metrics.json").read_text())["loss"]
 
 
+@pytest.mark.slow
+def test_on_smollm2_two_tasks_plus_an_appended_one_equal_a_three_task_run(
+    tmp_path, smollm2_dir, cl_data_root
+) -> None:
+    """The default model and method (incLoRA + the learned gate), a few steps per task."""
+    cfg = _config(tmp_path, smollm2_dir, cl_data_root, {"name": "incLoRA"})
+    three = ["--set", f"data.tasks=[{', '.join(TWO_TASKS)}, {THIRD}]"]
+    fixed, grown = tmp_path / "fixed", tmp_path / "grown"
+    assert trainer_main(["--config", str(cfg), "--out", str(fixed), *three]) == 0
+    assert trainer_main(["--config", str(cfg), "--out", str(grown)]) == 0
+    add = ["--out", str(grown), "--add-task", f"{THIRD}={cl_data_root / THIRD}"]
+    assert jlserve_main(["learn", *add]) == 0
+    assert _chain(grown) == _chain(fixed)
+    grown_metrics = json.loads((grown / "metrics.json").read_text())
+    fixed_metrics = json.loads((fixed / "metrics.json").read_text())
+    assert grown_metrics["accuracy"]["tasks"] == [*TWO_TASKS, THIRD]
+    assert grown_metrics["accuracy"]["matrix"] == fixed_metrics["accuracy"]["matrix"]
+    assert grown_metrics["loss"] == fixed_metrics["loss"]
+
+
 def test_a_run_of_added_tasks_grows_and_refuses_what_would_break_its_chain(
     tmp_path, tiny_model_dir, cl_data_root, capsys
 ) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jlserve.delta import read_delta
 from tests.helpers.jobs import Worker, first_metrics, job_in, served, upload
@@ -313,6 +315,32 @@ def test_a_model_changed_under_a_job_fails_it_and_the_worker_refuses_until_in_st
     again = client.fine_tuning.jobs.create(model=server.model_name, **files)
     Worker(server, run_dir, "--max-jobs", "1").wait()
     assert job_in(client, again.id, "succeeded", "failed").status == "succeeded"
+
+
+def test_prometheus_metrics_count_the_jobs_as_the_api_lists_them(client, server):
+    """/metrics after the jobs above: the gauge per status, the failures per error code and
+    the durations of the claimed jobs agree with what the jobs API says of each job."""
+    jobs = list(client.fine_tuning.jobs.list(limit=100))
+    families = {
+        f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+    }
+    gauge = {s.labels["status"]: s.value for s in families["jlserve_jobs"].samples}
+    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        assert gauge.get(status, 0) == sum(j.status == status for j in jobs), status
+    failed = Counter(j.error.code for j in jobs if j.status == "failed")
+    assert {"worker_lost", "parent_changed", "model_out_of_sync"} <= failed.keys()
+    counted = {
+        s.labels["code"]: s.value
+        for s in families["jlserve_jobs_failed"].samples
+        if s.name == "jlserve_jobs_failed_total"
+    }
+    assert counted == failed
+    durations = {
+        s.labels["status"]: s.value
+        for s in families["jlserve_job_duration_seconds"].samples
+        if s.name == "jlserve_job_duration_seconds_count"
+    }
+    assert durations["succeeded"] == gauge["succeeded"]  # every one was claimed by a worker
 
 
 def test_a_server_killed_mid_job_comes_back_and_the_job_finishes(client, files, server, run_dir):

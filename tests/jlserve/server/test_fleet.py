@@ -1,14 +1,16 @@
 """`jlserve update` across several replicas: per-replica results and fingerprints, no
-silent mix of models."""
+silent mix of models; `jlserve rollout` through the feed folder every replica watches."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
+from jlserve.checkpoint import load_tensors
 from jlserve.cli import main
 from jlserve.delta import read_delta
 from jlserve.local_server import free_port
+from tests.helpers.bad_deltas import good_delta, model_errors
 from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
 
 pytestmark = pytest.mark.slow
@@ -19,13 +21,15 @@ def replicas(delta_chain, tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     token_file = root / "admin.token"
     token_file.write_text(ADMIN_TOKEN)
-    flags = ("--admin-token-file", str(token_file))
+    feed = root / "feed"  # the folder every replica watches
+    feed.mkdir()
+    flags = ("--admin-token-file", str(token_file), "--watch", str(feed))
     servers = [
         ServerProcess(delta_chain.base, root / f"state{i}", root / f"r{i}.log", flags)
         for i in range(2)
     ]
     start_all(servers)
-    yield servers, token_file
+    yield servers, token_file, feed
     for server in servers:
         server.stop()
 
@@ -38,8 +42,10 @@ def child(delta) -> str:
     return read_delta(delta).metadata.child_fingerprint
 
 
-def update(capsys, token_file, delta, urls, *flags: str) -> tuple[int, str, str]:
-    argv = ["update", "--delta", str(delta), "--admin-token-file", str(token_file), *flags]
+def update(
+    capsys, token_file, delta, urls, *flags: str, command: str = "update"
+) -> tuple[int, str, str]:
+    argv = [command, "--delta", str(delta), "--admin-token-file", str(token_file), *flags]
     for url in urls:
         argv += ["--url", url]
     code = main(argv)
@@ -48,7 +54,7 @@ def update(capsys, token_file, delta, urls, *flags: str) -> tuple[int, str, str]
 
 
 def test_fleet_rollout(replicas, delta_chain, capsys, tmp_path):
-    servers, token_file = replicas
+    servers, token_file, _ = replicas
     urls = [s.url for s in servers]
 
     # 1. Every replica takes the delta; each one is reported with the model it serves.
@@ -82,3 +88,63 @@ def test_fleet_rollout(replicas, delta_chain, capsys, tmp_path):
     )
     assert code == 2 and f"MIXED VERSIONS: {urls[0]} serve the new model {v2}" in err
     assert [fingerprint(s) for s in servers] == [v2, v1]
+
+
+def test_rollout_through_the_feed_follows_every_replica_and_names_refusals(
+    replicas, delta_chain, capsys, tmp_path
+):
+    servers, token_file, feed = replicas
+    urls = [s.url for s in servers]
+    v1, v2 = child(delta_chain.deltas[0]), child(delta_chain.deltas[1])
+    # the previous test left [v2, v1]: the first replica goes back to v1
+    r = httpx.post(f"{urls[0]}/admin/rollback", json={"to_version": 1}, headers=admin_headers())
+    assert r.status_code == 200, r.text
+    assert [fingerprint(s) for s in servers] == [v1, v1]
+
+    # 1. Written into the feed, taken by each replica on its own, followed to the end.
+    code, out, err = update(
+        capsys, token_file, delta_chain.deltas[1], urls, "--feed", str(feed), command="rollout"
+    )
+    assert code == 0, out + err
+    assert (feed / "task2.safetensors").read_bytes() == delta_chain.deltas[1].read_bytes()
+    assert f"rollout done: all 2 replicas serve {v2}" in out and "they disagreed for" in out
+    assert all(f"{url}: serves it since +" in out for url in urls)
+    assert [fingerprint(s) for s in servers] == [v2, v2]
+    watch = httpx.get(f"{urls[0]}/admin/status", headers=admin_headers()).json()["watch"]
+    assert watch["files"]["task2.safetensors"]["outcome"] == "applied"
+    # again: already in the feed, already served
+    code, out, err = update(
+        capsys, token_file, delta_chain.deltas[1], urls, "--feed", str(feed), command="rollout"
+    )
+    assert code == 0 and "already in" in err
+
+    # 2. A replica that never answers lags, and the rollout says so when its time is up.
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, _ = update(
+        capsys, token_file, delta_chain.deltas[1], [*urls, dead], "--timeout", "2",
+        command="rollout",
+    )  # fmt: skip
+    assert code == 1
+    assert f"{dead}: LAGS: serves unknown; unreachable" in out
+    assert "rollout INCOMPLETE after" in out and f"({dead})" in out
+
+    # 3. A well-formed delta that does not fit the served model: every replica refuses it
+    # (its watch record says why) and keeps serving v2.
+    bad = model_errors(good_delta(load_tensors(delta_chain.merged[2])))
+    (case,) = [c for c in bad if c.name == "old-values-differ"]
+    bad_file = tmp_path / "task3-bad.safetensors"
+    bad_file.write_bytes(case.data)
+    code, out, _ = update(
+        capsys, token_file, bad_file, urls, "--feed", str(feed), command="rollout"
+    )
+    assert code == 1, out
+    assert out.count("REFUSED it: ") == 2 and out.count(case.message) == 2
+    assert [fingerprint(s) for s in servers] == [v2, v2]
+
+    # 4. A malformed file never reaches the feed.
+    corrupt = tmp_path / "task3.safetensors"
+    corrupt.write_bytes(delta_chain.deltas[2].read_bytes()[:-10])
+    before = sorted(p.name for p in feed.iterdir())
+    code, _, err = update(capsys, token_file, corrupt, urls, "--feed", str(feed), command="rollout")
+    assert code == 2 and "task3.safetensors" in err
+    assert sorted(p.name for p in feed.iterdir()) == before
