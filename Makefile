@@ -1,6 +1,6 @@
 # jlserve: every target sets itself up (venv, pinned install, default model) and reuses
 # what is already there. `make test` is the CI entry point (.ci/run), then
-# `make test-container` where podman works.
+# `make test-container` and `make test-k8s` where podman works.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -20,7 +20,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export JLSERVE_SMOLLM2_DIR := $(abspath $(MODEL))
 
 .PHONY: setup model test test-fast lint demo demo-quick serve bench bench-quick lock clean \
-	podman-ready image image-gpu-standin test-container
+	podman-ready image image-gpu-standin test-container test-k8s
 
 setup: $(STAMP)
 
@@ -70,7 +70,7 @@ PIP_MOUNTS    = -v $(abspath docker/podman/pip.conf):/etc/pip.conf:ro \
 IMAGE_ARGS    = --build-arg BASE_IMAGE=$(BASE_STANDIN) $(PIP_MOUNTS) \
 	$(if $(WHEELS_DIR),-v $(WHEELS_DIR):/run/jlserve-build/wheels:ro --build-arg TORCH_INDEX_URL=)
 
-podman-ready image image-gpu-standin test-container: export CONTAINERS_CONF := $(abspath docker/podman/containers.conf)
+podman-ready image image-gpu-standin test-container test-k8s: export CONTAINERS_CONF := $(abspath docker/podman/containers.conf)
 
 podman-ready:
 	docker/podman/setup.sh $(BASE_STANDIN)
@@ -88,6 +88,10 @@ image-gpu-standin: podman-ready
 
 test-container: setup model image
 	JLSERVE_TEST_CONTAINERS=1 $(PY) -m pytest -q -ra -s -m container tests/docker
+
+# deploy/k8s/ under `podman kube play`: two replicas, rollouts through the shared feed.
+test-k8s: setup model image
+	JLSERVE_TEST_K8S=1 $(PY) -m pytest -q -ra -s -m container tests/deploy
 
 demo: setup model
 	$(PY) -m trainer.demo

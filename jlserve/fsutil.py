@@ -8,9 +8,14 @@ import os
 import tempfile
 from pathlib import Path
 
+# Files other processes read, as another user (a feed folder watched by replicas in
+# containers): readable by all. Everything else stays private to its writer (0600).
+SHARED_FILE_MODE = 0o644
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a part.
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a part;
+    with `mode` (e.g. SHARED_FILE_MODE) the file gets those permissions, else 0600.
 
     The directory is synced after the rename, so once this returns the new file survives
     a power loss too (an acknowledged update is never lost). A failure of that sync is
@@ -21,6 +26,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

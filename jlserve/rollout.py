@@ -24,9 +24,8 @@ from pathlib import Path
 import httpx
 
 from jlserve.client import AdminClient, read_delta_bytes
-from jlserve.delta import parse_delta
 from jlserve.errors import AdminRequestError
-from jlserve.fsutil import atomic_write_bytes
+from jlserve.fsutil import SHARED_FILE_MODE, atomic_write_bytes
 from jlserve.server.schemas import StatusResponse
 
 POLL_TIMEOUT_S = 5.0  # one status request; a replica slower than this counts as not answering
@@ -95,7 +94,7 @@ def publish_to_feed(delta_file: Path, feed_dir: Path) -> tuple[str, str, bool]:
             "handles each name once)"
         )
     try:
-        atomic_write_bytes(target, data)
+        atomic_write_bytes(target, data, mode=SHARED_FILE_MODE)
     except OSError as exc:
         raise AdminRequestError(f"{target}: cannot write into the feed ({exc})") from None
     return name, fingerprint, True
@@ -108,6 +107,9 @@ def delta_in_feed(delta_file: Path) -> tuple[str, str]:
 
 def _child(data: bytes, source: Path) -> str:
     """The child fingerprint of a fully validated delta (DeltaFormatError otherwise)."""
+    # Imported here: the delta parser needs torch, which `jlserve status|update` never load.
+    from jlserve.delta import parse_delta
+
     return parse_delta(data, source=str(source)).metadata.child_fingerprint
 
 

@@ -24,7 +24,7 @@ from typing import Protocol
 from jlserve.client import AdminClient
 from jlserve.delta import SparseDelta
 from jlserve.errors import AdminRequestError, ServerUnreachableError
-from jlserve.fsutil import atomic_write_bytes
+from jlserve.fsutil import SHARED_FILE_MODE, atomic_write_bytes
 from trainer.errors import TrainerError
 
 
@@ -93,7 +93,7 @@ class DirectoryPublisher:
     def publish(self, delta: SparseDelta, data: bytes, file_name: str) -> Receipt:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.directory / file_name, data)
+            atomic_write_bytes(self.directory / file_name, data, mode=SHARED_FILE_MODE)
         except OSError as exc:
             raise TrainerError(f"publish {file_name} to {self.directory}: {exc}") from None
         return Receipt(f"wrote {self.directory / file_name}")

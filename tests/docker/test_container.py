@@ -17,11 +17,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
-from jlserve.checkpoint import load_tensors
-from jlserve.delta import diff_tensors, write_delta
 from jlserve.local_server import free_port
+from tests.helpers.containers import podman, smollm2_deltas
 from tests.helpers.serving import ADMIN_TOKEN, admin_headers
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -86,13 +84,6 @@ class Stack:
             time.sleep(1.0)
 
 
-def podman(*args: str, check: bool = True) -> str:
-    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120)
-    if check:
-        assert result.returncode == 0, f"podman {args}: {result.stderr[-2000:]}"
-    return result.stdout + (result.stderr if not check else "")
-
-
 def chat(stack: Stack) -> tuple[str, str]:
     """One chat completion with the openai client: (answer, version header)."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", timeout=60)
@@ -119,26 +110,6 @@ def wait_for_version(stack: Stack, version: int, timeout: float = 120.0) -> None
             f"version {version} not reached:\n{stack.logs()[-3000:]}"
         )
         time.sleep(0.5)
-
-
-def smollm2_deltas(smollm2_dir: Path, out: Path) -> list[Path]:
-    """Two chained deltas on SmolLM2 (final norm, then part of one MLP matrix)."""
-    current = load_tensors(smollm2_dir)
-    gen = torch.Generator().manual_seed(13)
-    paths = []
-    for version, name in enumerate(
-        ("model.norm.weight", "model.layers.3.mlp.down_proj.weight"), start=1
-    ):
-        target = dict(current)
-        flat = current[name].reshape(-1).clone()
-        idx = torch.randperm(flat.numel(), generator=gen)[:4096]
-        flat[idx] += (0.05 * torch.randn(idx.numel(), generator=gen)).to(flat.dtype)
-        target[name] = flat.view(current[name].shape)
-        path = out / f"task{version}.safetensors"
-        write_delta(diff_tensors(current, target, task=f"task{version}", version=version), path)
-        paths.append(path)
-        current = target
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +165,9 @@ def test_healthcheck_command_passes(stack):
 
 
 def test_update_with_the_admin_secret(stack, smollm2_dir, tmp_path_factory):
-    stack.deltas = deltas = smollm2_deltas(smollm2_dir, tmp_path_factory.mktemp("smollm2-deltas"))
+    stack.deltas = deltas = smollm2_deltas(smollm2_dir, tmp_path_factory.mktemp("smollm2-deltas"))[
+        0
+    ]
     refused = httpx.get(f"{stack.url}/admin/status", timeout=10)
     assert refused.status_code == 401
     result = subprocess.run(

@@ -168,6 +168,8 @@ def test_publish_dir_feeds_a_watching_server(setup, tmp_path):
     assert code == 0
     assert status(server)["fingerprint"] == final_fingerprint(run)
     assert accuracy(run) == accuracy(setup["ref"])
+    # readable by a server that runs as another user (a container's)
+    assert {p.stat().st_mode & 0o777 for p in setup["watch"].glob("*.safetensors")} == {0o644}
 
 
 def test_republishing_an_applied_delta_is_skipped(setup, tmp_path, capsys):

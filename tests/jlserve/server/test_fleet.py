@@ -107,6 +107,7 @@ def test_rollout_through_the_feed_follows_every_replica_and_names_refusals(
     )
     assert code == 0, out + err
     assert (feed / "task2.safetensors").read_bytes() == delta_chain.deltas[1].read_bytes()
+    assert (feed / "task2.safetensors").stat().st_mode & 0o777 == 0o644  # replicas' user reads it
     assert f"rollout done: all 2 replicas serve {v2}" in out and "they disagreed for" in out
     assert all(f"{url}: serves it since +" in out for url in urls)
     assert [fingerprint(s) for s in servers] == [v2, v2]

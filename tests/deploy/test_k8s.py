@@ -1,0 +1,353 @@
+"""deploy/k8s/ run with `podman kube play`: two replicas of the CPU image on one shared
+delta feed, rolled out with `jlserve rollout` while a client keeps sending requests.
+
+Run by `make test-k8s`, which builds the image first and sets JLSERVE_TEST_K8S=1; the
+tests follow each other on one running deployment. What podman cannot do is stood in for,
+and said here: podman 4.3 crashes on a Secret volume inside a Deployment (a nil secrets
+manager in `kube play`), so the admin token's volume becomes a read-only host folder;
+podman 4.3 publishes every containerPort on the host, so two replicas clash on :8000: the
+ports list goes (the probes name the port by number instead); podman 4.3 makes an
+emptyDir a named volume on disk, owned by root, that every pod of the Deployment shares,
+so each replica is played as a Deployment of one with its own volumes, its `/dev/shm`
+one created first as a tmpfs its user can write, and its vLLM bound to a core of its own;
+podman has no Service, so the client sends each request to the next replica that passes
+the readiness check (`/health`, polled every second as the manifest's probe does). The
+manifests are played unchanged otherwise (names get a test prefix, the KV cache
+is 1 GiB so two replicas fit beside the rest of the suite).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from jlserve.delta import read_delta
+from tests.helpers.bad_deltas import good_delta, model_errors
+from tests.helpers.containers import podman, smollm2_deltas
+from tests.helpers.serving import ADMIN_TOKEN, admin_headers
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+if os.environ.get("JLSERVE_TEST_K8S") != "1":
+    pytest.skip("Kubernetes manifests are tested by `make test-k8s`", allow_module_level=True)
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+NAME = "jlserve-k8s-test"
+FEED = f"{NAME}-feed"
+REPLICAS = 2
+STARTUP_TIMEOUT_S = 900.0  # both pods prepare SmolLM2 into their volume, then load vLLM
+JLSERVE_BIN = str(Path(sys.executable).with_name("jlserve"))
+VERSION_HEADER = "x-jlserve-model-version"
+
+
+def render(token_dir: Path) -> tuple[str, list[str]]:
+    """feed.yaml + deployment.yaml as podman plays them (see the module docstring), and
+    the volumes to create first as tmpfs (the replicas' `medium: Memory` emptyDirs)."""
+    (feed,) = yaml.safe_load_all((MANIFESTS / "feed.yaml").read_text())
+    (deployment,) = yaml.safe_load_all((MANIFESTS / "deployment.yaml").read_text())
+    feed["metadata"]["name"] = FEED
+    assert deployment["spec"]["replicas"] == REPLICAS
+    pod = deployment["spec"]["template"]["spec"]
+    for volume in pod["volumes"]:
+        if "secret" in volume:
+            volume.pop("secret")
+            volume["hostPath"] = {"path": str(token_dir), "type": "Directory"}
+        if "persistentVolumeClaim" in volume:
+            volume["persistentVolumeClaim"]["claimName"] = FEED
+    (container,) = pod["containers"]
+    (port,) = container.pop("ports")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        container[probe]["httpGet"]["port"] = port["containerPort"]
+    for env in container["env"]:
+        if env["name"] == "VLLM_CPU_KVCACHE_SPACE":
+            env["value"] = "1"
+    replicas = [_one_replica(i, deployment) for i in range(REPLICAS)]
+    in_memory = [
+        v["name"]
+        for one in replicas
+        for v in one["spec"]["template"]["spec"]["volumes"]
+        if v.get("emptyDir", {}).get("medium") == "Memory"
+    ]
+    return yaml.safe_dump_all([feed, *replicas]), in_memory
+
+
+def _one_replica(index: int, deployment: dict) -> dict:
+    """Replica `index` as a Deployment of its own, its emptyDir volumes named after it:
+    podman 4.3 makes an emptyDir a named volume (on disk, owned by root) shared by every
+    pod of the Deployment."""
+    one = copy.deepcopy(deployment)
+    one["metadata"]["name"] = f"{NAME}-{index}"
+    one["spec"]["replicas"] = 1
+    pod = one["spec"]["template"]["spec"]
+    # Each replica computes on a core of its own, as a pod with its own CPUs would (here
+    # every container sees all cores, and vLLM's automatic binding picks the same one).
+    cores = os.cpu_count() or 1
+    bind = {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": str(index % cores)}
+    pod["containers"][0]["env"].append(bind)
+    private = {v["name"]: f"{NAME}-{index}-{v['name']}" for v in pod["volumes"] if "emptyDir" in v}
+    for volume in pod["volumes"]:
+        volume["name"] = private.get(volume["name"], volume["name"])
+    for mount in pod["containers"][0]["volumeMounts"]:
+        mount["name"] = private.get(mount["name"], mount["name"])
+    return one
+
+
+def _cleanup(manifest: Path) -> None:
+    podman("kube", "down", str(manifest), check=False)
+    names = podman("volume", "ls", "--format", "{{.Name}}").split()
+    for name in names:
+        if name.startswith(NAME):
+            podman("volume", "rm", "-f", name, check=False)
+
+
+@dataclass
+class Replica:
+    pod: str
+    container: str
+    url: str
+
+    def pid(self) -> int:
+        return int(podman("inspect", "--format", "{{.State.Pid}}", self.container).strip())
+
+    def restarts(self) -> int:
+        return int(podman("inspect", "--format", "{{.RestartCount}}", self.container).strip())
+
+    def logs(self) -> str:
+        return podman("logs", self.container, check=False)[-4000:]
+
+    def status(self) -> dict:
+        r = httpx.get(f"{self.url}/admin/status", headers=admin_headers(), timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@dataclass
+class Traffic:
+    """A client through the stand-in Service: one chat request after another, each to
+    the next ready replica; every answer and failure is kept with the phase it fell in."""
+
+    replicas: list[Replica]
+    phase: str = "start"
+    ready: set[str] = field(default_factory=set)
+    results: list[tuple[str, str, bool, str]] = field(default_factory=list)  # phase, url, ok, why
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        threading.Thread(target=self._probe, daemon=True).start()
+        threading.Thread(target=self._send, daemon=True).start()
+
+    def _probe(self) -> None:
+        while not self.stop.is_set():
+            for r in self.replicas:
+                try:
+                    ok = httpx.get(f"{r.url}/health", timeout=3).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                (self.ready.add if ok else self.ready.discard)(r.url)
+            time.sleep(1.0)
+
+    def _send(self) -> None:
+        clients = {
+            r.url: openai.OpenAI(
+                base_url=f"{r.url}/v1", api_key="unused", timeout=60, max_retries=0
+            )
+            for r in self.replicas
+        }
+        for url in itertools.cycle(clients):
+            if self.stop.is_set():
+                return
+            time.sleep(0.1)  # a steady client, not one that saturates a core
+            if url not in self.ready:
+                continue
+            phase = self.phase
+            try:
+                raw = clients[url].chat.completions.with_raw_response.create(
+                    model="smollm2",  # the checkpoint folder's name, /models/smollm2
+                    messages=[{"role": "user", "content": "What is the capital of France?"}],
+                    max_tokens=4,
+                    temperature=0,
+                )
+                raw.parse()
+                self.results.append((phase, url, True, raw.headers[VERSION_HEADER]))
+            except (openai.APIError, httpx.HTTPError) as exc:
+                self.results.append((phase, url, False, f"{type(exc).__name__}: {exc}"))
+
+    def failures(self, phase: str) -> list[tuple[str, str, bool, str]]:
+        return [r for r in self.results if r[0] == phase and not r[2]]
+
+    def count(self, phase: str) -> int:
+        return sum(r[0] == phase for r in self.results)
+
+
+@dataclass
+class Cluster:
+    replicas: list[Replica]
+    feed: Path  # the feed volume's folder on this host: where a trainer would write
+    token_file: Path
+    traffic: Traffic
+    deltas: list[Path]
+    weights: dict  # the model after both deltas
+    started_s: float
+
+
+def rollout(cluster: Cluster, delta: Path, timeout_s: float = 600) -> subprocess.Popen:
+    argv = [JLSERVE_BIN, "rollout", "--delta", str(delta), "--feed", str(cluster.feed)]
+    argv += ["--admin-token-file", str(cluster.token_file), "--timeout", str(timeout_s)]
+    for r in cluster.replicas:
+        argv += ["--url", r.url]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """(exit code, the summary on stdout); the live events on stderr are printed."""
+    out, err = proc.communicate(timeout=900)
+    print(f"\n{err}{out}")
+    return proc.returncode, out
+
+
+def child(delta: Path) -> str:
+    return read_delta(delta).metadata.child_fingerprint
+
+
+def _replicas() -> list[Replica]:
+    replicas = []
+    for i in range(REPLICAS):
+        pod = f"{NAME}-{i}-pod-0"
+        container = f"{pod}-jlserve"
+        ip = podman(
+            "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            container,
+        ).strip()  # fmt: skip
+        assert ip, f"{container} has no address"
+        replicas.append(Replica(pod, container, f"http://{ip}:8000"))
+    return replicas
+
+
+def _wait_ready(replicas: list[Replica], deadline: float) -> None:
+    for r in replicas:
+        while True:
+            try:
+                if httpx.get(f"{r.url}/health", timeout=3).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            state = podman("inspect", "--format", "{{.State.Status}}", r.container).strip()
+            assert state in {"running", "created", "configured"}, r.logs()
+            assert time.monotonic() < deadline, f"{r.pod} not ready in time:\n{r.logs()}"
+            time.sleep(2.0)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, smollm2_dir):
+    root = tmp_path_factory.mktemp("k8s")
+    token_dir = root / "secret"
+    token_dir.mkdir(mode=0o755)
+    (token_dir / "token").write_text(ADMIN_TOKEN)
+    (token_dir / "token").chmod(0o644)  # host modes reach the pod: its user 10001 reads it
+    token_dir.chmod(0o755)
+    manifest = root / "jlserve-k8s.yaml"
+    text, in_memory = render(token_dir)
+    manifest.write_text(text)
+    _cleanup(manifest)  # what an interrupted run left
+    for name in in_memory:  # /dev/shm: tmpfs writable by the image's user, as in Kubernetes
+        podman("volume", "create", "--opt", "type=tmpfs", "--opt", "device=tmpfs",
+               "--opt", "o=uid=10001,gid=10001,mode=1777", name)  # fmt: skip
+    started = time.monotonic()
+    try:
+        podman("kube", "play", str(manifest))
+        replicas = _replicas()
+        feed = Path(podman("volume", "inspect", "--format", "{{.Mountpoint}}", FEED).strip())
+        deltas, weights = smollm2_deltas(smollm2_dir, root)
+        _wait_ready(replicas, started + STARTUP_TIMEOUT_S)
+        traffic = Traffic(replicas)
+        traffic.start()
+        yield Cluster(
+            replicas, feed, token_dir / "token", traffic, deltas, weights,
+            time.monotonic() - started,
+        )  # fmt: skip
+        traffic.stop.set()
+        summary = {
+            phase: f"{traffic.count(phase)} requests, {len(traffic.failures(phase))} failed"
+            for phase in dict.fromkeys(r[0] for r in traffic.results)
+        }
+        print(f"\nk8s: client traffic by phase: {summary}; load {os.getloadavg()}")
+    finally:
+        _cleanup(manifest)
+
+
+def test_two_replicas_serve_the_same_model(cluster):
+    statuses = [r.status() for r in cluster.replicas]
+    assert {s["fingerprint"] for s in statuses} == {statuses[0]["fingerprint"]}
+    assert all(s["watch"]["directory"] == "/feed" for s in statuses)
+    time.sleep(3)  # some traffic on the base
+    assert cluster.traffic.count("start") > 0 and not cluster.traffic.failures("start")
+    print(f"\nk8s: {REPLICAS} replicas ready {cluster.started_s:.1f} s after `kube play`")
+
+
+def test_a_rollout_reaches_every_replica_with_no_failed_request(cluster):
+    cluster.traffic.phase = "rollout"
+    code, out = finish(rollout(cluster, cluster.deltas[0]))
+    assert code == 0, out
+    target = child(cluster.deltas[0])
+    assert f"rollout done: all {REPLICAS} replicas serve {target}" in out
+    assert [r.status()["fingerprint"] for r in cluster.replicas] == [target] * REPLICAS
+    time.sleep(2)
+    cluster.traffic.phase = "after-rollout"
+    time.sleep(3)
+    assert not cluster.traffic.failures("rollout"), cluster.traffic.failures("rollout")
+    served = Counter(r[3] for r in cluster.traffic.results if r[0] == "after-rollout")
+    assert set(served) == {"1"}, served  # every answer after the rollout is the new version
+
+
+def test_a_replica_killed_mid_rollout_comes_back_at_the_latest_version(cluster):
+    victim, survivor = cluster.replicas[1], cluster.replicas[0]
+    before = victim.restarts()
+    cluster.traffic.phase = "kill"
+    proc = rollout(cluster, cluster.deltas[1])
+    landed = cluster.feed / cluster.deltas[1].name
+    deadline = time.monotonic() + 60
+    while not landed.exists():  # the delta is in the feed: the replicas are taking it
+        assert time.monotonic() < deadline and proc.poll() is None, finish(proc)
+        time.sleep(0.05)
+    os.kill(victim.pid(), signal.SIGKILL)  # a crash: the container's main process dies
+    code, out = finish(proc)
+    assert code == 0, out + victim.logs()
+    target = child(cluster.deltas[1])
+    assert f"rollout done: all {REPLICAS} replicas serve {target}" in out
+    assert victim.restarts() == before + 1  # restarted by its policy, in the same pod
+    assert [r.status()["fingerprint"] for r in cluster.replicas] == [target] * REPLICAS
+    failed = cluster.traffic.failures("kill")
+    # only requests to the killed replica can fail (in flight, or before the probe saw it)
+    assert all(url == victim.url for _, url, _, _ in failed), failed
+    assert not [r for r in cluster.traffic.results if r[0] == "kill" and r[1] == survivor.url
+                and not r[2]]  # fmt: skip
+    print(f"\nk8s: kill phase: {len(failed)} of {cluster.traffic.count('kill')} requests failed")
+
+
+def test_a_bad_delta_in_the_feed_is_refused_by_every_replica(cluster, tmp_path):
+    cluster.traffic.phase = "bad"
+    before = [r.status()["fingerprint"] for r in cluster.replicas]
+    (case,) = [
+        c for c in model_errors(good_delta(cluster.weights)) if c.name == "old-values-differ"
+    ]
+    bad = tmp_path / "task3.safetensors"
+    bad.write_bytes(case.data)
+    code, out = finish(rollout(cluster, bad, timeout_s=120))
+    assert code == 1, out
+    assert out.count("REFUSED it: ") == REPLICAS and out.count(case.message) == REPLICAS
+    assert [r.status()["fingerprint"] for r in cluster.replicas] == before
+    time.sleep(2)
+    assert not cluster.traffic.failures("bad"), cluster.traffic.failures("bad")
