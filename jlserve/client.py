@@ -116,8 +116,8 @@ class AdminClient:
         )
         return result.model_copy(update={"note": f"{waited}; sent again: {how}"})
 
-    def status(self) -> StatusResponse:
-        return self._call("GET", "/admin/status", StatusResponse, timeout=STATUS_TIMEOUT_S)
+    def status(self, timeout_s: float = STATUS_TIMEOUT_S) -> StatusResponse:
+        return self._call("GET", "/admin/status", StatusResponse, timeout=timeout_s)
 
     def rollback(
         self,

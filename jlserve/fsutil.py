@@ -13,9 +13,13 @@ from pathlib import Path
 SHARED_FILE_MODE = 0o644
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+def atomic_write_bytes(
+    path: Path, data: bytes, mode: int | None = None, *, exclusive: bool = False
+) -> None:
     """Write `data` to `path` so readers see the old file or the new one, never a part;
-    with `mode` (e.g. SHARED_FILE_MODE) the file gets those permissions, else 0600.
+    with `mode` (e.g. SHARED_FILE_MODE) the file gets those permissions, else 0600. With
+    `exclusive`, an existing `path` is never replaced (FileExistsError), even by a
+    concurrent writer.
 
     The directory is synced after the rename, so once this returns the new file survives
     a power loss too (an acknowledged update is never lost). A failure of that sync is
@@ -31,7 +35,11 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # fails if `path` exists
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,14 @@ from pathlib import Path
 import httpx
 
 from jlserve.client import AdminClient, read_delta_bytes
-from jlserve.errors import AdminRequestError
+from jlserve.errors import AdminRequestError, ServerUnreachableError
 from jlserve.fsutil import SHARED_FILE_MODE, atomic_write_bytes
 from jlserve.server.schemas import StatusResponse
 
-POLL_TIMEOUT_S = 5.0  # one status request; a replica slower than this counts as not answering
+POLL_TIMEOUT_S = 5.0
+UNREACHABLE = (
+    "unreachable"  # one status request; a replica slower than this counts as not answering
+)
 
 
 @dataclass
@@ -38,23 +42,32 @@ class ReplicaProgress:
     url: str
     version: int | None = None  # what it serves, as last seen
     fingerprint: str | None = None
-    converged_s: float | None = None  # seconds from the publish to first seen serving it
+    converged_s: float | None = None  # seconds from the publish to first seen having it
+    moved_on: str | None = None  # took the delta, but now serves another model (how so)
     refused: str | None = None  # why it rejected the file (its watch record)
-    problem: str | None = None  # the last reason it could not be followed (unreachable, ...)
+    denied: str | None = None  # its admin API refused us (token): it cannot be followed
+    problem: str | None = None  # the last reason it has not taken the file yet
     unanswered: int = 0  # polls it did not answer
 
     @property
     def done(self) -> bool:
-        return self.converged_s is not None or self.refused is not None
+        return any(x is not None for x in (self.converged_s, self.refused, self.denied))
+
+
+@dataclass(frozen=True)
+class FeedDelta:
+    """A delta file as the replicas see it in the feed."""
+
+    name: str
+    fingerprint: str  # the model it makes
+    size: int  # bytes: tells this file's watch record from an older one of the same name
 
 
 @dataclass
 class RolloutReport:
-    delta: str  # the file's name in the feed
-    fingerprint: str  # the model it makes
+    delta: FeedDelta
     replicas: list[ReplicaProgress]
-    seconds: float = 0.0  # from the publish to the end of the follow
-    published: bool = False  # False: the same file was already in the feed
+    seconds: float = 0.0  # from the start of the follow to its end
     events: list[str] = field(default_factory=list)
 
     @property
@@ -63,68 +76,67 @@ class RolloutReport:
 
     @property
     def disagreement_s(self) -> float | None:
-        """From the first replica serving the new model to the last; None until all do."""
-        times = [r.converged_s for r in self.replicas]
-        if any(t is None for t in times):
+        """From the first replica having the new model to the last; None until all do."""
+        times = [r.converged_s for r in self.replicas if r.converged_s is not None]
+        if len(times) < len(self.replicas):
             return None
-        return max(times) - min(times)  # type: ignore[type-var, operator]
+        return max(times) - min(times)
 
 
-def publish_to_feed(delta_file: Path, feed_dir: Path) -> tuple[str, str, bool]:
-    """Validate `delta_file` and write it into `feed_dir` under its own name.
-
-    Returns (name, child fingerprint, written). The same bytes already there are not
-    written again; another file of that name is refused (a replica handles a name once).
+def publish_to_feed(delta_file: Path, feed_dir: Path) -> tuple[FeedDelta, bool]:
+    """Validate `delta_file` and write it into `feed_dir` under its own name; returns it
+    and whether it was written. The same bytes already there are not written again;
+    another file of that name is refused, never replaced (a replica handles a name once).
     """
-    data = read_delta_bytes(delta_file)
-    fingerprint = _child(data, delta_file)
+    delta, data = _read(delta_file)
     if not feed_dir.is_dir():
         raise AdminRequestError(f"{feed_dir}: the feed is not a directory")
-    name = delta_file.name
-    if name.startswith(".") or not name.endswith(".safetensors"):
+    if delta.name.startswith(".") or not delta.name.endswith(".safetensors"):
         raise AdminRequestError(
-            f"{name}: replicas read only files named *.safetensors, not starting with '.'"
+            f"{delta.name}: replicas read only files named *.safetensors, not starting with '.'"
         )
-    target = feed_dir / name
-    if target.exists():
-        if target.read_bytes() == data:
-            return name, fingerprint, False
+    target = feed_dir / delta.name
+    try:
+        atomic_write_bytes(target, data, mode=SHARED_FILE_MODE, exclusive=True)
+    except FileExistsError:
+        if read_delta_bytes(target) == data:
+            return delta, False
         raise AdminRequestError(
             f"{target} exists with other contents; give the delta a new name (a replica "
             "handles each name once)"
-        )
-    try:
-        atomic_write_bytes(target, data, mode=SHARED_FILE_MODE)
+        ) from None
     except OSError as exc:
         raise AdminRequestError(f"{target}: cannot write into the feed ({exc})") from None
-    return name, fingerprint, True
+    return delta, True
 
 
-def delta_in_feed(delta_file: Path) -> tuple[str, str]:
-    """(name, child fingerprint) of a delta a writer already put into the feed."""
-    return delta_file.name, _child(read_delta_bytes(delta_file), delta_file)
+def delta_in_feed(delta_file: Path) -> FeedDelta:
+    """A delta a writer already put into the feed (a trainer's --publish-dir)."""
+    return _read(delta_file)[0]
 
 
-def _child(data: bytes, source: Path) -> str:
-    """The child fingerprint of a fully validated delta (DeltaFormatError otherwise)."""
+def _read(delta_file: Path) -> tuple[FeedDelta, bytes]:
+    """The fully validated delta (DeltaFormatError otherwise) and its bytes."""
     # Imported here: the delta parser needs torch, which `jlserve status|update` never load.
     from jlserve.delta import parse_delta
 
-    return parse_delta(data, source=str(source)).metadata.child_fingerprint
+    data = read_delta_bytes(delta_file)
+    child = parse_delta(data, source=str(delta_file)).metadata.child_fingerprint
+    return FeedDelta(delta_file.name, child, len(data)), data
 
 
 def follow(
     urls: Sequence[str],
     token: str | None,
-    name: str,
-    fingerprint: str,
+    delta: FeedDelta,
     *,
     timeout_s: float,
     interval_s: float = 0.5,
     on_event: Callable[[str], None] = lambda _line: None,
 ) -> RolloutReport:
-    """Poll every replica until each serves `fingerprint` or refused the file `name`."""
-    report = RolloutReport(name, fingerprint, [ReplicaProgress(url) for url in urls])
+    """Poll every replica (all at once, each round) until each has taken `delta`,
+    refused it, or refused us, or `timeout_s` has passed."""
+    report = RolloutReport(delta, [ReplicaProgress(url) for url in urls])
     start = time.monotonic()
 
     def event(line: str) -> None:
@@ -133,56 +145,79 @@ def follow(
         on_event(line)
 
     with ExitStack() as stack:
-        clients = {
-            url: stack.enter_context(AdminClient(url, token, POLL_TIMEOUT_S)) for url in urls
-        }
+        clients = {url: stack.enter_context(AdminClient(url, token)) for url in urls}
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(32, len(urls) or 1)))
         while True:
-            for replica in report.replicas:
-                if not replica.done:
-                    _poll(replica, clients[replica.url], report, time.monotonic() - start, event)
+            pending = [r for r in report.replicas if not r.done]
+            answers = pool.map(lambda r: _status(clients[r.url]), pending)
+            now_s = time.monotonic() - start
+            for replica, answer in zip(pending, answers, strict=True):
+                _update(replica, answer, delta, now_s, event)
             report.seconds = time.monotonic() - start
             if all(r.done for r in report.replicas) or report.seconds >= timeout_s:
                 return report
             time.sleep(interval_s)
 
 
-def _poll(
+def _status(client: AdminClient) -> StatusResponse | AdminRequestError:
+    """The replica's status, or why there is none (a timeout counts as no answer)."""
+    try:
+        return client.status(timeout_s=POLL_TIMEOUT_S)
+    except AdminRequestError as exc:
+        return exc
+    except httpx.TimeoutException:
+        return ServerUnreachableError(f"no answer in {POLL_TIMEOUT_S:g} s")
+
+
+def _update(
     replica: ReplicaProgress,
-    client: AdminClient,
-    report: RolloutReport,
+    answer: StatusResponse | AdminRequestError,
+    delta: FeedDelta,
     now_s: float,
     event: Callable[[str], None],
 ) -> None:
-    try:
-        status = client.status()
-    except (AdminRequestError, httpx.TimeoutException) as exc:
+    if isinstance(answer, AdminRequestError):
+        if answer.status in (401, 403):
+            replica.denied = str(answer)
+            event(f"{replica.url}: cannot be followed: {answer}")
+            return
         replica.unanswered += 1
-        if replica.problem != "unreachable":
-            event(f"{replica.url}: no answer ({exc})")
-        replica.problem = "unreachable"
+        if replica.problem != UNREACHABLE:
+            event(f"{replica.url}: no answer ({answer})")
+        replica.problem = UNREACHABLE
         return
-    if replica.problem == "unreachable":
+    status = answer
+    if replica.problem == UNREACHABLE:
         event(f"{replica.url}: answers again, serving version {status.version}")
-    replica.problem = _problem(status, report.delta)
     replica.version, replica.fingerprint = status.version, status.fingerprint
-    if status.fingerprint == report.fingerprint:
+    replica.problem = _problem(status, delta.name)
+    record = status.watch.files.get(delta.name) if status.watch else None
+    if record is not None and record.size != delta.size:
+        record = None  # about an older file of that name
+    if status.fingerprint == delta.fingerprint:
         replica.converged_s = now_s
         event(f"{replica.url}: serves version {status.version} ({status.fingerprint})")
-        return
-    record = status.watch.files.get(report.delta) if status.watch else None
-    if record is not None and record.outcome == "rejected":
+    elif record is not None and record.outcome in ("applied", "already_served"):
+        replica.converged_s = now_s  # took it, and has moved on since (a newer delta)
+        replica.moved_on = f"{record.message}; now serves version {status.version}"
+        event(f"{replica.url}: took it ({record.message}), now serves version {status.version}")
+    elif record is not None and record.outcome == "rejected":
         replica.refused = record.message
-        event(f"{replica.url}: REFUSED {report.delta}: {record.message}")
+        event(f"{replica.url}: REFUSED {delta.name}: {record.message}")
 
 
 def _problem(status: StatusResponse, name: str) -> str | None:
-    """Why this replica may never take the file, or wait for it; None when nothing is wrong."""
+    """Why this replica has not taken the file yet; None when nothing is known."""
     if status.degraded:
         return f"degraded: {status.degraded}"
     if status.watch is None:
         return "not watching a feed (started without --watch)"
     if name in status.watch.waiting:
-        return f"holds {name}, waiting for its parent to be served (serves {status.fingerprint})"
+        return (
+            f"holds {name} but has not applied it: its parent is not served (it serves "
+            f"{status.fingerprint}), or the last try failed for a reason that is not the "
+            "file's (its log says)"
+        )
     if name not in status.watch.files:
         return f"has not seen {name} in {status.watch.directory} yet"
     return None
@@ -192,8 +227,12 @@ def summary(report: RolloutReport) -> list[str]:
     """Lines for people: one per replica, then the verdict."""
     lines = []
     for r in report.replicas:
-        if r.converged_s is not None:
+        if r.moved_on is not None:
+            state = f"took it (seen at +{r.converged_s:.1f} s): {r.moved_on}"
+        elif r.converged_s is not None:
             state = f"serves it since +{r.converged_s:.1f} s (version {r.version})"
+        elif r.denied is not None:
+            state = f"CANNOT BE FOLLOWED: {r.denied}"
         elif r.refused is not None:
             state = f"REFUSED it: {r.refused}; serves version {r.version} ({r.fingerprint})"
         else:
@@ -204,14 +243,16 @@ def summary(report: RolloutReport) -> list[str]:
         lines.append(f"{r.url}: {state}")
     n = len(report.replicas)
     if report.converged:
+        moved = sum(r.moved_on is not None for r in report.replicas)
+        verb = f"took (and {moved} moved on from)" if moved else "serve"
         lines.append(
-            f"rollout done: all {n} replicas serve {report.fingerprint} after "
+            f"rollout done: all {n} replicas {verb} {report.delta.fingerprint} after "
             f"{report.seconds:.1f} s; they disagreed for {report.disagreement_s:.1f} s"
         )
     else:
         behind = [r.url for r in report.replicas if r.converged_s is None]
         lines.append(
             f"rollout INCOMPLETE after {report.seconds:.1f} s: {len(behind)} of {n} replicas "
-            f"do not serve {report.fingerprint} ({', '.join(behind)})"
+            f"do not serve {report.delta.fingerprint} ({', '.join(behind)})"
         )
     return lines

@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
-        help="seconds to wait for an answer; an update that times out is then checked "
-        f"by fingerprint (default {DEFAULT_TIMEOUT_S:g})",
+        help="seconds to wait for an answer (rollout: for every replica to take the delta); "
+        f"an update that times out is then checked by fingerprint (default {DEFAULT_TIMEOUT_S:g})",
     )
 
     replicas = argparse.ArgumentParser(add_help=False)
@@ -198,19 +198,20 @@ def _update(args: argparse.Namespace) -> int:
 
 
 def _rollout(args: argparse.Namespace) -> int:
+    if not args.interval > 0:
+        raise AdminRequestError(f"--interval {args.interval:g}: give a positive number of seconds")
     urls = _urls(args)
     token = resolve_token(args.admin_token_file)
     if args.feed is not None:
-        name, fingerprint, written = publish_to_feed(args.delta, args.feed)
+        delta, written = publish_to_feed(args.delta, args.feed)
         how = "written to" if written else "already in"
-        print(f"{name} ({fingerprint}) {how} {args.feed}", file=sys.stderr)
+        print(f"{delta.name} ({delta.fingerprint}) {how} {args.feed}", file=sys.stderr)
     else:
-        name, fingerprint = delta_in_feed(args.delta)
+        delta = delta_in_feed(args.delta)
     report = follow(
         urls,
         token,
-        name,
-        fingerprint,
+        delta,
         timeout_s=args.timeout,
         interval_s=args.interval,
         on_event=(lambda _line: None) if args.json else (lambda line: print(line, file=sys.stderr)),

@@ -150,6 +150,12 @@ class JlserveEndpointPlugin:
         self._auth.configure(token)
         if config.watch_dir is not None:
             self.watcher = DeltaWatcher(config.watch_dir, self.coordinator, config.watch_interval_s)
+            # Catch up with the folder before listening: a replica (re)started behind its
+            # feed must not pass /health, and take traffic, on an old version.
+            try:
+                await self.watcher.scan_once()
+            except Exception:  # as in the watcher's loop: a folder problem is not fatal
+                log.exception("watch %s: first scan failed", config.watch_dir)
             task = asyncio.create_task(self.watcher.run(), name="jlserve-watch")
             self._background.add(task)
             task.add_done_callback(self._background.discard)

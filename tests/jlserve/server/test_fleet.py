@@ -42,7 +42,7 @@ def child(delta) -> str:
     return read_delta(delta).metadata.child_fingerprint
 
 
-def update(
+def run_cli(
     capsys, token_file, delta, urls, *flags: str, command: str = "update"
 ) -> tuple[int, str, str]:
     argv = [command, "--delta", str(delta), "--admin-token-file", str(token_file), *flags]
@@ -59,20 +59,20 @@ def test_fleet_rollout(replicas, delta_chain, capsys, tmp_path):
 
     # 1. Every replica takes the delta; each one is reported with the model it serves.
     v1, v2 = child(delta_chain.deltas[0]), child(delta_chain.deltas[1])
-    code, out, _ = update(capsys, token_file, delta_chain.deltas[0], urls)
+    code, out, _ = run_cli(capsys, token_file, delta_chain.deltas[0], urls)
     assert code == 0
     assert all(f"{url}: version 0 -> 1" in out for url in urls)
     assert out.count(f"serves version 1 {v1}") == 2
     assert [fingerprint(s) for s in servers] == [v1, v1]
     # sending it again is idempotent on every replica
-    code, out, _ = update(capsys, token_file, delta_chain.deltas[0], urls)
+    code, out, _ = run_cli(capsys, token_file, delta_chain.deltas[0], urls)
     assert code == 0 and out.count("already served (version 1)") == 2
 
     # 2. A dead replica at the end: the rollout stops, the updated ones are rolled back.
     dead = f"http://127.0.0.1:{free_port()}"
     urls_file = tmp_path / "replicas.txt"
     urls_file.write_text("\n".join([*urls, dead]) + "\n")
-    code, out, err = update(
+    code, out, err = run_cli(
         capsys, token_file, delta_chain.deltas[1], [], "--urls-file", str(urls_file)
     )
     assert code == 2
@@ -83,7 +83,7 @@ def test_fleet_rollout(replicas, delta_chain, capsys, tmp_path):
     assert [fingerprint(s) for s in servers] == [v1, v1]
 
     # 3. Without rollback, the mixed state is said out loud.
-    code, _, err = update(
+    code, _, err = run_cli(
         capsys, token_file, delta_chain.deltas[1], [urls[0], dead], "--no-rollback-on-failure"
     )
     assert code == 2 and f"MIXED VERSIONS: {urls[0]} serve the new model {v2}" in err
@@ -102,7 +102,7 @@ def test_rollout_through_the_feed_follows_every_replica_and_names_refusals(
     assert [fingerprint(s) for s in servers] == [v1, v1]
 
     # 1. Written into the feed, taken by each replica on its own, followed to the end.
-    code, out, err = update(
+    code, out, err = run_cli(
         capsys, token_file, delta_chain.deltas[1], urls, "--feed", str(feed), command="rollout"
     )
     assert code == 0, out + err
@@ -114,38 +114,58 @@ def test_rollout_through_the_feed_follows_every_replica_and_names_refusals(
     watch = httpx.get(f"{urls[0]}/admin/status", headers=admin_headers()).json()["watch"]
     assert watch["files"]["task2.safetensors"]["outcome"] == "applied"
     # again: already in the feed, already served
-    code, out, err = update(
+    code, out, err = run_cli(
         capsys, token_file, delta_chain.deltas[1], urls, "--feed", str(feed), command="rollout"
     )
     assert code == 0 and "already in" in err
 
-    # 2. A replica that never answers lags, and the rollout says so when its time is up.
+    # 2. A later delta through the feed; following the earlier one then finds every replica
+    # took it and moved on (its watch record), not lagging.
+    v3 = child(delta_chain.deltas[2])
+    code, out, _ = run_cli(
+        capsys, token_file, delta_chain.deltas[2], urls, "--feed", str(feed), command="rollout"
+    )
+    assert code == 0 and f"rollout done: all 2 replicas serve {v3}" in out
+    code, out, _ = run_cli(capsys, token_file, delta_chain.deltas[1], urls, command="rollout")
+    assert code == 0, out
+    assert f"rollout done: all 2 replicas took (and 2 moved on from) {v2}" in out
+    assert all(f"{url}: took it (seen at +" in out for url in urls)
+
+    # 3. A replica that never answers lags, and the rollout says so when its time is up;
+    # a replica that refuses our token cannot be followed, and says so at once.
+    wrong_token = tmp_path / "wrong.token"
+    wrong_token.write_text("not-the-token")
     dead = f"http://127.0.0.1:{free_port()}"
-    code, out, _ = update(
+    code, out, _ = run_cli(
         capsys, token_file, delta_chain.deltas[1], [*urls, dead], "--timeout", "2",
         command="rollout",
     )  # fmt: skip
     assert code == 1
     assert f"{dead}: LAGS: serves unknown; unreachable" in out
     assert "rollout INCOMPLETE after" in out and f"({dead})" in out
+    argv = ["rollout", "--delta", str(delta_chain.deltas[2]), "--url", urls[0]]
+    assert main([*argv, "--admin-token-file", str(wrong_token), "--timeout", "60"]) == 1
+    assert f"{urls[0]}: CANNOT BE FOLLOWED: server refused (403)" in capsys.readouterr().out
 
-    # 3. A well-formed delta that does not fit the served model: every replica refuses it
-    # (its watch record says why) and keeps serving v2.
-    bad = model_errors(good_delta(load_tensors(delta_chain.merged[2])))
+    # 4. A well-formed delta that does not fit the served model: every replica refuses it
+    # (its watch record says why) and keeps serving v3.
+    bad = model_errors(good_delta(load_tensors(delta_chain.merged[3])))
     (case,) = [c for c in bad if c.name == "old-values-differ"]
     bad_file = tmp_path / "task3-bad.safetensors"
     bad_file.write_bytes(case.data)
-    code, out, _ = update(
+    code, out, _ = run_cli(
         capsys, token_file, bad_file, urls, "--feed", str(feed), command="rollout"
     )
     assert code == 1, out
     assert out.count("REFUSED it: ") == 2 and out.count(case.message) == 2
-    assert [fingerprint(s) for s in servers] == [v2, v2]
+    assert [fingerprint(s) for s in servers] == [v3, v3]
 
-    # 4. A malformed file never reaches the feed.
-    corrupt = tmp_path / "task3.safetensors"
+    # 5. A malformed file never reaches the feed.
+    corrupt = tmp_path / "task4.safetensors"
     corrupt.write_bytes(delta_chain.deltas[2].read_bytes()[:-10])
     before = sorted(p.name for p in feed.iterdir())
-    code, _, err = update(capsys, token_file, corrupt, urls, "--feed", str(feed), command="rollout")
-    assert code == 2 and "task3.safetensors" in err
+    code, _, err = run_cli(
+        capsys, token_file, corrupt, urls, "--feed", str(feed), command="rollout"
+    )
+    assert code == 2 and "task4.safetensors" in err
     assert sorted(p.name for p in feed.iterdir()) == before
