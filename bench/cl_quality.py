@@ -109,8 +109,37 @@ def run_variant(
             stack.enter_context(running(server))
             cmd += ["--publish", server.url, "--eval-via", server.url]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True, cwd=REPO, env=env)
+        if not _run_trainer(cmd, env):
+            # A partial run from older code whose config defaults have changed since: it
+            # cannot be resumed, so it is kept aside and the variant starts over (its
+            # server's versions too, which this server already serves: by hand then).
+            if eval_engine == "vllm":
+                raise SystemExit(
+                    f"{run_dir}: the config changed since this partial run; move it and "
+                    f"{server_dir} aside to start the variant over"
+                )
+            stale = run_dir.with_name(f"{run_dir.name}.stale-{dt.datetime.now():%Y%m%d-%H%M%S}")
+            run_dir.rename(stale)
+            print(f"== {name}: the config changed since the partial run; moved to {stale}")
+            cmd.remove("--resume")
+            _run_trainer(cmd, env)
     return row_of(name, json.loads((run_dir / "metrics.json").read_text()))
+
+
+def _run_trainer(cmd: list[str], env: dict[str, str]) -> bool:
+    """Run the trainer, its output passed through. False: it refused `--resume` because
+    the run's config differs; any other failure stops the benchmark."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    refused = False
+    for line in proc.stderr or ():
+        sys.stderr.write(line)
+        refused |= "--resume needs the same config" in line
+    code = proc.wait()
+    if code != 0 and refused and "--resume" in cmd:
+        return False
+    if code != 0:
+        raise SystemExit(f"the trainer failed with exit code {code} (see above): {cmd}")
+    return True
 
 
 def _pct(x: float | None, signed: bool = False) -> str:

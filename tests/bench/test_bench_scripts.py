@@ -235,3 +235,30 @@ def test_cl_quality_refuses_a_saved_row_run_with_other_settings(
     assert "was run with other settings" in result.stderr
     assert "train.lr: 0.5 -> 0.001" in result.stderr and "--force" in result.stderr
     assert json.loads((rows / "incLoRA.json").read_text()) == saved  # left as it was
+
+
+def test_a_partial_variant_from_another_config_is_kept_aside_and_run_again(
+    tiny_model_dir: Path, cl_data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A variant left half-done by older code whose config defaults changed since cannot
+    be resumed (the trainer refuses); the benchmark moves it aside and starts it over
+    instead of stopping the whole regime script."""
+    from bench.cl_quality import run_variant
+    from tests.conftest import TWO_TASKS
+
+    def config(lr: float) -> dict:
+        data = {"root": str(cl_data_root), "tasks": list(TWO_TASKS), "train_rows": 8}
+        data |= {"eval_rows": 4, "max_length": 96}
+        train = {"lr": lr, "batch_size": 4, "eval_batch_size": 8, "epochs": 1}
+        return {"model": str(tiny_model_dir), "data": data, "adapter": {"r": 4}, "train": train}
+
+    run_dir = tmp_path / "runs" / "incLoRA"
+    run_variant("incLoRA", config(0.001), [], run_dir, "in_process")
+    capsys.readouterr()
+    row = run_variant("incLoRA", config(0.002), [], run_dir, "in_process")
+    out = capsys.readouterr().out
+    (stale,) = tmp_path.joinpath("runs").glob("incLoRA.stale-*")
+    assert f"the config changed since the partial run; moved to {stale}" in out
+    assert json.loads((stale / "run.json").read_text())["config"]["train"]["lr"] == 0.001
+    assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["lr"] == 0.002
+    assert row["variant"] == "incLoRA" and 0 <= row["OA"] <= 1
