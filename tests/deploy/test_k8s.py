@@ -13,7 +13,9 @@ one created first as a tmpfs its user can write, and its vLLM bound to a core of
 podman has no Service, so the client sends each request to the next replica that passes
 the readiness check (`/health`, polled every second as the manifest's probe does). The
 manifests are played unchanged otherwise (names get a test prefix, the KV cache
-is 1 GiB so two replicas fit beside the rest of the suite).
+is 1 GiB so two replicas fit beside the rest of the suite, and the models volume is the
+host's prepared SmolLM2, read-only, as the manifest suggests for a real checkpoint: the
+entrypoint's preparation is tested by tests/docker).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +56,7 @@ JLSERVE_BIN = str(Path(sys.executable).with_name("jlserve"))
 VERSION_HEADER = "x-jlserve-model-version"
 
 
-def render(token_dir: Path) -> tuple[str, list[str]]:
+def render(token_dir: Path, model_dir: Path) -> tuple[str, list[str]]:
     """feed.yaml + deployment.yaml as podman plays them (see the module docstring), and
     the volumes to create first as tmpfs (the replicas' `medium: Memory` emptyDirs)."""
     (feed,) = yaml.safe_load_all((MANIFESTS / "feed.yaml").read_text())
@@ -65,9 +68,15 @@ def render(token_dir: Path) -> tuple[str, list[str]]:
         if "secret" in volume:
             volume.pop("secret")
             volume["hostPath"] = {"path": str(token_dir), "type": "Directory"}
+        if volume["name"] == "models":  # the prepared checkpoint, as the manifest suggests
+            volume.pop("emptyDir")
+            volume["hostPath"] = {"path": str(model_dir), "type": "Directory"}
         if "persistentVolumeClaim" in volume:
             volume["persistentVolumeClaim"]["claimName"] = FEED
     (container,) = pod["containers"]
+    for mount in container["volumeMounts"]:
+        if mount["name"] == "models":
+            mount.update(mountPath="/models/smollm2", readOnly=True)
     (port,) = container.pop("ports")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         container[probe]["httpGet"]["port"] = port["containerPort"]
@@ -266,7 +275,11 @@ def cluster(tmp_path_factory, smollm2_dir):
     (token_dir / "token").chmod(0o644)  # host modes reach the pod: its user 10001 reads it
     token_dir.chmod(0o755)
     manifest = root / "jlserve-k8s.yaml"
-    text, in_memory = render(token_dir)
+    model_dir = root / "smollm2"  # a copy the image's user 10001 can read
+    shutil.copytree(smollm2_dir, model_dir)
+    for path in [model_dir, *model_dir.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    text, in_memory = render(token_dir, model_dir)
     manifest.write_text(text)
     _cleanup(manifest)  # what an interrupted run left
     for name in in_memory:  # /dev/shm: tmpfs writable by the image's user, as in Kubernetes
