@@ -3,9 +3,10 @@
 Replicas of one model (docs/deployment.md, Kubernetes) each run `jlserve serve --watch
 FEED` on one shared folder, mounted read-only. A new version reaches them when a file
 lands in the feed: each replica applies it by lineage on its own. This module writes the
-file (validated first, written then renamed, so a replica never reads a part) and then
-polls every replica's `/admin/status` until each serves the delta's model, or refused
-the file (its watch record says why), or the time is up. The report says when each
+file (validated first, written under a temporary name then linked to its own, so a
+replica never reads a part and no file is ever replaced) and then polls every replica's
+`/admin/status` until each serves the delta's model (or took it and moved on to a later
+one), or refused the file (its watch record says why), or the time is up. The report says when each
 replica got there, how long the replicas disagreed, and which one lags and why.
 
 Replicas are polled, so times have the poll interval's resolution. A replica that does
@@ -29,10 +30,8 @@ from jlserve.errors import AdminRequestError, ServerUnreachableError
 from jlserve.fsutil import SHARED_FILE_MODE, atomic_write_bytes
 from jlserve.server.schemas import StatusResponse
 
-POLL_TIMEOUT_S = 5.0
-UNREACHABLE = (
-    "unreachable"  # one status request; a replica slower than this counts as not answering
-)
+POLL_TIMEOUT_S = 5.0  # one status request; a replica slower than this counts as not answering
+UNREACHABLE = "unreachable"  # ReplicaProgress.problem of a replica that did not answer
 
 
 @dataclass
