@@ -46,6 +46,7 @@ PER_TASK_KEYS = (
     "train.batch_size",
     "data.train_rows",
     "data.eval_rows",
+    "train.seed",  # the task's data order, held-out share and initialization (a job's seed)
 )
 
 
@@ -133,8 +134,9 @@ def _source_task(added: AddedTask, cfg: RunConfig, settings: dict[str, Any]) -> 
     """The task at `added.path` with its row caps applied (the same seeded subset a fixed
     stream would draw for a task of that name)."""
     folder = added.path
+    task_cfg = for_task(cfg, settings)
     if folder.is_file():
-        return _file_task(added, cfg)
+        return _file_task(added, task_cfg)
     if added.validation is not None:
         raise TrainerError(f"--add-task {added.name}: a validation file goes with a task file")
     if not (folder / "train.json").is_file():
@@ -146,7 +148,6 @@ def _source_task(added: AddedTask, cfg: RunConfig, settings: dict[str, Any]) -> 
     specs, _ = read_index(root)
     if folder.resolve().name not in specs:
         raise TrainerError(f"--add-task {added.name}: no task {folder.name!r} in {root / INDEX}")
-    task_cfg = for_task(cfg, settings)
     data = DataConfig(
         root=root,
         tasks=[folder.resolve().name],
@@ -155,7 +156,7 @@ def _source_task(added: AddedTask, cfg: RunConfig, settings: dict[str, Any]) -> 
         max_length=cfg.data.max_length,
         prompt_format=cfg.data.prompt_format,
     )
-    (task,) = load_stream(data, cfg.train.seed, rename={folder.resolve().name: added.name})
+    (task,) = load_stream(data, task_cfg.train.seed, rename={folder.resolve().name: added.name})
     return task
 
 

@@ -402,19 +402,28 @@ def held_out_loss(
     model: Any, enc: Encoder, task: Task, batch_size: int, device: torch.device
 ) -> float:
     """Mean cross-entropy per target token on the task's held-out rows, as it is taught
-    (teacher forcing): the metric every task has, free-form or not."""
+    (teacher forcing): the metric every task has, free-form or not. Left-padded, so every
+    row's targets end the batch and only the last positions' logits are computed (the
+    vocabulary projection over every prompt token was a quarter of the time)."""
     examples = enc.pairs(task, task.dev)
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = enc.collate(examples[start : start + batch_size])
+        batch = examples[start : start + batch_size]
+        ids, mask = enc.left_pad([p + t for p, t in batch])  # (B, L)
+        k = max(len(t) for _, t in batch)
+        labels = torch.full((len(batch), k), IGNORE_INDEX, dtype=torch.long)  # (B, k)
+        for i, (_, t) in enumerate(batch):
+            labels[i, k - len(t) :] = torch.tensor(t)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded (learned embeddings)
         logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
             use_cache=False,
-        ).logits  # (B, L, V)
-        labels = batch["labels"].to(device)[:, 1:]  # (B, L-1): token t+1 predicted at t
+            logits_to_keep=k + 1,
+        ).logits[:, :-1]  # (B, k, V): position t predicts token t + 1
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+            logits.float().transpose(1, 2), labels.to(device), ignore_index=IGNORE_INDEX,
             reduction="sum",
         )  # fmt: skip
         total += float(losses)

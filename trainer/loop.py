@@ -367,7 +367,8 @@ class Recipe:
         """The task's shuffled global batches of train.batch_size; this rank's share of each
         (trainer.parallel: the same global batches for any number of processes)."""
         examples = self.enc.train_examples(task)
-        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + task_index)
+        seed = self.task_cfgs[task_index].train.seed  # the run's, or the task's own
+        generator = torch.Generator().manual_seed(seed * 1000 + task_index)
         batch_size = self.task_cfgs[task_index].train.batch_size
         return DataLoader(
             Examples(examples),
@@ -399,7 +400,7 @@ class Recipe:
         self.model.train(training)
 
     def train_task(self, i: int, task: Task) -> tuple[Adapter, dict[str, Any]]:
-        torch.manual_seed(self.cfg.train.seed * 1000 + i)
+        torch.manual_seed(self.task_cfgs[i].train.seed * 1000 + i)
         adapter = self.method.start_task(self.model, i)
         self.method.prepare_task(adapter, lambda: self._forward_over(task))
         settings = self.task_cfgs[i].train  # the run's, or the task's own (trainer.append)
@@ -539,11 +540,18 @@ class Recipe:
                 )
                 self.losses.update(i, j, loss)
 
+    def _served_now(self, fingerprint: str) -> str | None:
+        """`fingerprint` if the run evaluates through a server that serves it now."""
+        if self.served is None or self.served.serving() != fingerprint:
+            return None
+        return fingerprint
+
     def evaluate_added(self) -> None:
         """Tasks appended to a run that has versions already: their base-row entries (on
         version 0) and, for FWT, the current version on the first of them, before it
-        trains. In process, on a model loaded for it (the training model holds the current
-        version, and some methods an adapter)."""
+        trains. On a model loaded for it (the training model holds the current version,
+        and some methods an adapter), or through the server where it serves that version
+        now (it usually serves the current one)."""
         base_missing = [j for j, b in enumerate(self.accuracy.base) if b is None]
         last, nxt = self.completed - 1, self.completed
         before_missing = (
@@ -552,10 +560,11 @@ class Recipe:
         if not base_missing and not before_missing:
             return
         model = self._load_model()  # version 0
-        self._evaluate_on(model, -1, base_missing)
+        self._evaluate_on(model, -1, base_missing, self._served_now(self.base_fingerprint))
         if before_missing:
             model.load_state_dict(self.state, strict=False)  # the current version
-            self._evaluate_on(model, last, [nxt])
+            current = self.versions[-1]["fingerprint"]
+            self._evaluate_on(model, last, [nxt], self._served_now(current))
         del model
         self._write_run_json()
 

@@ -55,14 +55,18 @@ class ServedModel:
             raise TrainerError(f"--eval-via {self.url}{path}: HTTP {response.status_code}")
         return response
 
+    def serving(self) -> str | None:
+        """The fingerprint of the model the server serves now."""
+        response = self._get("/v1/models")
+        self._model_name = response.json()["data"][0]["id"]
+        return response.headers.get(FINGERPRINT_HEADER)
+
     def wait_for_fingerprint(self, fingerprint: str, timeout_s: float = 300.0) -> None:
         """Block until the server serves the model `fingerprint` (a watched directory
         applies it later)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            response = self._get("/v1/models")
-            self._model_name = response.json()["data"][0]["id"]
-            served = response.headers.get(FINGERPRINT_HEADER)
+            served = self.serving()
             if served == fingerprint:
                 self._ready = fingerprint
                 return

@@ -20,7 +20,8 @@ A job that stops before its version is committed (cancelled, refused, failed) is
 back out of the run (trainer.append.withdraw_unfinished), so the next job continues from
 the run's last version. The job's hyperparameters become the task's own settings
 (`n_epochs` -> train.epochs, `batch_size` -> train.batch_size,
-`learning_rate_multiplier` x the run's train.lr); its `suffix` is the task's name.
+`learning_rate_multiplier` x the run's train.lr) and its `seed` the task's train.seed (the
+run's, for the job that starts the run); its `suffix` is the task's name.
 """
 
 from __future__ import annotations
@@ -296,7 +297,11 @@ class Worker:
         from trainer.loop import Recipe, StepReport
 
         job, lease = claim.job, claim.lease
-        overrides = [*self.args.overrides, *self._overrides(job.hyperparameters.model_dump())]
+        overrides = [
+            *self.args.overrides,
+            *self._overrides(job.hyperparameters.model_dump()),
+            f"train.seed={job.seed}",
+        ]
         cfg, settings, command = append_config(
             self.run_dir, self.args.config, overrides, False, f"jlserve worker --run {self.run_dir}"
         )

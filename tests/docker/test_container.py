@@ -20,7 +20,9 @@ import pytest
 
 from jlserve.local_server import free_port
 from tests.helpers.containers import podman, smollm2_deltas
+from tests.helpers.jobs import job_in, upload
 from tests.helpers.serving import ADMIN_TOKEN, admin_headers
+from tests.helpers.taskfiles import chat_sentiment, smallest_job_files
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 if os.environ.get("JLSERVE_TEST_CONTAINERS") != "1":
@@ -55,15 +57,19 @@ class Stack:
 
     @property
     def container(self) -> str:
+        return self.container_of(SERVICE)
+
+    def container_of(self, service: str) -> str:
         names = podman(
             "ps", "-a", "--format", "{{.Names}}",
             "--filter", f"label=com.docker.compose.project={self.project}",
+            "--filter", f"label=com.docker.compose.service={service}",
         ).split()  # fmt: skip
         assert len(names) == 1, names
         return names[0]
 
-    def logs(self) -> str:
-        return podman("logs", self.container, check=False)
+    def logs(self, service: str = SERVICE) -> str:
+        return podman("logs", self.container_of(service), check=False)
 
     def wait_first_answer(self, started: float) -> float:
         """Seconds from `started` to the first chat completion; fails with the logs."""
@@ -202,3 +208,40 @@ def test_restart_keeps_the_version(stack):
     assert (after["version"], after["fingerprint"]) == (before["version"], before["fingerprint"])
     assert chat(stack)[1] == str(before["version"])
     print(f"\ncontainer: restart to first answer {seconds:.1f} s; load {os.getloadavg()}")
+
+
+def test_a_fine_tuning_job_trained_by_the_compose_worker(stack, cl_data_root, tmp_path):
+    """The compose file's `worker` service (profile `worker`, started by name) trains a
+    job sent with the openai SDK and the server serves it under the same name. Its run
+    starts at the served checkpoint, so the server is first rolled back to version 0's
+    weights (docs/jobs.md: when the worker's run and the served model disagree)."""
+    base = status(stack)["base"]["fingerprint"]
+    result = subprocess.run(
+        [JLSERVE_BIN, "rollback", "--to", base, "--url", stack.url,
+         "--admin-token-file", str(stack.token_file)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    stack.compose("up", "-d", "--no-build", "worker")
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=ADMIN_TOKEN, max_retries=0)
+    train, valid = smallest_job_files(chat_sentiment(cl_data_root, tmp_path / "sentiment.jsonl"))
+    job = client.fine_tuning.jobs.create(
+        model=client.models.list().data[0].id,
+        training_file=upload(client, train).id,
+        validation_file=upload(client, valid).id,
+        suffix="sentiment",
+    )
+    started = time.monotonic()
+    try:
+        done = job_in(client, job.id, "succeeded", "failed", timeout=900)
+    except AssertionError:
+        raise AssertionError("job unfinished:\n" + stack.logs("worker")[-4000:]) from None
+    assert done.status == "succeeded", (done.error, stack.logs("worker")[-4000:])
+    now = status(stack)
+    assert (now["version"], now["fingerprint"]) == (done.version, done.fingerprint)
+    assert done.parent_fingerprint == base  # trained on the model served then
+    assert chat(stack)[1] == str(done.version)
+    print(
+        f"\ncontainer: a job through the compose worker, created to succeeded "
+        f"{time.monotonic() - started:.1f} s; load {os.getloadavg()}"
+    )

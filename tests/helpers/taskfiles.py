@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jlserve.taskfile import TaskFileError, read_task_file
+from jlserve.taskfile import MIN_EXAMPLES, TaskFileError, read_task_file
 
 BAD_LINE = 7  # where each broken example goes, among 11 good ones
 
@@ -186,3 +186,13 @@ def completion_titles(root: Path, out: Path) -> Path:
         title, _, text = r["sentence"].partition("\nText: ")
         rows.append({"prompt": f"Article: {text[:120]}\nTitle:", "completion": " " + title[7:]})
     return write_jsonl(out, rows)
+
+
+def smallest_job_files(path: Path) -> tuple[Path, Path]:
+    """(training file, validation file) from a task file: the smallest files a job takes
+    (2 training steps of 8 on CPU, 10 held-out rows), so a test stays within minutes."""
+    lines = path.read_text().splitlines()
+    train, valid = path.with_suffix(".train.jsonl"), path.with_suffix(".valid.jsonl")
+    train.write_text("\n".join(lines[:12]) + "\n")
+    valid.write_text("\n".join(lines[-MIN_EXAMPLES:]) + "\n")
+    return train, valid

@@ -155,3 +155,29 @@ def test_an_interrupted_append_keeps_every_version_and_resume_finishes_it(
     assert info["completed"] == 2 and info["tasks"][-1] == THIRD  # the task is pending
     assert trainer_main(["--config", str(cfg), "--out", str(run), "--resume"]) == 0
     assert _chain(run) == _chain(fixed)
+
+
+def test_a_task_with_its_own_seed_trains_and_holds_out_by_that_seed(
+    tmp_path, tiny_model_dir, cl_data_root
+) -> None:
+    """train.seed is a per-task setting (a fine-tuning job's `seed`): the same seed gives
+    the same version, another seed another one, and the earlier versions stay as they are."""
+    import shutil
+
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root, {"name": "incLoRA"})
+    base = tmp_path / "base"
+    assert trainer_main(["--config", str(cfg), "--out", str(base)]) == 0
+    third = ["--add-task", f"{THIRD}={cl_data_root / THIRD}"]
+    chains = {}
+    for name, seed in (("default", None), ("seven", 7), ("seven-again", 7)):
+        run = tmp_path / name
+        shutil.copytree(base, run)
+        own = ["--set", f"train.seed={seed}"] if seed is not None else []
+        assert trainer_main(["--out", str(run), *third, *own]) == 0
+        info = json.loads((run / "run.json").read_text())
+        assert info["appended"][-1]["settings"] == ({"train.seed": seed} if seed else {})
+        assert info["config"]["train"]["seed"] != 7  # the run's seed is unchanged
+        chains[name] = _chain(run)
+    assert chains["seven"] == chains["seven-again"]
+    assert chains["seven"][:3] == chains["default"][:3]  # versions 0-2 as they were
+    assert chains["seven"][3] != chains["default"][3]

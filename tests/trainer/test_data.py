@@ -169,3 +169,32 @@ def test_generation_stops_at_the_end_of_turn_token(tiny_model_dir, tmp_path) -> 
         do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=enc.pad,
     )  # fmt: skip
     assert out[0, len(prompt) :].tolist() == target + chatter
+
+
+def test_held_out_loss_equals_the_loss_of_each_row_alone(tiny_model_dir) -> None:
+    """The batched, left-padded loss over the last positions only is the mean target-token
+    cross-entropy each row gets from a full forward pass of its own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import held_out_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    enc = Encoder(AutoTokenizer.from_pretrained(tiny_model_dir), max_length=48)
+    rows = [
+        {"sentence": "the film was great " * 9, "label": "Good"},
+        {"sentence": "bad", "label": "Bad"},
+        {"sentence": "fine, I suppose", "label": "Good"},
+    ]
+    task = Task(name="t", instruction="Pick one.", options=["Good", "Bad"], train=[], dev=rows)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, target in enc.pairs(task, rows):
+            logits = model(input_ids=torch.tensor([prompt + target])).logits[0]  # (L, V)
+            predicted = logits[len(prompt) - 1 : -1]  # (len(target), V)
+            total += float(torch.nn.functional.cross_entropy(
+                predicted, torch.tensor(target), reduction="sum"
+            ))  # fmt: skip
+            count += len(target)
+    batched = held_out_loss(model, enc, task, batch_size=2, device=torch.device("cpu"))
+    assert batched == pytest.approx(total / count, rel=1e-5)

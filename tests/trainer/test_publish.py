@@ -7,6 +7,7 @@ CPU evaluation); the trainer runs in process through its CLI.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -207,3 +208,35 @@ def test_unreachable_server_is_retried_then_reported():
     publisher = ServerPublisher(dead, None, attempts=3, first_backoff_s=0.01)
     with pytest.raises(TrainerError, match="gave up after 3 attempts"):
         publisher.publish(delta, delta.to_bytes(), "task001-x.safetensors")
+
+
+def test_an_appended_task_is_evaluated_through_the_server_serving_its_run(
+    setup, cl_data_root, tmp_path, monkeypatch
+):
+    """--add-task with --publish and --eval-via: the server serves the run's last version,
+    so the new task's entry on it before training (FWT) is asked of the server too; the
+    matrix equals the same append evaluated in process."""
+    server, ref = setup["url"], setup["ref"]
+    auth = ["--admin-token-file", str(setup["token"])]
+    if status(server)["fingerprint"] != final_fingerprint(ref):  # run alone: catch up
+        for delta in sorted((ref / "deltas").iterdir()):
+            assert jlserve_main(["update", "--delta", str(delta), "--url", server.url, *auth]) == 0
+    asked: list[tuple[str, str]] = []
+    predict = ServedModel.predict
+
+    def recorded(self, enc, task, *, fingerprint):
+        asked.append((task.name, fingerprint))
+        return predict(self, enc, task, fingerprint=fingerprint)
+
+    monkeypatch.setattr(ServedModel, "predict", recorded)
+    third = ["--add-task", f"bbc_topic={cl_data_root / 'bbc_topic'}"]
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    shutil.copytree(ref, local)
+    shutil.copytree(ref, remote)
+    assert trainer_main(["--out", str(local), *third]) == 0
+    assert asked == []
+    via = ["--publish", server.url, *auth, "--eval-via", server.url]
+    assert trainer_main(["--out", str(remote), *third, *via]) == 0
+    assert ("bbc_topic", final_fingerprint(ref)) in asked  # the entry before it trains
+    assert status(server)["fingerprint"] == final_fingerprint(remote) == final_fingerprint(local)
+    assert accuracy(remote) == accuracy(local)

@@ -11,10 +11,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from jlserve.taskfile import MIN_EXAMPLES
 from tests.helpers.jobs import Worker, job_in, served, upload
 from tests.helpers.serving import ADMIN_TOKEN, ServerProcess
-from tests.helpers.taskfiles import chat_sentiment, cl_rows, write_jsonl
+from tests.helpers.taskfiles import chat_sentiment, cl_rows, smallest_job_files, write_jsonl
 from trainer.append import appended_tasks
 from trainer.config import RunConfig
 from trainer.data import Encoder, score
@@ -33,16 +32,6 @@ def chat_topic(root: Path, out: Path) -> Path:
         ]}
         for r in cl_rows(root, "bbc_topic")
     ])  # fmt: skip
-
-
-def split(path: Path) -> tuple[Path, Path]:
-    """(training file, validation file): the smallest files a job takes (2 training steps
-    of 8 on CPU, 10 held-out rows), so the test stays within minutes."""
-    lines = path.read_text().splitlines()
-    train, valid = path.with_suffix(".train.jsonl"), path.with_suffix(".valid.jsonl")
-    train.write_text("\n".join(lines[:12]) + "\n")
-    valid.write_text("\n".join(lines[-MIN_EXAMPLES:]) + "\n")
-    return train, valid
 
 
 def test_two_chat_jobs_are_served_under_the_same_name_and_score_as_the_worker_said(
@@ -66,14 +55,17 @@ def test_two_chat_jobs_are_served_under_the_same_name_and_score_as_the_worker_sa
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_TOKEN, max_retries=0)
         jobs = []
-        for name, make in (("sentiment", chat_sentiment), ("topic", chat_topic)):
-            train, valid = split(make(cl_data_root, tmp_path / f"{name}.jsonl"))
+        for seed, (name, make) in enumerate(
+            (("sentiment", chat_sentiment), ("topic", chat_topic)), 11
+        ):
+            train, valid = smallest_job_files(make(cl_data_root, tmp_path / f"{name}.jsonl"))
             jobs.append(
                 client.fine_tuning.jobs.create(
                     model=server.model_name,
                     training_file=upload(client, train).id,
                     validation_file=upload(client, valid).id,
                     suffix=name,
+                    seed=seed,
                 )
             )
         worker = Worker(server, tmp_path, "--max-jobs", "2")
@@ -83,6 +75,9 @@ def test_two_chat_jobs_are_served_under_the_same_name_and_score_as_the_worker_sa
         assert [d.version for d in done] == [1, 2]
         assert {d.fine_tuned_model for d in done} == {server.model_name}
         info = json.loads((tmp_path / "run" / "run.json").read_text())
+        # the first job's seed is the run's, the second's that task's own
+        assert info["config"]["train"]["seed"] == 11
+        assert [a["settings"] for a in info["appended"]] == [{}, {"train.seed": 12}]
         assert served(server)["fingerprint"] == info["versions"][-1]["fingerprint"]
         # every task's held-out rows asked through the server, scored as the worker scores
         cfg = RunConfig.model_validate(info["config"])
