@@ -30,7 +30,7 @@ def _heatmap(
     data = [[float("nan") if v is None else v for v in row] for row in matrix]
     # At least 4.5 in wide (the colorbar and a wrapped title fit with 2 tasks), wider per task.
     width = max(4.5, 1.6 + 0.7 * len(cols))
-    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.6 * len(rows)))
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.6 * len(rows)), layout="constrained")
     im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -40,9 +40,9 @@ def _heatmap(
                 ax.text(
                     j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8
                 )
-    ax.set_title(textwrap.fill(title, width=int(width * 9)), fontsize=10)
+    # Over the whole figure (an axes title is centred on the matrix and ran off the edges).
+    fig.suptitle(textwrap.fill(title, width=int(width * 9)), fontsize=10)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -109,11 +109,17 @@ def write_report(run_dir: Path, metrics: dict[str, Any], cfg: RunConfig, command
     acc = metrics["accuracy"]
     tasks = acc["tasks"]
     done = [t["task"] for t in metrics["tasks"]]
+    rouge = {t for t, kind in metrics.get("task_metrics", {}).items() if kind == "rougeL"}
     _heatmap(
         [acc["base"], *acc["matrix"]],
         ["base", *tasks],
-        tasks,
-        "exact match on task j: base model, then after task i",
+        [f"{t} (ROUGE-L)" if t in rouge else t for t in tasks],
+        (
+            "score on task j (exact match; ROUGE-L F1 where named)"
+            if rouge
+            else "exact match on task j"
+        )
+        + ": base model, then after task i",
         run_dir / "accuracy.png",
     )
     if metrics["density"]:
