@@ -151,10 +151,17 @@ class StreamedResponse:
 def read_stream_to_end(
     sock: socket.socket, first: bytes, timeout_s: float = 120
 ) -> StreamedResponse:
-    """Read a chunked streaming response to its end (`first`: the bytes already read)."""
-    sock.settimeout(timeout_s)
+    """Read a chunked streaming response to its end (`first`: the bytes already read),
+    within `timeout_s` in all. The stall's tiny receive buffer is made large first: with a
+    window under one segment the server's kernel can fall back to zero-window probes, a
+    few bytes a minute (a test run hung 17 min that way)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    deadline = time.monotonic() + timeout_s
     data = bytearray(first)
     while not data.endswith(b"\r\n0\r\n\r\n"):
+        left = deadline - time.monotonic()
+        assert left > 0, f"the stream did not end within {timeout_s:.0f} s ({len(data)} bytes)"
+        sock.settimeout(left)
         chunk = sock.recv(1 << 20)
         if not chunk:
             break
