@@ -560,7 +560,8 @@ class Recipe:
         if not base_missing and not before_missing:
             return
         model = self._load_model()  # version 0
-        self._evaluate_on(model, -1, base_missing, self._served_now(self.base_fingerprint))
+        if base_missing:
+            self._evaluate_on(model, -1, base_missing, self._served_now(self.base_fingerprint))
         if before_missing:
             model.load_state_dict(self.state, strict=False)  # the current version
             current = self.versions[-1]["fingerprint"]

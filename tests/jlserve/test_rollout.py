@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from jlserve.errors import AdminRequestError, DeltaFormatError
-from jlserve.rollout import FeedDelta, ReplicaProgress, RolloutReport, publish_to_feed, summary
+from jlserve.rollout import (
+    UNREACHABLE,
+    FeedDelta,
+    ReplicaProgress,
+    RolloutReport,
+    publish_to_feed,
+    summary,
+)
 
 
 def test_a_delta_is_written_once_readable_by_all_and_never_replaced(tmp_path, delta_chain):
@@ -57,7 +64,7 @@ def test_the_summary_names_who_serves_who_refused_and_who_lags():
         [
             ReplicaProgress("http://a", version=1, fingerprint=fp, converged_s=0.5),
             ReplicaProgress("http://b", version=0, fingerprint="sha256:b", refused="too large"),
-            ReplicaProgress("http://c", problem="unreachable", unanswered=3),
+            ReplicaProgress("http://c", problem=UNREACHABLE, unanswered=3),
             ReplicaProgress("http://d", denied="server refused (401): bad token"),
         ],
         seconds=9.0,
