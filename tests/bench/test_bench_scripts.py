@@ -262,3 +262,47 @@ def test_a_partial_variant_from_another_config_is_kept_aside_and_run_again(
     assert json.loads((stale / "run.json").read_text())["config"]["train"]["lr"] == 0.001
     assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["lr"] == 0.002
     assert row["variant"] == "incLoRA" and 0 <= row["OA"] <= 1
+
+
+def test_interference_stats_see_overlap_and_undoing() -> None:
+    """An update on the earlier task's coordinates in the opposite direction reads as full
+    overlap and cosine -1; one on fresh coordinates as no overlap and cosine 0."""
+    from bench.interference import update_stats
+
+    q, v = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"
+    base = {q: torch.zeros(4, 4), v: torch.zeros(2, 4)}
+    first = {q: base[q].clone(), v: base[v].clone()}
+    first[q][0, :2] = torch.tensor([0.5, -0.5])
+    undo = {q: first[q] / 2, v: base[v].clone()}  # half-way back on those two
+    fresh = {q: undo[q].clone(), v: undo[v].clone()}
+    fresh[v][1, 3] = 2.0
+    stats = update_stats([base, first, undo, fresh], [q, v])
+
+    assert stats[0]["density"] == 2 / 24 and "cos_with_earlier" not in stats[0]
+    assert stats[0]["blocks"]["layer 0"]["density"] == 2 / 16
+    assert stats[0]["blocks"]["layer 1"]["density"] == 0
+    assert stats[1]["support_on_earlier"] == 1.0 and stats[1]["energy_on_earlier"] == 1.0
+    assert stats[1]["cos_with_earlier"] == pytest.approx(-1.0)
+    assert stats[1]["support_on_earlier_chance"] == 2 / 24
+    assert stats[2]["support_on_earlier"] == 0.0 and stats[2]["cos_with_earlier"] == 0.0
+    assert stats[2]["mean_abs_on_support"] == 2.0 and stats[2]["norm"] == 2.0
+
+
+def test_interference_runs_a_stream_and_measures_every_version(
+    tiny_model_dir: Path, cl_data_root: Path, tmp_path: Path
+) -> None:
+    args = ["bench.interference", "--model", str(tiny_model_dir), "--data", str(cl_data_root)]
+    args += ["--tasks", "bbc_topic", "movie_sentiment", "tweet_sentiment", "--train-rows", "16"]
+    args += ["--loss-rows", "8", "--max-length", "96", "--batch-size", "4", "--tag", "t"]
+    args += ["--runs", str(tmp_path / "runs"), "--variants", "incLoRA", "incLoRA+jump"]
+    _run(args, tmp_path)
+    result = json.loads((tmp_path / "interference_t.json").read_text())
+    dense, gated = result["rows"]
+    for row in (dense, gated):
+        assert len(row["loss"]["matrix"]) == 4 and len(row["updates"]) == 3  # base + 3 versions
+        assert len(row["loss"]["rise_per_merge"]) == 2
+        assert set(row["loss"]["forgetting"]) == {"bbc_topic", "movie_sentiment"}
+    assert gated["updates"][0]["density"] < dense["updates"][0]["density"]
+    # the base row is the same model for both
+    assert gated["loss"]["matrix"][0] == dense["loss"]["matrix"][0]
+    assert "| incLoRA+jump |" in (tmp_path / "interference_t.md").read_text()

@@ -1,0 +1,328 @@
+"""What each task's merge does to the earlier tasks, gated against dense (issue 24, point 4).
+
+    .venv/bin/python -m bench.interference --seed 1                  # short_order_1, 16 steps/task
+    .venv/bin/python -m bench.interference --seed 1 --variants incLoRA incLoRA+jump \\
+        --tag so1-seed1-l0-5 --set adapter.l0_weight=5               # one setting changed
+
+Per variant the stream is trained by `python -m trainer` (bench.cl_quality.run_variant,
+every merged version kept, greedy generation skipped: one dev row per task), then measured
+on the versions it exported:
+
+  loss     the held-out loss (teacher forcing, --loss-rows dev rows per task, drawn apart
+           from the training rows) of every task on every version from the base on: per
+           merge, how far each earlier task's loss moves; per task, its forgetting in loss
+           (last version minus right after its own task).
+  updates  per task, what its merge changed (new minus previous weights, exactly the
+           exported delta): density, norm, mean |entry| on its support, how much of its
+           support and of its squared norm lands on coordinates an earlier task changed
+           (against the share a support of that size drawn at random would put there), how
+           many of its largest entries sit among the largest of the earlier tasks' summed
+           update, and its cosine with that sum; the same per transformer block.
+
+Why these: the gated update keeps ~3 % of B @ A, so if the task is learnt as well as with
+the dense update, the kept entries must carry more each (norm concentrated), and if every
+task keeps its largest-gradient coordinates they may be the same ones (overlap above
+chance); either would make a sparse merge hit the earlier tasks harder than a dense one.
+
+Resumable per variant: bench/results/interference/<tag>/<variant>.json is kept (not run
+again unless --force); a stopped training run resumes from its last task. The summary
+bench/results/interference_<tag>.json and .md hold every finished variant of the tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.cl_quality import DATA, VARIANTS, run_variant, settings_difference
+from bench.common import RESULTS, machine_info, machine_line
+from jlserve.checkpoint import load_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "bench" / "interference"
+TOP_SHARE = 0.005  # "largest entries": the top 0.5 % of a task's |update| over adapted entries
+
+
+# ---------------------------------------------------------------------------- updates
+
+
+def block_of(name: str) -> str:
+    """'model.layers.7.self_attn.q_proj.weight' -> 'layer 7' (q and v of a block together)."""
+    parts = name.split(".")
+    return f"layer {parts[parts.index('layers') + 1]}" if "layers" in parts else name
+
+
+def _top_mask(values: torch.Tensor, share: float) -> torch.Tensor:
+    """Mask of the round(share * n) largest entries of a flat tensor (n,)."""
+    k = max(1, round(share * values.numel()))
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    mask[torch.topk(values, k, sorted=False).indices] = True
+    return mask
+
+
+def _summary(update: torch.Tensor, earlier: torch.Tensor, seen: torch.Tensor) -> dict[str, float]:
+    """Statistics of one task's flat update (n,) against the earlier tasks' summed update
+    (n,) and the mask of coordinates they changed (n,)."""
+    support = update != 0
+    nnz = int(support.sum())
+    sq = update.square()
+    total_sq = float(sq.sum())
+    on_seen = support & seen
+    out = {
+        "density": nnz / update.numel(),
+        "norm": total_sq**0.5,
+        "mean_abs_on_support": float(update.abs().sum()) / max(nnz, 1),
+        "max_abs": float(update.abs().max()),
+        "support_on_earlier": int(on_seen.sum()) / max(nnz, 1),
+        # a support of this size drawn at random would put this share on earlier coordinates
+        "support_on_earlier_chance": int(seen.sum()) / seen.numel(),
+        "energy_on_earlier": float(sq[on_seen].sum()) / total_sq if total_sq else 0.0,
+    }
+    earlier_norm = float(earlier.norm())
+    if earlier_norm > 0 and total_sq > 0:
+        out["cos_with_earlier"] = float(update @ earlier) / (total_sq**0.5 * earlier_norm)
+        top, top_earlier = _top_mask(update.abs(), TOP_SHARE), _top_mask(earlier.abs(), TOP_SHARE)
+        out["top_on_earlier_top"] = int((top & top_earlier).sum()) / int(top.sum())
+    return out
+
+
+def update_stats(versions: list[dict[str, torch.Tensor]], names: list[str]) -> list[dict]:
+    """Per task t (versions[t] -> versions[t + 1]) the statistics of its update over every
+    adapted weight in `names`, and per block. `versions` are state dicts, version 0 first."""
+    per_task = []
+    earlier = {n: torch.zeros(versions[0][n].numel()) for n in names}  # summed update (n,)
+    seen = {n: torch.zeros(versions[0][n].numel(), dtype=torch.bool) for n in names}
+    for before, after in itertools.pairwise(versions):
+        update = {n: (after[n].float() - before[n].float()).reshape(-1) for n in names}
+        blocks: dict[str, list[str]] = {}
+        for n in names:
+            blocks.setdefault(block_of(n), []).append(n)
+        per_block = {
+            b: _summary(*(torch.cat([d[n] for n in ns]) for d in (update, earlier, seen)))
+            for b, ns in blocks.items()
+        }
+        whole = _summary(*(torch.cat([d[n] for n in names]) for d in (update, earlier, seen)))
+        per_task.append({**whole, "blocks": per_block})
+        for n in names:
+            earlier[n] += update[n]
+            seen[n] |= update[n] != 0
+    return per_task
+
+
+# ------------------------------------------------------------------------------- loss
+
+
+def loss_by_version(
+    model_dir: Path, run_dir: Path, data: dict, seed: int, loss_rows: int, batch_size: int
+) -> dict[str, Any]:
+    """Held-out loss of every task on the base and on each version the run exported:
+    matrix[v][j] for version v (0 = the base), task j; tasks not yet reached at v are
+    measured too (they show what the earlier merges did to them before they train)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.config import DataConfig
+    from trainer.data import Encoder, held_out_loss, load_stream
+
+    cfg = DataConfig.model_validate({**data, "eval_rows": loss_rows})
+    tasks = load_stream(cfg, seed)
+    enc = Encoder(AutoTokenizer.from_pretrained(model_dir), cfg.max_length, cfg.prompt_format)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    matrix = []
+    for state in _version_states(model_dir, run_dir):
+        model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
+        with torch.no_grad():
+            matrix.append(
+                [held_out_loss(model, enc, t, batch_size, torch.device("cpu")) for t in tasks]
+            )
+    n = len(tasks)
+    forgetting = {tasks[j].name: matrix[n][j] - matrix[j + 1][j] for j in range(n - 1)}
+    per_merge = [
+        [matrix[v][j] - matrix[v - 1][j] for j in range(v - 1)] for v in range(2, n + 1)
+    ]  # per_merge[k]: merge of task k + 1, the rise of tasks 0..k
+    return {
+        "tasks": [t.name for t in tasks],
+        "rows": loss_rows,
+        "matrix": matrix,
+        "forgetting": forgetting,
+        "mean_forgetting": sum(forgetting.values()) / max(len(forgetting), 1),
+        "rise_per_merge": per_merge,
+    }
+
+
+def _version_states(model_dir: Path, run_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """The base checkpoint and every merged version of the run, in order."""
+    versions = json.loads((run_dir / "run.json").read_text())["versions"]
+    states = [load_tensors(model_dir)]
+    for v in versions[1:]:
+        if not v.get("merged"):
+            raise SystemExit(f"{run_dir}: version {v['version']} was not kept (keep_all_merged)")
+        states.append(load_tensors(run_dir / "merged" / v["merged"]))
+    return states
+
+
+def measure(
+    run_dir: Path, model_dir: Path, data: dict, seed: int, args: argparse.Namespace
+) -> dict:
+    states = _version_states(model_dir, run_dir)
+    names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in ("q_proj", "v_proj")))]
+    updates = update_stats(states, names)
+    del states
+    loss = loss_by_version(model_dir, run_dir, data, seed, args.loss_rows, args.batch_size)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "loss": loss,
+        "updates": updates,
+        "log_thresholds": [t.get("log_threshold") for t in metrics["tasks"]],
+        "s_per_step": sum(t["train_seconds"] for t in metrics["tasks"])
+        / sum(t["steps"] for t in metrics["tasks"]),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Merge interference ({result['created']})",
+        "",
+        f"Model `{result['model']}`, tasks {', '.join(result['tasks'])}; {result['settings']}",
+        "",
+        "Held-out loss (nats per target token) of each earlier task: forgetting = after the "
+        "last task minus right after its own. Per task update (tasks 2..T, means over "
+        "them): share of its support on coordinates earlier tasks changed (chance: a "
+        "random support of the same size), share of its squared norm there, share of its "
+        f"top {100 * TOP_SHARE:g} % entries among the earlier sum's top {100 * TOP_SHARE:g} %, "
+        "cosine with the earlier sum.",
+        "",
+        "| variant | mean forgetting (loss) | per task | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos with earlier |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        loss, ups = r["loss"], r["updates"]
+        later = ups[1:] or ups
+
+        def mean(key: str, rows: list[dict] = later) -> float | None:
+            values = [u[key] for u in rows if key in u]
+            return sum(values) / len(values) if values else None
+
+        per_task = ", ".join(f"{v:+.3f}" for v in loss["forgetting"].values())
+        lines.append(
+            f"| {r['variant']} | {loss['mean_forgetting']:+.3f} | {per_task} | "
+            f"{_f(mean('density', ups) and 100 * mean('density', ups), '.2f')} | "
+            f"{_f(mean('norm', ups), '.2f')} | {_f(mean('mean_abs_on_support', ups), '.2e')} | "
+            f"{_f(mean('support_on_earlier'), '.2f')} ({_f(mean('support_on_earlier_chance'), '.2f')}) | "
+            f"{_f(mean('energy_on_earlier'), '.2f')} | {_f(mean('top_on_earlier_top'), '.2f')} | "
+            f"{_f(mean('cos_with_earlier'), '+.3f')} |"
+        )
+    lines += ["", "Loss matrices (row: version, 0 = base; column: task):", ""]
+    for r in result["rows"]:
+        lines.append(f"- {r['variant']}: " + "; ".join(
+            "[" + ", ".join(f"{x:.3f}" for x in row) + "]" for row in r["loss"]["matrix"]
+        ))  # fmt: skip
+    lines += ["", "Machine: " + machine_line(result["machine"]), ""]
+    return "\n".join(lines)
+
+
+def write_summary(tag: str, model: Path, tasks: list[str], settings: dict) -> None:
+    rows_dir = RESULTS / "interference" / tag
+    rows = [
+        json.loads((rows_dir / f"{name}.json").read_text())
+        for name in VARIANTS
+        if (rows_dir / f"{name}.json").is_file()
+    ]
+    if not rows:
+        return
+    result = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": str(model.name),
+        "tag": tag,
+        "tasks": tasks,
+        "settings": json.dumps(settings),
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    (RESULTS / f"interference_{tag}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"interference_{tag}.md").write_text(markdown(result))
+    print(markdown(result), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--order", default="short_order_1")
+    parser.add_argument("--tasks", nargs="+", help="a custom stream (overrides --order)")
+    parser.add_argument("--seed", type=int, default=42, help="train.seed: also draws the rows")
+    parser.add_argument("--train-rows", type=int, default=128)
+    parser.add_argument("--loss-rows", type=int, default=100, help="held-out rows per task")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--variants", nargs="+", default=["incLoRA", "incLoRA+jump", "incLoRA+topk"],
+        choices=list(VARIANTS),
+    )  # fmt: skip
+    parser.add_argument("--tag", help="result set name (default: <order>-seed<seed>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs are trained")
+    parser.add_argument("--force", action="store_true", help="re-run finished variants")
+    args = parser.parse_args()
+
+    stream = {"tasks": args.tasks, "order": None} if args.tasks else {"order": args.order}
+    tag = args.tag or f"{'-'.join(args.tasks) if args.tasks else args.order}-seed{args.seed}"
+    data = {"root": str(args.data), **stream, "train_rows": args.train_rows}
+    data["max_length"] = args.max_length
+    base_cfg = {
+        "model": str(args.model),
+        "data": {**data, "eval_rows": 1},  # generation is not what this measures
+        "adapter": {"r": 8, "alpha": 32},
+        "train": {"batch_size": args.batch_size, "eval_schedule": "needed", "seed": args.seed},
+        "keep_all_merged": True,
+    }
+    settings = {
+        **{k: v for k, v in base_cfg.items() if k != "model"},
+        "loss_rows": args.loss_rows,
+        "overrides": args.set,
+    }
+    rows_dir = RESULTS / "interference" / tag
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    task_names: list[str] = []
+    for name in args.variants:
+        row_path = rows_dir / f"{name}.json"
+        if row_path.is_file() and not args.force:
+            saved = json.loads(row_path.read_text())
+            if saved.get("settings") != settings:
+                diff = settings_difference(saved.get("settings"), settings)
+                print(f"== {name}: saved with other settings ({diff}); use another --tag")
+                return 2
+            print(f"== {name}: kept ({row_path})", flush=True)
+            task_names = saved["loss"]["tasks"]
+            continue
+        run_dir = args.runs / tag / name.replace("+", "_")
+        if args.force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_variant(name, base_cfg, args.set, run_dir, "in_process")
+        row = {"variant": name, **measure(run_dir, args.model, data, args.seed, args)}
+        row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
+        row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        row_path.write_text(json.dumps(row, indent=2))
+        task_names = row["loss"]["tasks"]
+        write_summary(tag, args.model, task_names, settings)
+    write_summary(tag, args.model, task_names, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
