@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from bench.cl_quality import DATA, VARIANTS, run_variant, settings_difference
 from bench.common import RESULTS, machine_info, machine_line
@@ -95,23 +96,47 @@ def _summary(update: torch.Tensor, earlier: torch.Tensor, seen: torch.Tensor) ->
     return out
 
 
-def update_stats(versions: list[dict[str, torch.Tensor]], names: list[str]) -> list[dict]:
+def _low_rank_energy(update: torch.Tensor, rank: int) -> tuple[float, float]:
+    """(squared norm in the top `rank` singular directions, squared norm) of a matrix."""
+    sigma = torch.linalg.svdvals(update)
+    return float(sigma[:rank].square().sum()), float(sigma.square().sum())
+
+
+def _group_stats(
+    names: list[str],
+    update: dict[str, torch.Tensor],
+    earlier: dict[str, torch.Tensor],
+    seen: dict[str, torch.Tensor],
+    energy: dict[str, tuple[float, float]],
+) -> dict[str, float]:
+    """`_summary` over the weights `names` taken together, and their low-rank energy."""
+    out = _summary(*(torch.cat([d[n] for n in names]) for d in (update, earlier, seen)))
+    top, total = (sum(energy[n][k] for n in names) for k in (0, 1))
+    out["low_rank_energy"] = top / total if total else 1.0
+    return out
+
+
+def update_stats(
+    versions: list[dict[str, torch.Tensor]], names: list[str], rank: int
+) -> list[dict]:
     """Per task t (versions[t] -> versions[t + 1]) the statistics of its update over every
-    adapted weight in `names`, and per block. `versions` are state dicts, version 0 first."""
+    adapted weight in `names`, and per block. `versions` are state dicts, version 0 first.
+    `low_rank_energy`: the share of the update's squared norm within its top `rank`
+    singular directions per matrix (1 for a merged rank-r LoRA update up to rounding; a
+    gated one is no longer low rank: what the gate cut acts on every input direction)."""
     per_task = []
     earlier = {n: torch.zeros(versions[0][n].numel()) for n in names}  # summed update (n,)
     seen = {n: torch.zeros(versions[0][n].numel(), dtype=torch.bool) for n in names}
+    blocks: dict[str, list[str]] = {}
+    for n in names:
+        blocks.setdefault(block_of(n), []).append(n)
     for before, after in itertools.pairwise(versions):
         update = {n: (after[n].float() - before[n].float()).reshape(-1) for n in names}
-        blocks: dict[str, list[str]] = {}
-        for n in names:
-            blocks.setdefault(block_of(n), []).append(n)
-        per_block = {
-            b: _summary(*(torch.cat([d[n] for n in ns]) for d in (update, earlier, seen)))
-            for b, ns in blocks.items()
-        }
-        whole = _summary(*(torch.cat([d[n] for n in names]) for d in (update, earlier, seen)))
-        per_task.append({**whole, "blocks": per_block})
+        energy = {n: _low_rank_energy(update[n].reshape(versions[0][n].shape), rank) for n in names}
+
+        parts = (update, earlier, seen, energy)
+        per_block = {b: _group_stats(ns, *parts) for b, ns in blocks.items()}
+        per_task.append({**_group_stats(names, *parts), "blocks": per_block})
         for n in names:
             earlier[n] += update[n]
             seen[n] |= update[n] != 0
@@ -174,7 +199,8 @@ def measure(
 ) -> dict:
     states = _version_states(model_dir, run_dir)
     names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in ("q_proj", "v_proj")))]
-    updates = update_stats(states, names)
+    rank = yaml.safe_load((run_dir / "config.yaml").read_text())["adapter"]["r"]
+    updates = update_stats(states, names, rank)
     del states
     loss = loss_by_version(model_dir, run_dir, data, seed, args.loss_rows, args.batch_size)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -205,10 +231,11 @@ def markdown(result: dict) -> str:
         "them): share of its support on coordinates earlier tasks changed (chance: a "
         "random support of the same size), share of its squared norm there, share of its "
         f"top {100 * TOP_SHARE:g} % entries among the earlier sum's top {100 * TOP_SHARE:g} %, "
-        "cosine with the earlier sum.",
+        "cosine with the earlier sum; low-rank energy: share of its squared norm in the top r "
+        "singular directions of each matrix (r the adapter's rank).",
         "",
-        "| variant | mean forgetting (loss) | per task | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos with earlier |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | mean forgetting (loss) | per task | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos with earlier | low-rank energy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         loss, ups = r["loss"], r["updates"]
@@ -225,7 +252,7 @@ def markdown(result: dict) -> str:
             f"{_f(mean('norm', ups), '.2f')} | {_f(mean('mean_abs_on_support', ups), '.2e')} | "
             f"{_f(mean('support_on_earlier'), '.2f')} ({_f(mean('support_on_earlier_chance'), '.2f')}) | "
             f"{_f(mean('energy_on_earlier'), '.2f')} | {_f(mean('top_on_earlier_top'), '.2f')} | "
-            f"{_f(mean('cos_with_earlier'), '+.3f')} |"
+            f"{_f(mean('cos_with_earlier'), '+.3f')} | {_f(mean('low_rank_energy', ups))} |"
         )
     lines += ["", "Loss matrices (row: version, 0 = base; column: task):", ""]
     for r in result["rows"]:
@@ -278,6 +305,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs are trained")
     parser.add_argument("--force", action="store_true", help="re-run finished variants")
+    parser.add_argument(
+        "--remeasure", action="store_true", help="measure finished variants' kept runs again"
+    )
     args = parser.parse_args()
 
     stream = {"tasks": args.tasks, "order": None} if args.tasks else {"order": args.order}
@@ -301,19 +331,22 @@ def main() -> int:
     task_names: list[str] = []
     for name in args.variants:
         row_path = rows_dir / f"{name}.json"
-        if row_path.is_file() and not args.force:
+        run_dir = args.runs / tag / name.replace("+", "_")
+        finished = row_path.is_file() and not args.force
+        if finished:
             saved = json.loads(row_path.read_text())
             if saved.get("settings") != settings:
                 diff = settings_difference(saved.get("settings"), settings)
                 print(f"== {name}: saved with other settings ({diff}); use another --tag")
                 return 2
-            print(f"== {name}: kept ({row_path})", flush=True)
-            task_names = saved["loss"]["tasks"]
-            continue
-        run_dir = args.runs / tag / name.replace("+", "_")
-        if args.force and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_variant(name, base_cfg, args.set, run_dir, "in_process")
+            if not args.remeasure:
+                print(f"== {name}: kept ({row_path})", flush=True)
+                task_names = saved["loss"]["tasks"]
+                continue
+        else:
+            if args.force and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_variant(name, base_cfg, args.set, run_dir, "in_process")
         row = {"variant": name, **measure(run_dir, args.model, data, args.seed, args)}
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

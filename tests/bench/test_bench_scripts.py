@@ -276,7 +276,8 @@ def test_interference_stats_see_overlap_and_undoing() -> None:
     undo = {q: first[q] / 2, v: base[v].clone()}  # half-way back on those two
     fresh = {q: undo[q].clone(), v: undo[v].clone()}
     fresh[v][1, 3] = 2.0
-    stats = update_stats([base, first, undo, fresh], [q, v])
+    full_rank = {q: fresh[q] + torch.eye(4), v: fresh[v].clone()}
+    stats = update_stats([base, first, undo, fresh, full_rank], [q, v], rank=1)
 
     assert stats[0]["density"] == 2 / 24 and "cos_with_earlier" not in stats[0]
     assert stats[0]["blocks"]["layer 0"]["density"] == 2 / 16
@@ -286,6 +287,9 @@ def test_interference_stats_see_overlap_and_undoing() -> None:
     assert stats[1]["support_on_earlier_chance"] == 2 / 24
     assert stats[2]["support_on_earlier"] == 0.0 and stats[2]["cos_with_earlier"] == 0.0
     assert stats[2]["mean_abs_on_support"] == 2.0 and stats[2]["norm"] == 2.0
+    assert [s["low_rank_energy"] for s in stats[:3]] == pytest.approx([1.0, 1.0, 1.0])
+    assert stats[3]["low_rank_energy"] == pytest.approx(0.25)  # the identity, rank 1 of 4
+    assert stats[3]["blocks"]["layer 1"]["low_rank_energy"] == 1.0  # unchanged: nothing
 
 
 def test_interference_runs_a_stream_and_measures_every_version(
