@@ -75,6 +75,11 @@ def row_of(name: str, metrics: dict) -> dict:
         "block_density": summary.get("block"),
         "log_thresholds": [t.get("log_threshold") for t in tasks],
         "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
+        "train_s": sum(t["train_seconds"] for t in tasks),
+        # the rows after each task (not the base row), in process or through the server
+        "eval_s": sum(t["eval_seconds"] for t in tasks)
+        if all("eval_seconds" in t for t in tasks)
+        else None,
         "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
         "accuracy_matrix": acc["matrix"],
         "base_row": acc.get("base"),

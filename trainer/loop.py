@@ -695,8 +695,10 @@ class Recipe:
                 delta = self.make_delta(i, task, merged)
                 if self.publisher is not None:  # before evaluating: --eval-via needs it served
                     self.publish(i, task, delta, log)
+                start = time.perf_counter()
                 with self.method.eval_view(kept, merged):
                     self.evaluate(i, delta.metadata.child_fingerprint)
+                log["eval_seconds"] = time.perf_counter() - start  # row i, whatever the engine
                 self.export(i, task, merged, delta, log)
                 self.console.print(self._summary(i, log))
                 if self.telemetry is not None:

@@ -60,6 +60,7 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(
     assert acc["matrix"][0][1] is not None and acc["matrix"][1][1] is not None
     assert {"OA", "BWT", "FWT", "base_OA", "gain_over_base"} <= acc.keys()
     assert 0 < metrics["density"]["movie_sentiment"]["density"] < 1
+    assert all(t["eval_seconds"] > 0 and t["train_seconds"] > 0 for t in metrics["tasks"])
     _assert_tensorboard_events(run / "tensorboard", info)
     # The held-out loss of every task, where the metric was evaluated, and its rise.
     loss = metrics["loss"]
