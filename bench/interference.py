@@ -51,6 +51,7 @@ from jlserve.checkpoint import load_tensors
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "bench" / "interference"
 TOP_SHARE = 0.005  # "largest entries": the top 0.5 % of a task's |update| over adapted entries
+COLUMN_SHARE = 0.02  # "heaviest input columns": the top 2 % of a matrix's columns by norm
 
 
 # ---------------------------------------------------------------------------- updates
@@ -96,10 +97,26 @@ def _summary(update: torch.Tensor, earlier: torch.Tensor, seen: torch.Tensor) ->
     return out
 
 
-def _low_rank_energy(update: torch.Tensor, rank: int) -> tuple[float, float]:
-    """(squared norm in the top `rank` singular directions, squared norm) of a matrix."""
+def _matrix_sums(update: torch.Tensor, earlier: torch.Tensor, rank: int) -> dict[str, float]:
+    """Sums over one matrix's update (d_out, d_in), to be added over a group of matrices:
+    its squared norm (total), the part in its top `rank` singular directions (low_rank),
+    the part in its heaviest input columns (top_columns: the COLUMN_SHARE of columns with
+    the largest squared norm) and how many of those columns are also among the earlier
+    tasks' summed update's heaviest (shared, of heavy; both 0 before any earlier task)."""
     sigma = torch.linalg.svdvals(update)
-    return float(sigma[:rank].square().sum()), float(sigma.square().sum())
+    columns = update.square().sum(0)  # (d_in,)
+    heavy = _top_mask(columns, COLUMN_SHARE)
+    sums = {
+        "total": float(columns.sum()),
+        "low_rank": float(sigma[:rank].square().sum()),
+        "top_columns": float(columns[heavy].sum()),
+        "heavy": 0.0,
+        "shared": 0.0,
+    }
+    if bool(earlier.any()) and sums["total"] > 0:
+        sums["heavy"] = float(heavy.sum())
+        sums["shared"] = float((heavy & _top_mask(earlier.square().sum(0), COLUMN_SHARE)).sum())
+    return sums
 
 
 def _group_stats(
@@ -107,12 +124,20 @@ def _group_stats(
     update: dict[str, torch.Tensor],
     earlier: dict[str, torch.Tensor],
     seen: dict[str, torch.Tensor],
-    energy: dict[str, tuple[float, float]],
+    sums: dict[str, dict[str, float]],
 ) -> dict[str, float]:
-    """`_summary` over the weights `names` taken together, and their low-rank energy."""
+    """`_summary` over the weights `names` taken together, and the ratios of their
+    `_matrix_sums`: low_rank_energy (1 for a merged rank-r LoRA update up to rounding; a
+    gated one is no longer low rank, what the gate cut acts on every input direction),
+    column_concentration (share of the squared norm in the heaviest input columns) and
+    heavy_columns_on_earlier (share of those columns that are the earlier tasks' heaviest
+    too; chance is COLUMN_SHARE)."""
     out = _summary(*(torch.cat([d[n] for n in names]) for d in (update, earlier, seen)))
-    top, total = (sum(energy[n][k] for n in names) for k in (0, 1))
-    out["low_rank_energy"] = top / total if total else 1.0
+    total = {k: sum(sums[n][k] for n in names) for k in sums[names[0]]}
+    out["low_rank_energy"] = total["low_rank"] / total["total"] if total["total"] else 1.0
+    out["column_concentration"] = total["top_columns"] / total["total"] if total["total"] else 0
+    if total["heavy"]:
+        out["heavy_columns_on_earlier"] = total["shared"] / total["heavy"]
     return out
 
 
@@ -120,10 +145,8 @@ def update_stats(
     versions: list[dict[str, torch.Tensor]], names: list[str], rank: int
 ) -> list[dict]:
     """Per task t (versions[t] -> versions[t + 1]) the statistics of its update over every
-    adapted weight in `names`, and per block. `versions` are state dicts, version 0 first.
-    `low_rank_energy`: the share of the update's squared norm within its top `rank`
-    singular directions per matrix (1 for a merged rank-r LoRA update up to rounding; a
-    gated one is no longer low rank: what the gate cut acts on every input direction)."""
+    adapted weight in `names`, and per block (`_group_stats`). `versions` are state dicts,
+    version 0 first."""
     per_task = []
     earlier = {n: torch.zeros(versions[0][n].numel()) for n in names}  # summed update (n,)
     seen = {n: torch.zeros(versions[0][n].numel(), dtype=torch.bool) for n in names}
@@ -132,9 +155,11 @@ def update_stats(
         blocks.setdefault(block_of(n), []).append(n)
     for before, after in itertools.pairwise(versions):
         update = {n: (after[n].float() - before[n].float()).reshape(-1) for n in names}
-        energy = {n: _low_rank_energy(update[n].reshape(versions[0][n].shape), rank) for n in names}
-
-        parts = (update, earlier, seen, energy)
+        sums = {
+            n: _matrix_sums(*(d[n].reshape(versions[0][n].shape) for d in (update, earlier)), rank)
+            for n in names
+        }
+        parts = (update, earlier, seen, sums)
         per_block = {b: _group_stats(ns, *parts) for b, ns in blocks.items()}
         per_task.append({**_group_stats(names, *parts), "blocks": per_block})
         for n in names:
@@ -194,22 +219,24 @@ def _version_states(model_dir: Path, run_dir: Path) -> list[dict[str, torch.Tens
     return states
 
 
-def measure(
-    run_dir: Path, model_dir: Path, data: dict, seed: int, args: argparse.Namespace
-) -> dict:
+def measure_updates(run_dir: Path, model_dir: Path) -> list[dict]:
+    """`update_stats` of every version the run exported, over its adapted q/v weights."""
     states = _version_states(model_dir, run_dir)
-    names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in ("q_proj", "v_proj")))]
+    names = [n for n in states[0] if n.endswith(("q_proj.weight", "v_proj.weight"))]
     rank = yaml.safe_load((run_dir / "config.yaml").read_text())["adapter"]["r"]
-    updates = update_stats(states, names, rank)
-    del states
-    loss = loss_by_version(model_dir, run_dir, data, seed, args.loss_rows, args.batch_size)
+    return update_stats(states, names, rank)
+
+
+def measure(run_dir: Path, model_dir: Path, data: dict, args: argparse.Namespace) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    tasks = metrics["tasks"]
     return {
-        "loss": loss,
-        "updates": updates,
-        "log_thresholds": [t.get("log_threshold") for t in metrics["tasks"]],
-        "s_per_step": sum(t["train_seconds"] for t in metrics["tasks"])
-        / sum(t["steps"] for t in metrics["tasks"]),
+        "loss": loss_by_version(
+            model_dir, run_dir, data, args.seed, args.loss_rows, args.batch_size
+        ),
+        "updates": measure_updates(run_dir, model_dir),
+        "log_thresholds": [t.get("log_threshold") for t in tasks],
+        "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
     }
 
 
@@ -220,39 +247,58 @@ def _f(x: float | None, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _mean(updates: list[dict], key: str) -> float | None:
+    values = [u[key] for u in updates if key in u]
+    return sum(values) / len(values) if values else None
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# Merge interference ({result['created']})",
         "",
         f"Model `{result['model']}`, tasks {', '.join(result['tasks'])}; {result['settings']}",
         "",
-        "Held-out loss (nats per target token) of each earlier task: forgetting = after the "
-        "last task minus right after its own. Per task update (tasks 2..T, means over "
-        "them): share of its support on coordinates earlier tasks changed (chance: a "
-        "random support of the same size), share of its squared norm there, share of its "
-        f"top {100 * TOP_SHARE:g} % entries among the earlier sum's top {100 * TOP_SHARE:g} %, "
-        "cosine with the earlier sum; low-rank energy: share of its squared norm in the top r "
-        "singular directions of each matrix (r the adapter's rank).",
+        "Held-out loss (nats per target token): forgetting = an earlier task's loss after "
+        "the last task minus right after its own (positive: forgotten); the rise per merge "
+        "is the mean over the earlier tasks.",
         "",
-        "| variant | mean forgetting (loss) | per task | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos with earlier | low-rank energy |",
+        "| variant | mean forgetting | per task | mean rise per merge (tasks 2..T) |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        loss = r["loss"]
+        per_task = ", ".join(f"{v:+.3f}" for v in loss["forgetting"].values())
+        rises = ", ".join(f"{sum(m) / len(m):+.3f}" for m in loss["rise_per_merge"])
+        lines.append(f"| {r['variant']} | {loss['mean_forgetting']:+.3f} | {per_task} | {rises} |")
+    lines += [
+        "",
+        "Each task's update (new minus previous weights; means over tasks 1..T, the overlaps "
+        "over tasks 2..T): support on earlier = share of its changed coordinates that an "
+        "earlier task changed (chance: a random support of the same size); energy on "
+        f"earlier = share of its squared norm there; top on earlier top = share of its top "
+        f"{100 * TOP_SHARE:g} % entries among the earlier sum's top {100 * TOP_SHARE:g} %; "
+        "cos = cosine with the earlier sum; low-rank = share of its squared norm in the top "
+        "r singular directions per matrix; column conc. = share in its heaviest "
+        f"{100 * COLUMN_SHARE:g} % input columns; heavy cols on earlier = share of those "
+        f"that are the earlier sum's heaviest too (chance {COLUMN_SHARE:g}).",
+        "",
+        "| variant | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos | low-rank | column conc. | heavy cols on earlier |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        loss, ups = r["loss"], r["updates"]
-        later = ups[1:] or ups
-
-        def mean(key: str, rows: list[dict] = later) -> float | None:
-            values = [u[key] for u in rows if key in u]
-            return sum(values) / len(values) if values else None
-
-        per_task = ", ".join(f"{v:+.3f}" for v in loss["forgetting"].values())
+        ups = r["updates"]
+        later = ups[1:]
+        density = _mean(ups, "density")
         lines.append(
-            f"| {r['variant']} | {loss['mean_forgetting']:+.3f} | {per_task} | "
-            f"{_f(mean('density', ups) and 100 * mean('density', ups), '.2f')} | "
-            f"{_f(mean('norm', ups), '.2f')} | {_f(mean('mean_abs_on_support', ups), '.2e')} | "
-            f"{_f(mean('support_on_earlier'), '.2f')} ({_f(mean('support_on_earlier_chance'), '.2f')}) | "
-            f"{_f(mean('energy_on_earlier'), '.2f')} | {_f(mean('top_on_earlier_top'), '.2f')} | "
-            f"{_f(mean('cos_with_earlier'), '+.3f')} | {_f(mean('low_rank_energy', ups))} |"
+            f"| {r['variant']} | {_f(density and 100 * density, '.2f')} | "
+            f"{_f(_mean(ups, 'norm'), '.2f')} | {_f(_mean(ups, 'mean_abs_on_support'), '.2e')} | "
+            f"{_f(_mean(later, 'support_on_earlier'), '.2f')} "
+            f"({_f(_mean(later, 'support_on_earlier_chance'), '.2f')}) | "
+            f"{_f(_mean(later, 'energy_on_earlier'), '.2f')} | "
+            f"{_f(_mean(later, 'top_on_earlier_top'), '.2f')} | "
+            f"{_f(_mean(later, 'cos_with_earlier'), '+.3f')} | "
+            f"{_f(_mean(ups, 'low_rank_energy'))} | {_f(_mean(ups, 'column_concentration'))} | "
+            f"{_f(_mean(later, 'heavy_columns_on_earlier'))} |"
         )
     lines += ["", "Loss matrices (row: version, 0 = base; column: task):", ""]
     for r in result["rows"]:
@@ -306,7 +352,9 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs are trained")
     parser.add_argument("--force", action="store_true", help="re-run finished variants")
     parser.add_argument(
-        "--remeasure", action="store_true", help="measure finished variants' kept runs again"
+        "--remeasure",
+        action="store_true",
+        help="measure the updates of finished variants' kept runs again (the loss is kept)",
     )
     args = parser.parse_args()
 
@@ -332,23 +380,23 @@ def main() -> int:
     for name in args.variants:
         row_path = rows_dir / f"{name}.json"
         run_dir = args.runs / tag / name.replace("+", "_")
-        finished = row_path.is_file() and not args.force
-        if finished:
-            saved = json.loads(row_path.read_text())
-            if saved.get("settings") != settings:
-                diff = settings_difference(saved.get("settings"), settings)
+        if row_path.is_file() and not args.force:
+            row = json.loads(row_path.read_text())
+            if row.get("settings") != settings:
+                diff = settings_difference(row.get("settings"), settings)
                 print(f"== {name}: saved with other settings ({diff}); use another --tag")
                 return 2
             if not args.remeasure:
                 print(f"== {name}: kept ({row_path})", flush=True)
-                task_names = saved["loss"]["tasks"]
+                task_names = row["loss"]["tasks"]
                 continue
+            row["updates"] = measure_updates(run_dir, args.model)  # the loss stays
         else:
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)
             run_variant(name, base_cfg, args.set, run_dir, "in_process")
-        row = {"variant": name, **measure(run_dir, args.model, data, args.seed, args)}
-        row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
+            row = {"variant": name, **measure(run_dir, args.model, data, args)}
+            row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))
         task_names = row["loss"]["tasks"]

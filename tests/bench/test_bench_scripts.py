@@ -290,6 +290,15 @@ def test_interference_stats_see_overlap_and_undoing() -> None:
     assert [s["low_rank_energy"] for s in stats[:3]] == pytest.approx([1.0, 1.0, 1.0])
     assert stats[3]["low_rank_energy"] == pytest.approx(0.25)  # the identity, rank 1 of 4
     assert stats[3]["blocks"]["layer 1"]["low_rank_energy"] == 1.0  # unchanged: nothing
+    assert stats[0]["column_concentration"] == 0.5  # one of its two columns (2 % of 4 -> 1)
+    assert "heavy_columns_on_earlier" not in stats[2]  # it changed no matrix an earlier did
+
+    again = {q: first[q].clone(), v: base[v].clone()}
+    again[q][:, 3] = 1.0  # a column the first task did not touch
+    same = {q: again[q].clone(), v: base[v].clone()}
+    same[q][:, 3] = 3.0  # the same heavy column again
+    stats = update_stats([base, again, same], [q, v], rank=1)
+    assert stats[1]["heavy_columns_on_earlier"] == 1.0 and stats[1]["column_concentration"] == 1.0
 
 
 def test_interference_runs_a_stream_and_measures_every_version(
@@ -310,3 +319,10 @@ def test_interference_runs_a_stream_and_measures_every_version(
     # the base row is the same model for both
     assert gated["loss"]["matrix"][0] == dense["loss"]["matrix"][0]
     assert "| incLoRA+jump |" in (tmp_path / "interference_t.md").read_text()
+    # --remeasure: the updates again from the kept runs, the loss as it was
+    (tmp_path / "interference" / "t" / "incLoRA.json").write_text(
+        json.dumps({**dense, "updates": []})
+    )
+    _run([*args, "--remeasure"], tmp_path)
+    again = json.loads((tmp_path / "interference_t.json").read_text())["rows"][0]
+    assert again["updates"] == dense["updates"] and again["loss"] == dense["loss"]
