@@ -8,21 +8,25 @@ Per variant the stream is trained by `python -m trainer` (bench.cl_quality.run_v
 every merged version kept, greedy generation skipped: one dev row per task), then measured
 on the versions it exported:
 
-  loss     the held-out loss (teacher forcing, --loss-rows dev rows per task, drawn apart
-           from the training rows) of every task on every version from the base on: per
-           merge, how far each earlier task's loss moves; per task, its forgetting in loss
-           (last version minus right after its own task).
-  updates  per task, what its merge changed (new minus previous weights, exactly the
-           exported delta): density, norm, mean |entry| on its support, how much of its
-           support and of its squared norm lands on coordinates an earlier task changed
-           (against the share a support of that size drawn at random would put there), how
-           many of its largest entries sit among the largest of the earlier tasks' summed
-           update, and its cosine with that sum; the same per transformer block.
+  loss     the held-out loss (teacher forcing, --loss-rows rows of each task's dev.json;
+           the trained rows come from train.json) of every task on every version from the
+           base on: per merge, how far each earlier task's loss moves; per task, its
+           forgetting in loss (last version minus right after its own task).
+  updates  per task, what its merge changed (new minus previous weights in the
+           checkpoint's dtype, exactly the exported delta: a dense update's support is the
+           entries that survive bf16 rounding): density, norm, mean |entry| on its support,
+           how much of its support and of its squared norm lands on coordinates an earlier
+           task changed (against the share a random support of that size would put there),
+           how many of its largest entries sit among the largest of the earlier tasks'
+           summed update, its cosine with that sum, its share of energy in the top r
+           singular directions and in its heaviest input columns; also per block.
 
-Why these: the gated update keeps ~3 % of B @ A, so if the task is learnt as well as with
-the dense update, the kept entries must carry more each (norm concentrated), and if every
-task keeps its largest-gradient coordinates they may be the same ones (overlap above
-chance); either would make a sparse merge hit the earlier tasks harder than a dense one.
+Why these: the gated update keeps a few per cent of B @ A, so if the task is learnt as
+well as with the dense update, the kept entries must carry more each (norm concentrated),
+and if every task keeps its largest-gradient coordinates they may be the same ones
+(overlap above chance); either would make a sparse merge hit the earlier tasks harder
+than a dense one. A gated update is also no longer low rank, so it acts on input
+directions the task's LoRA never used.
 
 Resumable per variant: bench/results/interference/<tag>/<variant>.json is kept (not run
 again unless --force); a stopped training run resumes from its last task. The summary
@@ -64,10 +68,12 @@ def block_of(name: str) -> str:
 
 
 def _top_mask(values: torch.Tensor, share: float) -> torch.Tensor:
-    """Mask of the round(share * n) largest entries of a flat tensor (n,)."""
-    k = max(1, round(share * values.numel()))
+    """Mask of the round(share * n) largest entries of a flat tensor (n,) of magnitudes,
+    never a zero one (a sparse update has fewer non-zero entries than that at times)."""
+    k = min(max(1, round(share * values.numel())), int((values > 0).sum()))
     mask = torch.zeros_like(values, dtype=torch.bool)
-    mask[torch.topk(values, k, sorted=False).indices] = True
+    if k:
+        mask[torch.topk(values, k, sorted=False).indices] = True
     return mask
 
 
@@ -85,8 +91,6 @@ def _summary(update: torch.Tensor, earlier: torch.Tensor, seen: torch.Tensor) ->
         "mean_abs_on_support": float(update.abs().sum()) / max(nnz, 1),
         "max_abs": float(update.abs().max()),
         "support_on_earlier": int(on_seen.sum()) / max(nnz, 1),
-        # a support of this size drawn at random would put this share on earlier coordinates
-        "support_on_earlier_chance": int(seen.sum()) / seen.numel(),
         "energy_on_earlier": float(sq[on_seen].sum()) / total_sq if total_sq else 0.0,
     }
     earlier_norm = float(earlier.norm())
@@ -97,16 +101,24 @@ def _summary(update: torch.Tensor, earlier: torch.Tensor, seen: torch.Tensor) ->
     return out
 
 
-def _matrix_sums(update: torch.Tensor, earlier: torch.Tensor, rank: int) -> dict[str, float]:
+def _matrix_sums(
+    update: torch.Tensor, earlier: torch.Tensor, earlier_changed: torch.Tensor, rank: int
+) -> dict[str, float]:
     """Sums over one matrix's update (d_out, d_in), to be added over a group of matrices:
     its squared norm (total), the part in its top `rank` singular directions (low_rank),
     the part in its heaviest input columns (top_columns: the COLUMN_SHARE of columns with
     the largest squared norm) and how many of those columns are also among the earlier
-    tasks' summed update's heaviest (shared, of heavy; both 0 before any earlier task)."""
+    tasks' summed update's heaviest (shared, of heavy; both 0 before any earlier task);
+    `earlier_changed` (d_out, d_in) marks the coordinates an earlier task changed."""
     sigma = torch.linalg.svdvals(update)
     columns = update.square().sum(0)  # (d_in,)
     heavy = _top_mask(columns, COLUMN_SHARE)
+    nnz = int((update != 0).sum())
     sums = {
+        "nnz": float(nnz),
+        # a support of this size drawn at random in this matrix would hit this many
+        # coordinates an earlier task changed
+        "chance_hits": nnz * float((earlier_changed).float().mean()),
         "total": float(columns.sum()),
         "low_rank": float(sigma[:rank].square().sum()),
         "top_columns": float(columns[heavy].sum()),
@@ -127,15 +139,18 @@ def _group_stats(
     sums: dict[str, dict[str, float]],
 ) -> dict[str, float]:
     """`_summary` over the weights `names` taken together, and the ratios of their
-    `_matrix_sums`: low_rank_energy (1 for a merged rank-r LoRA update up to rounding; a
+    `_matrix_sums`: support_on_earlier_chance (the share a random support of each matrix's
+    size would put on earlier coordinates, matrix by matrix: the gate's density differs by
+    block), low_rank_energy (1 for a merged rank-r LoRA update up to rounding; a
     gated one is no longer low rank, what the gate cut acts on every input direction),
     column_concentration (share of the squared norm in the heaviest input columns) and
     heavy_columns_on_earlier (share of those columns that are the earlier tasks' heaviest
     too; chance is COLUMN_SHARE)."""
     out = _summary(*(torch.cat([d[n] for n in names]) for d in (update, earlier, seen)))
     total = {k: sum(sums[n][k] for n in names) for k in sums[names[0]]}
+    out["support_on_earlier_chance"] = total["chance_hits"] / total["nnz"] if total["nnz"] else 0.0
     out["low_rank_energy"] = total["low_rank"] / total["total"] if total["total"] else 1.0
-    out["column_concentration"] = total["top_columns"] / total["total"] if total["total"] else 0
+    out["column_concentration"] = total["top_columns"] / total["total"] if total["total"] else 0.0
     if total["heavy"]:
         out["heavy_columns_on_earlier"] = total["shared"] / total["heavy"]
     return out
@@ -156,7 +171,9 @@ def update_stats(
     for before, after in itertools.pairwise(versions):
         update = {n: (after[n].float() - before[n].float()).reshape(-1) for n in names}
         sums = {
-            n: _matrix_sums(*(d[n].reshape(versions[0][n].shape) for d in (update, earlier)), rank)
+            n: _matrix_sums(
+                *(d[n].reshape(versions[0][n].shape) for d in (update, earlier, seen)), rank
+            )
             for n in names
         }
         parts = (update, earlier, seen, sums)
@@ -171,40 +188,58 @@ def update_stats(
 # ------------------------------------------------------------------------------- loss
 
 
-def loss_by_version(
-    model_dir: Path, run_dir: Path, data: dict, seed: int, loss_rows: int, batch_size: int
-) -> dict[str, Any]:
-    """Held-out loss of every task on the base and on each version the run exported:
-    matrix[v][j] for version v (0 = the base), task j; tasks not yet reached at v are
-    measured too (they show what the earlier merges did to them before they train)."""
+def run_config(run_dir: Path) -> Any:
+    """The run's own validated config (config.yaml): what was trained, --set included."""
+    from trainer.config import RunConfig
+
+    return RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def loss_by_version(run_dir: Path, loss_rows: int) -> dict[str, Any]:
+    """Held-out loss of every task of the run's stream (`loss_rows` rows of its dev.json
+    per task) on the base and on each version the run exported: matrix[v][j] for version v
+    (0 = the base), task j; tasks not yet reached at v are measured too (they show what
+    the earlier merges did to them before they train)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.config import DataConfig
     from trainer.data import Encoder, held_out_loss, load_stream
 
-    cfg = DataConfig.model_validate({**data, "eval_rows": loss_rows})
-    tasks = load_stream(cfg, seed)
-    enc = Encoder(AutoTokenizer.from_pretrained(model_dir), cfg.max_length, cfg.prompt_format)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = run_config(run_dir)
+    data = cfg.data.model_copy(update={"eval_rows": loss_rows})
+    tasks = load_stream(data, cfg.train.seed)
+    enc = Encoder(AutoTokenizer.from_pretrained(cfg.model), data.max_length, data.prompt_format)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
     matrix = []
-    for state in _version_states(model_dir, run_dir):
-        model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
-        with torch.no_grad():
-            matrix.append(
-                [held_out_loss(model, enc, t, batch_size, torch.device("cpu")) for t in tasks]
+    for state in _version_states(cfg.model, run_dir):
+        loaded = model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
+        if loaded.unexpected_keys:
+            raise SystemExit(
+                f"{run_dir}: weights the model does not have: {loaded.unexpected_keys[:3]}"
             )
-    n = len(tasks)
-    forgetting = {tasks[j].name: matrix[n][j] - matrix[j + 1][j] for j in range(n - 1)}
-    per_merge = [
-        [matrix[v][j] - matrix[v - 1][j] for j in range(v - 1)] for v in range(2, n + 1)
-    ]  # per_merge[k]: merge of task k + 1, the rise of tasks 0..k
+        with torch.no_grad():
+            batch = cfg.train.eval_batch_size
+            matrix.append([held_out_loss(model, enc, t, batch, torch.device("cpu")) for t in tasks])
+    summary = loss_summary(matrix)
+    names = [t.name for t in tasks]
+    summary["forgetting"] = dict(zip(names, summary["forgetting"], strict=False))
+    return {"tasks": names, "rows": loss_rows, **summary}
+
+
+def loss_summary(matrix: list[list[float]]) -> dict[str, Any]:
+    """From the loss matrix (versions 0..T x tasks): each earlier task's forgetting (after
+    the last task minus right after its own) and the rise per merge (rise_per_merge[k]:
+    the merge of task k + 1, the change of tasks 0..k)."""
+    n = len(matrix) - 1
+    if any(len(row) != n for row in matrix):
+        raise ValueError(f"a loss matrix of {n + 1} versions needs {n} tasks per row")
+    forgetting = [matrix[n][j] - matrix[j + 1][j] for j in range(n - 1)]
     return {
-        "tasks": [t.name for t in tasks],
-        "rows": loss_rows,
         "matrix": matrix,
         "forgetting": forgetting,
-        "mean_forgetting": sum(forgetting.values()) / max(len(forgetting), 1),
-        "rise_per_merge": per_merge,
+        "mean_forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
+        "rise_per_merge": [
+            [matrix[v][j] - matrix[v - 1][j] for j in range(v - 1)] for v in range(2, n + 1)
+        ],
     }
 
 
@@ -219,22 +254,21 @@ def _version_states(model_dir: Path, run_dir: Path) -> list[dict[str, torch.Tens
     return states
 
 
-def measure_updates(run_dir: Path, model_dir: Path) -> list[dict]:
-    """`update_stats` of every version the run exported, over its adapted q/v weights."""
-    states = _version_states(model_dir, run_dir)
-    names = [n for n in states[0] if n.endswith(("q_proj.weight", "v_proj.weight"))]
-    rank = yaml.safe_load((run_dir / "config.yaml").read_text())["adapter"]["r"]
-    return update_stats(states, names, rank)
+def measure_updates(run_dir: Path) -> list[dict]:
+    """`update_stats` of every version the run exported, over its adapted weights."""
+    cfg = run_config(run_dir)
+    states = _version_states(cfg.model, run_dir)
+    names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in cfg.adapter.targets))]
+    return update_stats(states, names, cfg.adapter.r)
 
 
-def measure(run_dir: Path, model_dir: Path, data: dict, args: argparse.Namespace) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    tasks = metrics["tasks"]
+def measure(run_dir: Path, loss_rows: int) -> dict[str, Any]:
+    """One finished run's row: loss per version, update statistics, training speed."""
+    tasks = json.loads((run_dir / "metrics.json").read_text())["tasks"]
     return {
-        "loss": loss_by_version(
-            model_dir, run_dir, data, args.seed, args.loss_rows, args.batch_size
-        ),
-        "updates": measure_updates(run_dir, model_dir),
+        "run_dir": str(run_dir),
+        "loss": loss_by_version(run_dir, loss_rows),
+        "updates": measure_updates(run_dir),
         "log_thresholds": [t.get("log_threshold") for t in tasks],
         "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
     }
@@ -244,15 +278,18 @@ def measure(run_dir: Path, model_dir: Path, data: dict, args: argparse.Namespace
 
 
 def _f(x: float | None, fmt: str = ".3f") -> str:
+    """A number for a table cell, '-' when it was not measured."""
     return "-" if x is None else format(x, fmt)
 
 
 def _mean(updates: list[dict], key: str) -> float | None:
+    """Mean of `key` over the tasks that have it (the overlaps start at the second)."""
     values = [u[key] for u in updates if key in u]
     return sum(values) / len(values) if values else None
 
 
 def markdown(result: dict) -> str:
+    """The summary's two tables (loss, updates) and the loss matrices."""
     lines = [
         f"# Merge interference ({result['created']})",
         "",
@@ -267,7 +304,7 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         loss = r["loss"]
-        per_task = ", ".join(f"{v:+.3f}" for v in loss["forgetting"].values())
+        per_task = ", ".join(f"{task} {v:+.3f}" for task, v in loss["forgetting"].items())
         rises = ", ".join(f"{sum(m) / len(m):+.3f}" for m in loss["rise_per_merge"])
         lines.append(f"| {r['variant']} | {loss['mean_forgetting']:+.3f} | {per_task} | {rises} |")
     lines += [
@@ -290,7 +327,7 @@ def markdown(result: dict) -> str:
         later = ups[1:]
         density = _mean(ups, "density")
         lines.append(
-            f"| {r['variant']} | {_f(density and 100 * density, '.2f')} | "
+            f"| {r['variant']} | {_f(None if density is None else 100 * density, '.2f')} | "
             f"{_f(_mean(ups, 'norm'), '.2f')} | {_f(_mean(ups, 'mean_abs_on_support'), '.2e')} | "
             f"{_f(_mean(later, 'support_on_earlier'), '.2f')} "
             f"({_f(_mean(later, 'support_on_earlier_chance'), '.2f')}) | "
@@ -310,11 +347,14 @@ def markdown(result: dict) -> str:
 
 
 def write_summary(tag: str, model: Path, tasks: list[str], settings: dict) -> None:
+    """bench/results/interference_<tag>.json and .md from every finished variant of the
+    tag run with these settings (after every variant: a long run is readable as it goes)."""
     rows_dir = RESULTS / "interference" / tag
     rows = [
-        json.loads((rows_dir / f"{name}.json").read_text())
+        row
         for name in VARIANTS
         if (rows_dir / f"{name}.json").is_file()
+        and (row := json.loads((rows_dir / f"{name}.json").read_text()))["settings"] == settings
     ]
     if not rows:
         return
@@ -333,6 +373,7 @@ def write_summary(tag: str, model: Path, tasks: list[str], settings: dict) -> No
 
 
 def main() -> int:
+    """Train, measure and summarise each variant not yet done; 2 on a settings mismatch."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
     parser.add_argument("--data", type=Path, default=DATA)
@@ -357,6 +398,8 @@ def main() -> int:
         help="measure the updates of finished variants' kept runs again (the loss is kept)",
     )
     args = parser.parse_args()
+    if args.remeasure and args.force:
+        parser.error("--remeasure measures the kept runs again, --force trains them again: one")
 
     stream = {"tasks": args.tasks, "order": None} if args.tasks else {"order": args.order}
     tag = args.tag or f"{'-'.join(args.tasks) if args.tasks else args.order}-seed{args.seed}"
@@ -382,7 +425,9 @@ def main() -> int:
         run_dir = args.runs / tag / name.replace("+", "_")
         if row_path.is_file() and not args.force:
             row = json.loads(row_path.read_text())
-            if row.get("settings") != settings:
+            if row.get("settings") != settings or row.get("model", str(args.model)) != str(
+                args.model
+            ):
                 diff = settings_difference(row.get("settings"), settings)
                 print(f"== {name}: saved with other settings ({diff}); use another --tag")
                 return 2
@@ -390,12 +435,16 @@ def main() -> int:
                 print(f"== {name}: kept ({row_path})", flush=True)
                 task_names = row["loss"]["tasks"]
                 continue
-            row["updates"] = measure_updates(run_dir, args.model)  # the loss stays
+            run_dir = Path(row.get("run_dir", run_dir))
+            if not (run_dir / "run.json").is_file():
+                print(f"== {name}: no kept run at {run_dir} to measure again")
+                return 2
+            row["updates"] = measure_updates(run_dir)  # the same run: the loss stays
         else:
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)
             run_variant(name, base_cfg, args.set, run_dir, "in_process")
-            row = {"variant": name, **measure(run_dir, args.model, data, args)}
+            row = {"variant": name, "model": str(args.model), **measure(run_dir, args.loss_rows)}
             row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))

@@ -284,7 +284,7 @@ def test_interference_stats_see_overlap_and_undoing() -> None:
     assert stats[0]["blocks"]["layer 1"]["density"] == 0
     assert stats[1]["support_on_earlier"] == 1.0 and stats[1]["energy_on_earlier"] == 1.0
     assert stats[1]["cos_with_earlier"] == pytest.approx(-1.0)
-    assert stats[1]["support_on_earlier_chance"] == 2 / 24
+    assert stats[1]["support_on_earlier_chance"] == 2 / 16  # per matrix: all of it in q
     assert stats[2]["support_on_earlier"] == 0.0 and stats[2]["cos_with_earlier"] == 0.0
     assert stats[2]["mean_abs_on_support"] == 2.0 and stats[2]["norm"] == 2.0
     assert [s["low_rank_energy"] for s in stats[:3]] == pytest.approx([1.0, 1.0, 1.0])
@@ -299,6 +299,36 @@ def test_interference_stats_see_overlap_and_undoing() -> None:
     same[q][:, 3] = 3.0  # the same heavy column again
     stats = update_stats([base, again, same], [q, v], rank=1)
     assert stats[1]["heavy_columns_on_earlier"] == 1.0 and stats[1]["column_concentration"] == 1.0
+
+
+def test_interference_top_masks_never_count_zero_entries_as_overlap() -> None:
+    """A sparse block has fewer non-zero entries than the top share asks for: the masks
+    hold only the non-zero ones, so two updates on different coordinates never overlap."""
+    from bench.interference import _top_mask
+
+    a, b = torch.zeros(1000), torch.zeros(1000)
+    a[3], b[7] = 1.0, 2.0
+    assert (
+        int(_top_mask(a, 0.05).sum()) == 1 and not (_top_mask(a, 0.05) & _top_mask(b, 0.05)).any()
+    )
+    assert not _top_mask(torch.zeros(10), 0.5).any()
+
+
+def test_interference_loss_summary_reads_forgetting_and_rise_per_merge() -> None:
+    from bench.interference import loss_summary
+
+    matrix = [
+        [3.0, 3.0, 3.0],  # base
+        [1.0, 2.5, 2.9],  # after task 0
+        [1.5, 0.5, 2.8],  # after task 1: task 0 rose 0.5
+        [2.0, 0.7, 0.4],  # after task 2: task 0 rose 0.5 more, task 1 0.2
+    ]
+    out = loss_summary(matrix)
+    assert out["forgetting"] == pytest.approx([1.0, 0.2])
+    assert out["mean_forgetting"] == pytest.approx(0.6)
+    assert out["rise_per_merge"] == [pytest.approx([0.5]), pytest.approx([0.5, 0.2])]
+    with pytest.raises(ValueError, match="4 versions needs 3 tasks"):
+        loss_summary([row[:2] for row in matrix])
 
 
 def test_interference_runs_a_stream_and_measures_every_version(
@@ -326,3 +356,10 @@ def test_interference_runs_a_stream_and_measures_every_version(
     _run([*args, "--remeasure"], tmp_path)
     again = json.loads((tmp_path / "interference_t.json").read_text())["rows"][0]
     assert again["updates"] == dense["updates"] and again["loss"] == dense["loss"]
+    # another budget under the same tag is refused, nothing retrained
+    env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
+    refused = subprocess.run(
+        [sys.executable, "-m", *args, "--loss-rows", "4"], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "loss_rows: 8 -> 4" in refused.stdout
