@@ -288,41 +288,45 @@ def _mean(updates: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def markdown(result: dict) -> str:
-    """The summary's two tables (loss, updates) and the loss matrices."""
+LOSS_NOTE = (
+    "Held-out loss (nats per target token): forgetting = an earlier task's loss after the "
+    "last task minus right after its own (positive: forgotten); the rise per merge is the "
+    "mean over the earlier tasks."
+)
+UPDATE_NOTE = (
+    "Each task's update (new minus previous weights; means over tasks 1..T, the overlaps "
+    "over tasks 2..T): support on earlier = share of its changed coordinates that an "
+    "earlier task changed (chance: a random support of the same size in each matrix); "
+    "energy on earlier = share of its squared norm there; top on earlier top = share of "
+    f"its top {100 * TOP_SHARE:g} % entries among the earlier sum's top {100 * TOP_SHARE:g} % "
+    f"(chance {TOP_SHARE:g}); cos = cosine with the earlier sum; low-rank = share of its "
+    "squared norm in the top r singular directions per matrix; column conc. = share in its "
+    f"heaviest {100 * COLUMN_SHARE:g} % input columns; heavy cols on earlier = share of "
+    f"those that are the earlier sum's heaviest too (chance {COLUMN_SHARE:g})."
+)
+
+
+def loss_table(rows: list[dict]) -> list[str]:
+    """Forgetting in held-out loss per variant (this script's summary and docs/benchmarks.md)."""
     lines = [
-        f"# Merge interference ({result['created']})",
-        "",
-        f"Model `{result['model']}`, tasks {', '.join(result['tasks'])}; {result['settings']}",
-        "",
-        "Held-out loss (nats per target token): forgetting = an earlier task's loss after "
-        "the last task minus right after its own (positive: forgotten); the rise per merge "
-        "is the mean over the earlier tasks.",
-        "",
         "| variant | mean forgetting | per task | mean rise per merge (tasks 2..T) |",
         "|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in rows:
         loss = r["loss"]
         per_task = ", ".join(f"{task} {v:+.3f}" for task, v in loss["forgetting"].items())
         rises = ", ".join(f"{sum(m) / len(m):+.3f}" for m in loss["rise_per_merge"])
         lines.append(f"| {r['variant']} | {loss['mean_forgetting']:+.3f} | {per_task} | {rises} |")
-    lines += [
-        "",
-        "Each task's update (new minus previous weights; means over tasks 1..T, the overlaps "
-        "over tasks 2..T): support on earlier = share of its changed coordinates that an "
-        "earlier task changed (chance: a random support of the same size); energy on "
-        f"earlier = share of its squared norm there; top on earlier top = share of its top "
-        f"{100 * TOP_SHARE:g} % entries among the earlier sum's top {100 * TOP_SHARE:g} %; "
-        "cos = cosine with the earlier sum; low-rank = share of its squared norm in the top "
-        "r singular directions per matrix; column conc. = share in its heaviest "
-        f"{100 * COLUMN_SHARE:g} % input columns; heavy cols on earlier = share of those "
-        f"that are the earlier sum's heaviest too (chance {COLUMN_SHARE:g}).",
-        "",
+    return lines
+
+
+def update_table(rows: list[dict]) -> list[str]:
+    """The update statistics per variant, means over tasks (UPDATE_NOTE says which)."""
+    lines = [
         "| variant | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos | low-rank | column conc. | heavy cols on earlier |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in rows:
         ups = r["updates"]
         later = ups[1:]
         density = _mean(ups, "density")
@@ -337,7 +341,27 @@ def markdown(result: dict) -> str:
             f"{_f(_mean(ups, 'low_rank_energy'))} | {_f(_mean(ups, 'column_concentration'))} | "
             f"{_f(_mean(later, 'heavy_columns_on_earlier'))} |"
         )
-    lines += ["", "Loss matrices (row: version, 0 = base; column: task):", ""]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The summary's two tables (loss, updates) and the loss matrices."""
+    lines = [
+        f"# Merge interference ({result['created']})",
+        "",
+        f"Model `{result['model']}`, tasks {', '.join(result['tasks'])}; {result['settings']}",
+        "",
+        LOSS_NOTE,
+        "",
+        *loss_table(result["rows"]),
+        "",
+        UPDATE_NOTE,
+        "",
+        *update_table(result["rows"]),
+        "",
+        "Loss matrices (row: version, 0 = base; column: task):",
+        "",
+    ]
     for r in result["rows"]:
         lines.append(f"- {r['variant']}: " + "; ".join(
             "[" + ", ".join(f"{x:.3f}" for x in row) + "]" for row in r["loss"]["matrix"]
