@@ -196,10 +196,10 @@ def run_config(run_dir: Path) -> Any:
 
 
 def loss_by_version(run_dir: Path, loss_rows: int) -> dict[str, Any]:
-    """Held-out loss of every task of the run's stream (`loss_rows` rows of its dev.json
-    per task) on the base and on each version the run exported: matrix[v][j] for version v
-    (0 = the base), task j; tasks not yet reached at v are measured too (they show what
-    the earlier merges did to them before they train)."""
+    """Held-out loss of the tasks of the run's stream (`loss_rows` rows of its dev.json per
+    task) on the base and on each version the run exported: matrix[v][j] for version v
+    (0 = the base), task j, for every task on the base and the tasks trained by then on
+    each version (None for the others: forgetting does not read them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data import Encoder, held_out_loss, load_stream
@@ -210,7 +210,7 @@ def loss_by_version(run_dir: Path, loss_rows: int) -> dict[str, Any]:
     enc = Encoder(AutoTokenizer.from_pretrained(cfg.model), data.max_length, data.prompt_format)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
     matrix = []
-    for state in _version_states(cfg.model, run_dir):
+    for v, state in enumerate(_version_states(cfg.model, run_dir)):
         loaded = model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
         if loaded.unexpected_keys:
             raise SystemExit(
@@ -218,14 +218,21 @@ def loss_by_version(run_dir: Path, loss_rows: int) -> dict[str, Any]:
             )
         with torch.no_grad():
             batch = cfg.train.eval_batch_size
-            matrix.append([held_out_loss(model, enc, t, batch, torch.device("cpu")) for t in tasks])
+            matrix.append(
+                [
+                    held_out_loss(model, enc, t, batch, torch.device("cpu"))
+                    if v == 0 or j < v
+                    else None
+                    for j, t in enumerate(tasks)
+                ]
+            )
     summary = loss_summary(matrix)
     names = [t.name for t in tasks]
     summary["forgetting"] = dict(zip(names, summary["forgetting"], strict=False))
     return {"tasks": names, "rows": loss_rows, **summary}
 
 
-def loss_summary(matrix: list[list[float]]) -> dict[str, Any]:
+def loss_summary(matrix: list[list[float | None]]) -> dict[str, Any]:
     """From the loss matrix (versions 0..T x tasks): each earlier task's forgetting (after
     the last task minus right after its own) and the rise per merge (rise_per_merge[k]:
     the merge of task k + 1, the change of tasks 0..k)."""
@@ -364,7 +371,7 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(f"- {r['variant']}: " + "; ".join(
-            "[" + ", ".join(f"{x:.3f}" for x in row) + "]" for row in r["loss"]["matrix"]
+            "[" + ", ".join(_f(x) for x in row) + "]" for row in r["loss"]["matrix"]
         ))  # fmt: skip
     lines += ["", "Machine: " + machine_line(result["machine"]), ""]
     return "\n".join(lines)
