@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # before the section modules import pyplot
 from bench.common import REPO, RESULTS, read_result
 from bench.report import (
     cl_quality,
+    cl_regimes,
     delta_format,
     delta_size,
     gpu_check,
@@ -42,8 +43,9 @@ SECTIONS = (  # result name -> its section, in page order
     ("gpu_check", gpu_check.section),
 )
 
-# Sections drawn from other sections' results, rendered after the named one (6. after 5.).
-DERIVED = {"cl_quality": delta_format.section}
+# Sections drawn from other results, rendered after the named one (the forgetting regimes
+# within 5., then 6.).
+DERIVED = {"cl_quality": (cl_regimes.section, delta_format.section)}
 
 MISSING = {  # section -> (heading, what to say until it has results)
     "cl_quality": cl_quality.MISSING,
@@ -92,7 +94,7 @@ def render(quick: bool) -> Path:
         else:
             title, note = MISSING.get(name, (name, "_No results yet: run `make bench`._"))
             lines += [f"## {title}", "", note, ""]
-        if (derived := DERIVED.get(name)) is not None:
+        for derived in DERIVED.get(name, ()):
             lines += derived(docs)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines).rstrip() + "\n")

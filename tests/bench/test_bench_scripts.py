@@ -363,3 +363,34 @@ def test_interference_runs_a_stream_and_measures_every_version(
         text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "loss_rows: 8 -> 4" in refused.stdout
+
+
+def test_cl_regimes_pool_seeds_and_decide_the_regime_only_at_three(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.report.cl_regimes as regimes
+
+    def row(variant: str, oa: float, bwt: float) -> dict:
+        return {"variant": variant, "OA": oa, "BWT": bwt, "FWT": 0.2, "mean_density": 0.03}
+
+    def write(seed: int, rows: list[dict]) -> None:
+        doc = {"rows": rows}
+        (tmp_path / f"cl_quality_so1-x4-seed{seed}.json").write_text(json.dumps(doc))
+
+    monkeypatch.setattr(regimes, "RESULTS", tmp_path)
+    write(1, [row("incLoRA", 0.50, -0.10), row("incLoRA+jump", 0.48, -0.14)])
+    write(2, [row("incLoRA", 0.52, -0.06)])
+    lines = regimes.section({})
+    text = "\n".join(lines)
+    assert "| incLoRA | 1, 2 | 51.0 ± 1.0 | -8.0 ± 2.0 | -10.0, -6.0 |" in text
+    assert "not decided yet (2 of 3 seeds)" in text
+    # paired only where both ran: seed 1
+    assert "incLoRA+jump minus incLoRA over seeds 1: BWT -4.0; OA -2.0." in text
+    assert "lo4" not in text  # no results of the other regime: no table
+
+    write(3, [row("incLoRA", 0.51, -0.02), row("incLoRA+jump", 0.50, -0.01)])
+    text = "\n".join(regimes.section({}))
+    assert "over 3 seed(s): **a forgetting regime**" in text  # mean -6.0 <= -5
+    assert "incLoRA+jump minus incLoRA over seeds 1, 3: BWT -1.5 ± 2.5; OA -1.5 ± 0.5." in text
+    write(2, [row("incLoRA", 0.52, 0.06)])  # mean -2.0
+    assert "not a forgetting regime" in "\n".join(regimes.section({}))

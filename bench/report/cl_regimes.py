@@ -1,0 +1,118 @@
+"""Section 5, continued: the forgetting regimes of issue 24 (bench/forgetting_regime.sh),
+one table per regime pooled over its seeds (`cl_quality_<regime>-seed<n>.json`), with the
+regime's verdict (does the dense baseline forget: BWT <= -5 points in the mean over at
+least 3 seeds) and the key pairs as paired differences over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from bench.common import RESULTS
+
+REGIMES = (  # tag prefix, what it is
+    ("so1-x4", "short_order_1 at 4x the steps per task (512 train rows, 64 steps)"),
+    ("lo4", "long_order_4, 15 tasks at 128 train rows (16 steps), needed-entries schedule"),
+)
+FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
+MIN_SEEDS = 3
+PAIRS = (("incLoRA+jump", "incLoRA"), ("incLoRA+jump", "incLoRA+topk"))
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (None for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def _points(mean: float, se: float | None, signed: bool = True) -> str:
+    body = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    return body if se is None else f"{body} ± {100 * se:.1f}"
+
+
+def seed_sets(prefix: str) -> dict[int, list[dict[str, Any]]]:
+    """seed -> the finished rows of `cl_quality_<prefix>-seed<seed>.json`."""
+    found = {}
+    for path in sorted(RESULTS.glob(f"cl_quality_{prefix}-seed*.json")):
+        match = re.fullmatch(rf"cl_quality_{re.escape(prefix)}-seed(\d+)\.json", path.name)
+        doc = json.loads(path.read_text()) if match else None
+        if doc is not None and doc["rows"]:
+            found[int(match.group(1))] = doc["rows"]
+    return found
+
+
+def regime_lines(prefix: str, about: str, sets: dict[int, list[dict[str, Any]]]) -> list[str]:
+    """The regime's table (variants x metrics, mean ± SE over seeds) and its verdicts."""
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed, rows in sets.items():
+        for row in rows:
+            by_variant.setdefault(row["variant"], {})[seed] = row
+    out = [
+        f"Regime `{prefix}`: {about}. Mean ± standard error over seeds (the seed draws the "
+        "rows and the init); BWT and OA in points.",
+        "",
+        "| variant | seeds | OA % | BWT | BWT per seed | FWT | mean density % | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per_seed in by_variant.items():
+        rows = [per_seed[s] for s in sorted(per_seed)]
+        oa, bwt = mean_se([r["OA"] for r in rows]), mean_se([r["BWT"] for r in rows])
+        fwt = [r["FWT"] for r in rows if r.get("FWT") is not None]
+        evals = [r["eval_s"] for r in rows if r.get("eval_s") is not None]
+        trains = [r["train_s"] for r in rows if r.get("train_s") is not None]
+        per_seed_bwt = ", ".join(f"{100 * r['BWT']:+.1f}" for r in rows)
+        out.append(
+            f"| {name} | {', '.join(map(str, sorted(per_seed)))} | {_points(*oa, signed=False)} | "
+            f"{_points(*bwt)} | {per_seed_bwt} | "
+            f"{_points(*mean_se(fwt)) if fwt else '-'} | "
+            f"{100 * sum(r['mean_density'] for r in rows) / len(rows):.2f} | "
+            f"{f'{sum(trains) / len(trains):.0f}' if trains else '-'} | "
+            f"{f'{sum(evals) / len(evals):.0f}' if evals else '-'} |"
+        )
+    return [*out, "", *(f"- {s}" for s in verdicts(by_variant))]
+
+
+def verdicts(by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Does the dense baseline forget here, and the key pairs (paired by seed)."""
+    out = []
+    dense = by_variant.get("incLoRA", {})
+    if dense:
+        bwt, se = mean_se([r["BWT"] for r in dense.values()])
+        if len(dense) < MIN_SEEDS:
+            verdict = f"not decided yet ({len(dense)} of {MIN_SEEDS} seeds)"
+        elif bwt <= FORGETS_AT:
+            verdict = "**a forgetting regime**"
+        else:
+            verdict = "not a forgetting regime"
+        out.append(
+            f"incLoRA (dense) BWT {_points(bwt, se)} over {len(dense)} seed(s): {verdict} "
+            f"(the bar: <= {100 * FORGETS_AT:+.0f} in the mean over >= {MIN_SEEDS} seeds)."
+        )
+    for a, b in PAIRS:
+        seeds = sorted(by_variant.get(a, {}).keys() & by_variant.get(b, {}).keys())
+        if not seeds:
+            continue
+        parts = []
+        for key in ("BWT", "OA"):
+            diffs = [by_variant[a][s][key] - by_variant[b][s][key] for s in seeds]
+            parts.append(f"{key} {_points(*mean_se(diffs))}")
+        out.append(f"{a} minus {b} over seeds {', '.join(map(str, seeds))}: {'; '.join(parts)}.")
+    return out
+
+
+def section(_docs: dict[str, dict[str, Any]]) -> list[str]:
+    """Every regime with at least one finished variant."""
+    out = []
+    for prefix, about in REGIMES:
+        sets = seed_sets(prefix)
+        if sets:
+            out += [*regime_lines(prefix, about, sets), ""]
+    if not out:
+        return []
+    return ["### Forgetting regimes (issue 24, bench/forgetting_regime.sh)", "", *out]
