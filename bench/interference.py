@@ -156,12 +156,36 @@ def _group_stats(
     return out
 
 
+def output_change(
+    before: dict[str, torch.Tensor],
+    update: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+) -> float:
+    """How far an update moves the adapted layers' outputs on some inputs, relative to the
+    outputs: sum_n ||X_n dW_n^T||^2 / sum_n ||X_n W_n^T||^2 over the weights n, with W_n
+    (d_out, d_in) the weights before the update, dW_n its update (flat) and X_n (tokens,
+    d_in) the inputs weight n sees."""
+    moved = total = 0.0
+    for n, x in inputs.items():
+        weight = before[n].float()
+        moved += float((x @ update[n].reshape(weight.shape).T).square().sum())
+        total += float((x @ weight.T).square().sum())
+    return moved / total
+
+
 def update_stats(
-    versions: list[dict[str, torch.Tensor]], names: list[str], rank: int
+    versions: list[dict[str, torch.Tensor]],
+    names: list[str],
+    rank: int,
+    inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> list[dict]:
     """Per task t (versions[t] -> versions[t + 1]) the statistics of its update over every
     adapted weight in `names`, and per block (`_group_stats`). `versions` are state dicts,
-    version 0 first."""
+    version 0 first. With `inputs` (per task, weight name -> (tokens, d_in) inputs of that
+    weight on the task's held-out rows) also the update's `output_change` on its own task's
+    inputs and, mean over them, on the earlier tasks' (a dense LoRA update is learnt along
+    its task's input directions; what an update does on other tasks' inputs is what
+    interferes with them)."""
     per_task = []
     earlier = {n: torch.zeros(versions[0][n].numel()) for n in names}  # summed update (n,)
     seen = {n: torch.zeros(versions[0][n].numel(), dtype=torch.bool) for n in names}
@@ -178,7 +202,14 @@ def update_stats(
         }
         parts = (update, earlier, seen, sums)
         per_block = {b: _group_stats(ns, *parts) for b, ns in blocks.items()}
-        per_task.append({**_group_stats(names, *parts), "blocks": per_block})
+        stats = _group_stats(names, *parts)
+        if inputs is not None:
+            t = len(per_task)
+            changes = [output_change(before, update, inputs[j]) for j in range(t + 1)]
+            stats["output_change_own"] = changes[t]
+            if t:
+                stats["output_change_earlier"] = sum(changes[:t]) / t
+        per_task.append({**stats, "blocks": per_block})
         for n in names:
             earlier[n] += update[n]
             seen[n] |= update[n] != 0
@@ -261,21 +292,59 @@ def _version_states(model_dir: Path, run_dir: Path) -> list[dict[str, torch.Tens
     return states
 
 
-def measure_updates(run_dir: Path) -> list[dict]:
-    """`update_stats` of every version the run exported, over its adapted weights."""
+def _keep_input(into: list[torch.Tensor]) -> Any:
+    """A forward pre-hook appending its module's input (L, d_in) of a batch of one."""
+    return lambda _module, args: into.append(args[0][0].detach())
+
+
+def layer_inputs(cfg: Any, names: list[str], rows: int) -> list[dict[str, torch.Tensor]]:
+    """Per task of the run's stream, the inputs (tokens, d_in) each adapted weight in
+    `names` sees on `rows` held-out rows (prompt and answer, one row at a time, no padding),
+    on the base model: where the tasks' activations lie."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data import Encoder, load_stream
+
+    data = cfg.data.model_copy(update={"eval_rows": rows})
+    tasks = load_stream(data, cfg.train.seed)
+    enc = Encoder(AutoTokenizer.from_pretrained(cfg.model), data.max_length, data.prompt_format)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+    per_task = []
+    for task in tasks:
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+        hooks = [
+            model.get_submodule(n.removesuffix(".weight")).register_forward_pre_hook(
+                _keep_input(seen[n])
+            )
+            for n in names
+        ]
+        with torch.no_grad():
+            for prompt, target in enc.pairs(task, task.dev):
+                model(input_ids=torch.tensor([prompt + target]), use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        per_task.append({n: torch.cat(xs) for n, xs in seen.items()})
+    return per_task
+
+
+def measure_updates(run_dir: Path, input_rows: int) -> list[dict]:
+    """`update_stats` of every version the run exported, over its adapted weights, with the
+    output change on `input_rows` held-out rows per task."""
     cfg = run_config(run_dir)
     states = _version_states(cfg.model, run_dir)
     names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in cfg.adapter.targets))]
-    return update_stats(states, names, cfg.adapter.r)
+    inputs = layer_inputs(cfg, names, input_rows) if input_rows else None
+    return update_stats(states, names, cfg.adapter.r, inputs)
 
 
-def measure(run_dir: Path, loss_rows: int) -> dict[str, Any]:
+def measure(run_dir: Path, loss_rows: int, input_rows: int) -> dict[str, Any]:
     """One finished run's row: loss per version, update statistics, training speed."""
     tasks = json.loads((run_dir / "metrics.json").read_text())["tasks"]
     return {
         "run_dir": str(run_dir),
         "loss": loss_by_version(run_dir, loss_rows),
-        "updates": measure_updates(run_dir),
+        "updates": measure_updates(run_dir, input_rows),
         "log_thresholds": [t.get("log_threshold") for t in tasks],
         "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
     }
@@ -309,7 +378,9 @@ UPDATE_NOTE = (
     f"(chance {TOP_SHARE:g}); cos = cosine with the earlier sum; low-rank = share of its "
     "squared norm in the top r singular directions per matrix; column conc. = share in its "
     f"heaviest {100 * COLUMN_SHARE:g} % input columns; heavy cols on earlier = share of "
-    f"those that are the earlier sum's heaviest too (chance {COLUMN_SHARE:g})."
+    f"those that are the earlier sum's heaviest too (chance {COLUMN_SHARE:g}); output change "
+    "= how far it moves the adapted layers' outputs, relative to them, on its own task's "
+    "held-out inputs (own) and on the earlier tasks' (earlier)."
 )
 
 
@@ -330,8 +401,8 @@ def loss_table(rows: list[dict]) -> list[str]:
 def update_table(rows: list[dict]) -> list[str]:
     """The update statistics per variant, means over tasks (UPDATE_NOTE says which)."""
     lines = [
-        "| variant | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos | low-rank | column conc. | heavy cols on earlier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | density % | norm | mean abs on support | support on earlier (chance) | energy on earlier | top on earlier top | cos | low-rank | column conc. | heavy cols on earlier | output change own | output change earlier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ups = r["updates"]
@@ -346,7 +417,9 @@ def update_table(rows: list[dict]) -> list[str]:
             f"{_f(_mean(later, 'top_on_earlier_top'), '.2f')} | "
             f"{_f(_mean(later, 'cos_with_earlier'), '+.3f')} | "
             f"{_f(_mean(ups, 'low_rank_energy'))} | {_f(_mean(ups, 'column_concentration'))} | "
-            f"{_f(_mean(later, 'heavy_columns_on_earlier'))} |"
+            f"{_f(_mean(later, 'heavy_columns_on_earlier'))} | "
+            f"{_f(_mean(ups, 'output_change_own'), '.2e')} | "
+            f"{_f(_mean(later, 'output_change_earlier'), '.2e')} |"
         )
     return lines
 
@@ -413,6 +486,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=42, help="train.seed: also draws the rows")
     parser.add_argument("--train-rows", type=int, default=128)
     parser.add_argument("--loss-rows", type=int, default=100, help="held-out rows per task")
+    parser.add_argument(
+        "--input-rows", type=int, default=8, help="held-out rows per task for the output change"
+    )
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
@@ -470,12 +546,16 @@ def main() -> int:
             if not (run_dir / "run.json").is_file():
                 print(f"== {name}: no kept run at {run_dir} to measure again")
                 return 2
-            row["updates"] = measure_updates(run_dir)  # the same run: the loss stays
+            row["updates"] = measure_updates(run_dir, args.input_rows)  # the loss stays
         else:
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)
             run_variant(name, base_cfg, args.set, run_dir, "in_process")
-            row = {"variant": name, "model": str(args.model), **measure(run_dir, args.loss_rows)}
+            row = {
+                "variant": name,
+                "model": str(args.model),
+                **measure(run_dir, args.loss_rows, args.input_rows),
+            }
             row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))

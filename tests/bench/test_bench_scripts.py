@@ -314,6 +314,21 @@ def test_interference_top_masks_never_count_zero_entries_as_overlap() -> None:
     assert not _top_mask(torch.zeros(10), 0.5).any()
 
 
+def test_interference_output_change_is_relative_and_sees_input_directions() -> None:
+    from bench.interference import output_change
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    before = {name: torch.eye(3)}
+    x = torch.randn(5, 3)
+    assert output_change(before, {name: 0.1 * torch.eye(3).reshape(-1)}, {name: x}) == (
+        pytest.approx(0.01)
+    )
+    first_column = torch.zeros(3, 3)
+    first_column[:, 0] = 1.0  # acts on input direction 0 only
+    along_others = torch.tensor([[0.0, 1.0, 2.0], [0.0, -1.0, 0.5]])
+    assert output_change(before, {name: first_column.reshape(-1)}, {name: along_others}) == 0.0
+
+
 def test_interference_loss_summary_reads_forgetting_and_rise_per_merge() -> None:
     from bench.interference import loss_summary
 
@@ -336,7 +351,8 @@ def test_interference_runs_a_stream_and_measures_every_version(
 ) -> None:
     args = ["bench.interference", "--model", str(tiny_model_dir), "--data", str(cl_data_root)]
     args += ["--tasks", "bbc_topic", "movie_sentiment", "tweet_sentiment", "--train-rows", "16"]
-    args += ["--loss-rows", "8", "--max-length", "96", "--batch-size", "4", "--tag", "t"]
+    args += ["--loss-rows", "8", "--input-rows", "2", "--max-length", "96", "--batch-size", "4"]
+    args += ["--tag", "t"]
     args += ["--runs", str(tmp_path / "runs"), "--variants", "incLoRA", "incLoRA+jump"]
     _run(args, tmp_path)
     result = json.loads((tmp_path / "interference_t.json").read_text())
@@ -345,6 +361,9 @@ def test_interference_runs_a_stream_and_measures_every_version(
         assert len(row["loss"]["matrix"]) == 4 and len(row["updates"]) == 3  # base + 3 versions
         assert len(row["loss"]["rise_per_merge"]) == 2
         assert set(row["loss"]["forgetting"]) == {"bbc_topic", "movie_sentiment"}
+        assert all(u["output_change_own"] > 0 for u in row["updates"])
+        assert "output_change_earlier" not in row["updates"][0]
+        assert all(u["output_change_earlier"] > 0 for u in row["updates"][1:])
     assert gated["updates"][0]["density"] < dense["updates"][0]["density"]
     # the base row is the same model for both
     assert gated["loss"]["matrix"][0] == dense["loss"]["matrix"][0]
