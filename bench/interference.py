@@ -51,6 +51,7 @@ import yaml
 from bench.cl_quality import DATA, VARIANTS, run_variant, settings_difference
 from bench.common import RESULTS, machine_info, machine_line
 from jlserve.checkpoint import load_tensors
+from trainer.adapter import block_index
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "bench" / "interference"
@@ -63,8 +64,8 @@ COLUMN_SHARE = 0.02  # "heaviest input columns": the top 2 % of a matrix's colum
 
 def block_of(name: str) -> str:
     """'model.layers.7.self_attn.q_proj.weight' -> 'layer 7' (q and v of a block together)."""
-    parts = name.split(".")
-    return f"layer {parts[parts.index('layers') + 1]}" if "layers" in parts else name
+    index = block_index(name)
+    return name if index is None else f"layer {index}"
 
 
 def _top_mask(values: torch.Tensor, share: float) -> torch.Tensor:
@@ -226,32 +227,47 @@ def run_config(run_dir: Path) -> Any:
     return RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
-def loss_by_version(run_dir: Path, loss_rows: int) -> dict[str, Any]:
-    """Held-out loss of the tasks of the run's stream (`loss_rows` rows of its dev.json per
-    task) on the base and on each version the run exported: matrix[v][j] for version v
-    (0 = the base), task j, for every task on the base and the tasks trained by then on
-    each version (None for the others: forgetting does not read them)."""
+def _stream(cfg: Any, rows: int) -> list[Any]:
+    """The run's tasks with `rows` rows of each dev.json (its training rows are the same)."""
+    from trainer.data import load_stream
+
+    return load_stream(cfg.data.model_copy(update={"eval_rows": rows}), cfg.train.seed)
+
+
+def _base_model(cfg: Any) -> tuple[Any, torch.nn.Module]:
+    """(the run's encoder, its base model in fp32): one load for every measurement."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.data import Encoder, held_out_loss, load_stream
+    from trainer.data import Encoder
 
-    cfg = run_config(run_dir)
-    data = cfg.data.model_copy(update={"eval_rows": loss_rows})
-    tasks = load_stream(data, cfg.train.seed)
-    enc = Encoder(AutoTokenizer.from_pretrained(cfg.model), data.max_length, data.prompt_format)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+    enc = Encoder(
+        AutoTokenizer.from_pretrained(cfg.model), cfg.data.max_length, cfg.data.prompt_format
+    )
+    return enc, AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+
+
+def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put a version's weights into the model; a name it lacks is an error, not a no-op."""
+    loaded = model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
+    if loaded.unexpected_keys:
+        raise SystemExit(f"weights the model does not have: {loaded.unexpected_keys[:3]}")
+
+
+def loss_by_version(
+    model: torch.nn.Module, enc: Any, tasks: list[Any], states: list[dict], batch_size: int
+) -> dict[str, Any]:
+    """Held-out loss of the tasks (their dev rows) on each version in `states` (0 = the
+    base): matrix[v][j] for every task on the base and the tasks trained by then on each
+    version (None for the others: forgetting does not read them)."""
+    from trainer.data import held_out_loss
+
     matrix = []
-    for v, state in enumerate(_version_states(cfg.model, run_dir)):
-        loaded = model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
-        if loaded.unexpected_keys:
-            raise SystemExit(
-                f"{run_dir}: weights the model does not have: {loaded.unexpected_keys[:3]}"
-            )
+    for v, state in enumerate(states):
+        _load(model, state)
         with torch.no_grad():
-            batch = cfg.train.eval_batch_size
             matrix.append(
                 [
-                    held_out_loss(model, enc, t, batch, torch.device("cpu"))
+                    held_out_loss(model, enc, t, batch_size, torch.device("cpu"))
                     if v == 0 or j < v
                     else None
                     for j, t in enumerate(tasks)
@@ -260,7 +276,7 @@ def loss_by_version(run_dir: Path, loss_rows: int) -> dict[str, Any]:
     summary = loss_summary(matrix)
     names = [t.name for t in tasks]
     summary["forgetting"] = dict(zip(names, summary["forgetting"], strict=False))
-    return {"tasks": names, "rows": loss_rows, **summary}
+    return {"tasks": names, **summary}
 
 
 def loss_summary(matrix: list[list[float | None]]) -> dict[str, Any]:
@@ -297,22 +313,16 @@ def _keep_input(into: list[torch.Tensor]) -> Any:
     return lambda _module, args: into.append(args[0][0].detach())
 
 
-def layer_inputs(cfg: Any, names: list[str], rows: int) -> list[dict[str, torch.Tensor]]:
-    """Per task of the run's stream, the inputs (tokens, d_in) each adapted weight in
-    `names` sees on `rows` held-out rows (prompt and answer, one row at a time, no padding),
-    on the base model: where the tasks' activations lie."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trainer.data import Encoder, load_stream
-
-    data = cfg.data.model_copy(update={"eval_rows": rows})
-    tasks = load_stream(data, cfg.train.seed)
-    enc = Encoder(AutoTokenizer.from_pretrained(cfg.model), data.max_length, data.prompt_format)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+def layer_inputs(
+    model: torch.nn.Module, enc: Any, tasks: list[Any], base: dict, names: list[str]
+) -> list[dict[str, torch.Tensor]]:
+    """Per task, the inputs (tokens, d_in) each adapted weight in `names` sees on the task's
+    dev rows (prompt and answer, one row at a time, no padding), on the base weights `base`:
+    where the tasks' activations lie."""
+    _load(model, base)
     per_task = []
     for task in tasks:
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
         hooks = [
             model.get_submodule(n.removesuffix(".weight")).register_forward_pre_hook(
                 _keep_input(seen[n])
@@ -328,23 +338,31 @@ def layer_inputs(cfg: Any, names: list[str], rows: int) -> list[dict[str, torch.
     return per_task
 
 
-def measure_updates(run_dir: Path, input_rows: int) -> list[dict]:
-    """`update_stats` of every version the run exported, over its adapted weights, with the
-    output change on `input_rows` held-out rows per task."""
+def measure(run_dir: Path, loss_rows: int | None, input_rows: int) -> dict[str, Any]:
+    """A finished run's measurements, every version and the base model loaded once: the
+    update statistics (with the output change on `input_rows` dev rows per task) and, unless
+    `loss_rows` is None (--remeasure keeps the loss), the loss per version."""
     cfg = run_config(run_dir)
     states = _version_states(cfg.model, run_dir)
     names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in cfg.adapter.targets))]
-    inputs = layer_inputs(cfg, names, input_rows) if input_rows else None
-    return update_stats(states, names, cfg.adapter.r, inputs)
+    enc, model = _base_model(cfg)
+    inputs = None
+    if input_rows:
+        inputs = layer_inputs(model, enc, _stream(cfg, input_rows), states[0], names)
+    out: dict[str, Any] = {"updates": update_stats(states, names, cfg.adapter.r, inputs)}
+    if loss_rows is not None:
+        tasks = _stream(cfg, loss_rows)
+        loss = loss_by_version(model, enc, tasks, states, cfg.train.eval_batch_size)
+        out["loss"] = {**loss, "rows": loss_rows}
+    return out
 
 
-def measure(run_dir: Path, loss_rows: int, input_rows: int) -> dict[str, Any]:
-    """One finished run's row: loss per version, update statistics, training speed."""
+def run_row(run_dir: Path, loss_rows: int, input_rows: int) -> dict[str, Any]:
+    """One finished run's row: its measurements and training speed."""
     tasks = json.loads((run_dir / "metrics.json").read_text())["tasks"]
     return {
         "run_dir": str(run_dir),
-        "loss": loss_by_version(run_dir, loss_rows),
-        "updates": measure_updates(run_dir, input_rows),
+        **measure(run_dir, loss_rows, input_rows),
         "log_thresholds": [t.get("log_threshold") for t in tasks],
         "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
     }
@@ -546,7 +564,7 @@ def main() -> int:
             if not (run_dir / "run.json").is_file():
                 print(f"== {name}: no kept run at {run_dir} to measure again")
                 return 2
-            row["updates"] = measure_updates(run_dir, args.input_rows)  # the loss stays
+            row.update(measure(run_dir, None, args.input_rows))  # the loss stays
         else:
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)
@@ -554,7 +572,7 @@ def main() -> int:
             row = {
                 "variant": name,
                 "model": str(args.model),
-                **measure(run_dir, args.loss_rows, args.input_rows),
+                **run_row(run_dir, args.loss_rows, args.input_rows),
             }
             row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -146,11 +146,18 @@ class JumpLoRALinear(nn.Module):
         return F.linear(x, self.effective_weight(self.f), self.base.bias)
 
 
-def _block_of(name: str) -> int:
+def block_index(name: str) -> int | None:
+    """The transformer block of a module or weight name ('model.layers.7.self_attn.q_proj'
+    -> 7); None for a name outside the numbered blocks."""
     match = _BLOCK_INDEX.search(name)
-    if match is None:
+    return int(match.group(1)) if match else None
+
+
+def _block_of(name: str) -> int:
+    index = block_index(name)
+    if index is None:
         raise TrainerError(f"per_block thresholds: cannot find a block index in module {name!r}")
-    return int(match.group(1))
+    return index
 
 
 def _is_target(name: str, targets: list[str]) -> bool:

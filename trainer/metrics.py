@@ -16,12 +16,12 @@ really changed in the checkpoint dtype.
 
 from __future__ import annotations
 
-import re
 import statistics
 
 import torch
 
 from jlserve.delta import SparseDelta
+from trainer.adapter import block_index
 
 
 def _mean(values: list[float]) -> float:
@@ -133,9 +133,6 @@ class LossMatrix:
         return out
 
 
-_BLOCK = re.compile(r"\.(\d+)\.")
-
-
 class DeltaDensity:
     """Per-task and per-matrix density of the exported deltas over the adapted matrices."""
 
@@ -168,8 +165,8 @@ class DeltaDensity:
             kept: dict[str, float] = {}
             numel: dict[str, int] = {}
             for name, density in d["per_matrix"].items():
-                match = _BLOCK.search(name)
-                block = match.group(1) if match else name
+                index = block_index(name)
+                block = name if index is None else str(index)
                 kept[block] = kept.get(block, 0.0) + density * self.adapted[name]
                 numel[block] = numel.get(block, 0) + self.adapted[name]
             per_block += [kept[b] / numel[b] for b in kept]

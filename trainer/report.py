@@ -3,7 +3,6 @@ support-overlap matrix. Written after every task, so a partial run has a report 
 
 from __future__ import annotations
 
-import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from trainer.adapter import block_index
 from trainer.config import RunConfig
-
-_LAYER = re.compile(r"\.(\d+)\.")
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -53,8 +51,8 @@ def _density_plot(density: dict[str, dict], path: Path) -> None:
     for task, d in density.items():
         per_layer: dict[int, list[float]] = {}
         for name, value in d["per_matrix"].items():
-            match = _LAYER.search(name)
-            per_layer.setdefault(int(match.group(1)) if match else -1, []).append(value)
+            index = block_index(name)
+            per_layer.setdefault(-1 if index is None else index, []).append(value)
         layers = sorted(per_layer)
         ax.plot(
             layers,

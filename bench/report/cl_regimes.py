@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from typing import Any
 
 from bench.common import RESULTS
@@ -23,12 +24,9 @@ PAIRS = (("incLoRA+jump", "incLoRA"), ("incLoRA+jump", "incLoRA+topk"))
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
     """Mean and standard error of the mean (None for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
+    if len(values) < 2:
+        return statistics.fmean(values), None
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _points(mean: float, se: float | None, signed: bool = True) -> str:
