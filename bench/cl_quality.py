@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -43,18 +44,38 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "cl_benchmark"
 RUNS = REPO / "runs" / "bench" / "cl_quality"
 
-# name -> (method, gate)
-VARIANTS: dict[str, tuple[str, str]] = {
-    "incLoRA": ("incLoRA", "none"),
-    "incLoRA+jump": ("incLoRA", "jump"),
-    "incLoRA+topk": ("incLoRA", "topk"),
-    "ella": ("ella", "none"),
-    "ella+jump": ("ella", "jump"),
-    "seqLoRA": ("seqLoRA", "none"),
-    "olora": ("olora", "none"),
-    "inflora": ("inflora", "none"),
-    "inflora+jump": ("inflora", "jump"),
+# name -> (method, adapter settings)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "incLoRA": ("incLoRA", {"gate": "none"}),
+    "incLoRA+jump": ("incLoRA", {"gate": "jump"}),
+    "incLoRA+topk": ("incLoRA", {"gate": "topk"}),
+    # top-k at the learned gate's density (MATCHED_DENSITY): the fixed-ratio rival at par
+    "incLoRA+topk@jump": ("incLoRA", {"gate": "topk"}),
+    # the authors' own threshold training, a named preset (docs/method.md)
+    "incLoRA+jump-ref": ("incLoRA", {"gate": "jump", "threshold_training": "reference"}),
+    "ella": ("ella", {"gate": "none"}),
+    "ella+jump": ("ella", {"gate": "jump"}),
+    "seqLoRA": ("seqLoRA", {"gate": "none"}),
+    "olora": ("olora", {"gate": "none"}),
+    "inflora": ("inflora", {"gate": "none"}),
+    "inflora+jump": ("inflora", {"gate": "jump"}),
 }
+# A matched-density top-k -> the learned-gate variant whose mean delta density it keeps,
+# read from that variant's row in the same result set (so that one runs first).
+MATCHED_DENSITY = {"incLoRA+topk@jump": "incLoRA+jump"}
+
+
+def variant_adapter(name: str, rows_dir: Path) -> dict[str, Any]:
+    """The adapter settings of variant `name`; a matched-density top-k gets its twin's
+    measured mean density from rows_dir."""
+    adapter = VARIANTS[name][1]
+    twin = MATCHED_DENSITY.get(name)
+    if twin is None:
+        return adapter
+    twin_row = rows_dir / f"{twin}.json"
+    if not twin_row.is_file():
+        raise SystemExit(f"{name} keeps {twin}'s measured density: run {twin} first ({twin_row})")
+    return {**adapter, "topk_density": json.loads(twin_row.read_text())["mean_density"]}
 
 
 def row_of(name: str, metrics: dict) -> dict:
@@ -87,14 +108,16 @@ def row_of(name: str, metrics: dict) -> dict:
 
 
 def run_variant(
-    name: str, base_cfg: dict, overrides: list[str], run_dir: Path, eval_engine: str
-) -> dict:
+    name: str, base_cfg: dict, overrides: list[str], run_dir: Path, eval_engine: str,
+    rows_dir: Path,
+) -> dict:  # fmt: skip
     """Train one variant (resuming a half-finished run) and return its row. eval_engine
     vllm: the variant publishes each task's delta to its own `jlserve serve` (fp32, state
     dir beside the run, so a resumed variant finds its server at the run's last version)
-    and evaluates through it (`--publish` + `--eval-via`)."""
-    method, gate = VARIANTS[name]
-    cfg = {**base_cfg, "method": {"name": method}, "adapter": {**base_cfg["adapter"], "gate": gate}}
+    and evaluates through it (`--publish` + `--eval-via`). rows_dir: the result set (for a
+    matched-density variant's twin)."""
+    adapter = {**base_cfg["adapter"], **variant_adapter(name, rows_dir)}
+    cfg = {**base_cfg, "method": {"name": VARIANTS[name][0]}, "adapter": adapter}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -278,7 +301,7 @@ def main() -> int:
         run_dir = runs_dir / name.replace("+", "_")
         if args.force and run_dir.exists():
             shutil.rmtree(run_dir)
-        row = run_variant(name, base_cfg, args.set, run_dir, args.eval_engine)
+        row = run_variant(name, base_cfg, args.set, run_dir, args.eval_engine, rows_dir)
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))

@@ -6,7 +6,9 @@
 #       through vLLM (2.4x faster than in process here, bench/results/eval_engine.json);
 #   (a) long_order_4 (15 tasks) at the per-task budget of issue 10 (128 rows), evaluated on
 #       the needed entries only (train.eval_schedule) through vLLM (bench/eval_engine.py).
-# Point 3, in (b) once its dense baseline is in: the learned gate and top-k at the same seeds.
+# Point 3, in (b) once its dense baseline is in, in the issue's order of priority: the
+# learned gate and top-k, top-k at the learned gate's density, ELLA and InfLoRA with and
+# without the gate, the authors' threshold training (a named preset); 3 seeds each.
 # Resumable: bench/cl_quality.py keeps each finished variant and resumes a stopped one.
 #   OMP_NUM_THREADS=2 nohup bench/forgetting_regime.sh > runs/forgetting_regime.log 2>&1 &
 set -euo pipefail
@@ -22,7 +24,13 @@ for seed in 1 2 3; do
   so1_x4 "$seed" incLoRA+jump incLoRA+topk
 done
 for seed in 1 2 3; do
+  so1_x4 "$seed" incLoRA+topk@jump
+done
+for seed in 1 2 3; do
   .venv/bin/python -m bench.cl_quality --order long_order_4 --eval-schedule needed \
     --eval-engine vllm --tag "lo4-seed$seed" --set "train.seed=$seed" \
     --variants incLoRA seqLoRA
+done
+for seed in 1 2 3; do
+  so1_x4 "$seed" ella ella+jump inflora inflora+jump incLoRA+jump-ref
 done

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import yaml
 
-from bench.cl_quality import DATA, VARIANTS, run_variant, settings_difference
+from bench.cl_quality import DATA, MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
 from bench.common import RESULTS, machine_info, machine_line
 from jlserve.checkpoint import load_tensors
 from trainer.adapter import block_index
@@ -511,7 +511,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--variants", nargs="+", default=["incLoRA", "incLoRA+jump", "incLoRA+topk"],
-        choices=list(VARIANTS),
+        choices=[v for v in VARIANTS if v not in MATCHED_DENSITY],  # rows here lack it
     )  # fmt: skip
     parser.add_argument("--tag", help="result set name (default: <order>-seed<seed>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -568,7 +568,7 @@ def main() -> int:
         else:
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)
-            run_variant(name, base_cfg, args.set, run_dir, "in_process")
+            run_variant(name, base_cfg, args.set, run_dir, "in_process", rows_dir)
             row = {
                 "variant": name,
                 "model": str(args.model),

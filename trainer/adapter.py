@@ -21,7 +21,7 @@ matmul (compute dtype, 2 or 4 bytes/entry), i.e. 6-8 bytes per adapted weight en
 
 Thresholds are owned by a `Thresholds` module: one learned log-threshold per group, where
 the group is the whole model (`global`) or the transformer block (`per_block`), in units of
-the group's RMS(dW): theta = exp(phi) * RMS(dW).
+the group's RMS(dW): theta = exp(phi) * RMS(dW) (the reference preset: theta = exp(phi)).
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class JumpLoRALinear(nn.Module):
         self.scaling = cfg.alpha / cfg.r
         self.gated = cfg.gate != "none"
         self.bandwidth = cfg.bandwidth
+        self.reference = cfg.threshold_training == "reference"
         self.group = group
         self.f = 0.0
         self.step_delta: Tensor | None = None  # dW of the current step (Adapter.begin_step)
@@ -104,6 +105,10 @@ class JumpLoRALinear(nn.Module):
 
     def theta(self) -> Tensor:
         return self._thresholds.theta(self.group)
+
+    def _kernel_width(self, theta: Tensor) -> Tensor | float:
+        """The STE bandwidth eps: bandwidth * theta (ours), or absolute (reference)."""
+        return self.bandwidth if self.reference else self.bandwidth * theta.detach()
 
     def delta(self) -> Tensor:
         """dW = B @ A, (d_out, d_in), fp32 (also under autocast)."""
@@ -123,12 +128,12 @@ class JumpLoRALinear(nn.Module):
         if not self.gated or f == 0.0:
             return dw
         theta = self.theta() if learn_threshold else self.theta().detach()
-        return signed_jump(dw, theta, self.bandwidth * theta.detach(), f)
+        return signed_jump(dw, theta, self._kernel_width(theta), f, mean=self.reference)
 
     def kept_fraction(self) -> Tensor:
         """Fraction of this step's dW entries the gate keeps (STE gradient to theta only)."""
         theta = self.theta()
-        return kept_fraction(self.current_delta().detach(), theta, self.bandwidth * theta.detach())
+        return kept_fraction(self.current_delta().detach(), theta, self._kernel_width(theta))
 
     def effective_weight(self, f: float, dtype: torch.dtype | None = None) -> Tensor:
         """W0 + s * dW_t, (d_out, d_in), in `dtype` (default: the base weight's).
@@ -256,6 +261,11 @@ class Adapter:
     # ------------------------------------------------------------------ thresholds
 
     def _budget(self, members: list[JumpLoRALinear]) -> int:
+        """Entries the order statistic keeps: as many as the group's adapter parameters, or
+        `topk_density` of its entries (a top-k gate at a chosen density)."""
+        if self.cfg.gate == "topk" and self.cfg.topk_density is not None:
+            numel = sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in members)
+            return round(self.cfg.topk_density * numel)
         return sum(m.lora_A.numel() + m.lora_B.numel() for m in members)
 
     @torch.no_grad()
@@ -266,13 +276,14 @@ class Adapter:
 
     @torch.no_grad()
     def _refresh_thresholds(self) -> None:
-        """jump: scale <- RMS(dW) per group (phi is learned); topk: phi <- the budget order
-        statistic of this step's dW (an exact count every step)."""
+        """jump: scale <- RMS(dW) per group (phi is learned; the reference's theta is
+        absolute, scale stays 1); topk: phi <- the budget order statistic of this step's dW
+        (an exact count every step)."""
         for group, members in enumerate(self._groups()):
             if self.cfg.gate == "topk":
                 values = torch.cat([m.current_delta().abs().reshape(-1) for m in members])
                 self.thresholds.phi[group] = order_log_threshold(values, self._budget(members))
-            else:
+            elif self.cfg.threshold_training == "ours":
                 self.thresholds.scale[group] = self._rms(members)
 
     @torch.no_grad()
@@ -282,7 +293,7 @@ class Adapter:
         for group, members in enumerate(self._groups()):
             values = torch.cat([m.current_delta().abs().reshape(-1) for m in members])
             phi = order_log_threshold(values, self._budget(members)).to(values.device)
-            if self.cfg.gate == "jump":
+            if self.cfg.gate == "jump" and self.cfg.threshold_training == "ours":
                 scale = self._rms(members)
                 self.thresholds.scale[group] = scale
                 phi = phi - scale.log()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.errors import TrainerError
 
@@ -52,6 +52,11 @@ class DataConfig(_Strict):
 
 L0_WEIGHT_DEFAULT = 1.0
 
+# The authors' threshold training (`threshold_training: reference`), as the reference code
+# sets it: no L0 term, an absolute STE bandwidth, and phi = log theta trained by the same
+# Adam learning rate as A and B (docs/method.md marks each (ref)).
+REFERENCE_THRESHOLD = {"l0_weight": 0.0, "bandwidth": 1e-3, "threshold_lr": 1e-3}
+
 
 class AdapterConfig(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
@@ -59,16 +64,47 @@ class AdapterConfig(_Strict):
     alpha: float = 32.0
     # jump: the learned JumpReLU threshold (the method). topk: the fixed-ratio rival, an
     # ablation (theta = the order statistic keeping as many entries as the adapter has
-    # parameters, every step). none: the dense twin (plain LoRA).
+    # parameters, or `topk_density` of the entries, every step). none: the dense twin.
     gate: Literal["jump", "topk", "none"] = "jump"
     granularity: Literal["global", "per_block"] = "global"
     # The one sparsity knob: weight of the L0 term (fraction of kept dW entries) against
     # the cross-entropy, in nats per unit of density (docs/trainer.md for how it was chosen).
     l0_weight: float = Field(L0_WEIGHT_DEFAULT, ge=0)
-    # Method constants (not tuned per task or layer): the STE kernel width relative to
-    # theta, and the Adam learning rate of phi = log(theta / RMS(dW)).
+    # Method constants (not tuned per task or layer): the STE kernel width (relative to
+    # theta; absolute under `reference`), and the Adam learning rate of phi.
     bandwidth: float = Field(0.1, gt=0, le=1)
     threshold_lr: float = Field(0.05, gt=0)
+    # ours: theta = exp(phi) * RMS(dW), relative bandwidth, STE summed over entries, the L0
+    # term (docs/trainer.md, "The learned threshold"). reference: a named preset of the
+    # authors' training, to show what their learned threshold does: theta = exp(phi) in
+    # absolute units, STE averaged over each matrix's entries, REFERENCE_THRESHOLD's values.
+    threshold_training: Literal["ours", "reference"] = "ours"
+    # gate topk only: the fraction of dW entries kept (e.g. a learned gate's measured mean
+    # density, a matched-density rival); None: as many as the adapter has parameters.
+    topk_density: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_preset(cls, raw: Any) -> Any:
+        """`threshold_training: reference` fills REFERENCE_THRESHOLD's values where unset."""
+        if isinstance(raw, dict) and raw.get("threshold_training") == "reference":
+            return {**REFERENCE_THRESHOLD, **raw}
+        return raw
+
+    @model_validator(mode="after")
+    def _gate_options(self) -> AdapterConfig:
+        if self.topk_density is not None and self.gate != "topk":
+            raise ValueError(f"topk_density applies to gate: topk, not gate: {self.gate}")
+        if self.threshold_training == "reference":
+            if self.gate != "jump":
+                raise ValueError(f"threshold_training: reference needs gate: jump, not {self.gate}")
+            for key, value in REFERENCE_THRESHOLD.items():  # another value is not the reference
+                if getattr(self, key) != value:
+                    raise ValueError(
+                        f"threshold_training: reference sets {key} to {value} "
+                        f"(got {getattr(self, key)})"
+                    )
+        return self
 
 
 class MethodConfig(_Strict):
@@ -175,6 +211,16 @@ def load_config(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
         )
         raise TrainerError(f"invalid config: {problems}") from None
+
+
+def same_config(saved: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether a run's saved config (run.json) is `cfg`. The saved one is read by today's
+    model, so a setting added since, whose default keeps the old behaviour, matches it."""
+    try:
+        saved_cfg = RunConfig.model_validate(saved)
+    except ValidationError:
+        return False
+    return saved_cfg.model_dump(mode="json") == cfg.model_dump(mode="json")
 
 
 def config_yaml(cfg: RunConfig, command: str) -> str:

@@ -9,9 +9,9 @@ learns through the JumpReLU-SAE estimator (docs/method.md, "Gradients"):
     K(u)      = 1[-0.5 < u < 0.5]                               (rectangle kernel)
 
 This is the exact derivative of the gate with H smoothed by the rectangle kernel. The
-reference divides it by the number of entries (a mean); we keep the sum, so the task
-loss and the L0 term below pull on theta in the same unit (nats) whatever the model size
-(docs/trainer.md, "The learned threshold"). `eps` is an absolute bandwidth here; the
+reference divides it by the number of entries (a mean; `mean=True`, its preset); we keep
+the sum, so the task loss and the L0 term below pull on theta in the same unit (nats)
+whatever the model size (docs/trainer.md, "The learned threshold"). `eps` is an absolute bandwidth here; the
 adapter passes eps = bandwidth * theta, so the kernel window is relative to theta.
 
 `signed_jump` is the blended update of the schedule, f * J(z) + (1 - f) * z, as ONE
@@ -40,13 +40,14 @@ def _coefficient(z: Tensor, theta: Tensor, f: float) -> Tensor:
 
 class _SignedJump(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: Tensor, f: float) -> Tensor:
+    def forward(ctx, z: Tensor, theta: Tensor, eps: Tensor, f: float, mean: bool) -> Tensor:
         ctx.save_for_backward(z, theta, eps)  # z: (d_out, d_in); the mask is recomputed
         ctx.f = f
+        ctx.mean = mean
         return z * _coefficient(z, theta, f)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         z, theta, eps = ctx.saved_tensors
         grad_z = g * _coefficient(z, theta, ctx.f) if ctx.needs_input_grad[0] else None
         grad_theta = None
@@ -54,8 +55,9 @@ class _SignedJump(torch.autograd.Function):
             # J = JumpReLU(z) - JumpReLU(-z) receives f * g. JumpReLU(z) sees f * g,
             # JumpReLU(-z) sees -f * g; K is even, so K((-z - theta)/eps) = K((z + theta)/eps).
             k = rectangle((z - theta) / eps) - rectangle((z + theta) / eps)
-            grad_theta = (-(theta / eps) * ctx.f * (k * g).sum()).reshape(theta.shape)
-        return grad_z, grad_theta, None, None
+            pull = (k * g).mean() if ctx.mean else (k * g).sum()
+            grad_theta = (-(theta / eps) * ctx.f * pull).reshape(theta.shape)
+        return grad_z, grad_theta, None, None, None
 
 
 class _KeptFraction(torch.autograd.Function):
@@ -79,12 +81,15 @@ def _as_tensor(eps: float | Tensor, like: Tensor) -> Tensor:
     return eps.detach() if isinstance(eps, Tensor) else torch.tensor(eps, device=like.device)
 
 
-def signed_jump(z: Tensor, theta: Tensor, eps: float | Tensor, f: float = 1.0) -> Tensor:
+def signed_jump(
+    z: Tensor, theta: Tensor, eps: float | Tensor, f: float = 1.0, mean: bool = False
+) -> Tensor:
     """f * J(z) + (1 - f) * z with J(z) = z * 1[|z| > theta] (sign kept); f = 1: J(z).
 
     `eps` is the STE bandwidth (absolute, like theta; a tensor is treated as a constant).
+    mean=True: theta's gradient is averaged over z's entries (the reference) not summed.
     """
-    return _SignedJump.apply(z, theta, _as_tensor(eps, z), f)
+    return _SignedJump.apply(z, theta, _as_tensor(eps, z), f, mean)
 
 
 def kept_fraction(z: Tensor, theta: Tensor, eps: float | Tensor) -> Tensor:

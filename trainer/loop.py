@@ -52,7 +52,7 @@ from jlserve.delta import SparseDelta, diff_tensors, read_delta, write_delta
 from jlserve.errors import JlserveError
 from trainer.adapter import Adapter
 from trainer.append import AddedTask, appended_tasks, for_task, read_added, write_added
-from trainer.config import RunConfig, config_yaml
+from trainer.config import RunConfig, config_yaml, same_config
 from trainer.data import Encoder, Task, evaluate_task, held_out_loss, load_stream, score
 from trainer.errors import OutOfSyncError, TrainerError
 from trainer.methods import Method, build_method
@@ -319,7 +319,7 @@ class Recipe:
         atomic_write_bytes(self.run_dir / "run.json", json.dumps(info, indent=2).encode())
 
     def _load_progress(self, info: dict[str, Any]) -> None:
-        if info["config"] != self.cfg.model_dump(mode="json"):
+        if not same_config(info["config"], self.cfg):
             raise TrainerError(f"{self.run_dir}: --resume needs the same config as the run")
         if info["base_fingerprint"] != self.base_fingerprint:
             raise TrainerError(f"{self.run_dir}: the base model changed since the run started")

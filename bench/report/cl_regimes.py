@@ -19,7 +19,11 @@ REGIMES = (  # tag prefix, what it is
 )
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
 MIN_SEEDS = 3
-PAIRS = (("incLoRA+jump", "incLoRA"), ("incLoRA+jump", "incLoRA+topk"))
+PAIRS = (
+    ("incLoRA+jump", "incLoRA"),
+    ("incLoRA+jump", "incLoRA+topk"),
+    ("incLoRA+jump", "incLoRA+topk@jump"),  # top-k at the same density
+)
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:

@@ -253,15 +253,41 @@ def test_a_partial_variant_from_another_config_is_kept_aside_and_run_again(
         return {"model": str(tiny_model_dir), "data": data, "adapter": {"r": 4}, "train": train}
 
     run_dir = tmp_path / "runs" / "incLoRA"
-    run_variant("incLoRA", config(0.001), [], run_dir, "in_process")
+    run_variant("incLoRA", config(0.001), [], run_dir, "in_process", tmp_path)
     capsys.readouterr()
-    row = run_variant("incLoRA", config(0.002), [], run_dir, "in_process")
+    row = run_variant("incLoRA", config(0.002), [], run_dir, "in_process", tmp_path)
     out = capsys.readouterr().out
     (stale,) = tmp_path.joinpath("runs").glob("incLoRA.stale-*")
     assert f"the config changed since the partial run; moved to {stale}" in out
     assert json.loads((stale / "run.json").read_text())["config"]["train"]["lr"] == 0.001
     assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["lr"] == 0.002
     assert row["variant"] == "incLoRA" and 0 <= row["OA"] <= 1
+
+
+def test_the_matched_density_top_k_keeps_its_twins_measured_density(
+    tiny_model_dir: Path, cl_data_root: Path, tmp_path: Path
+) -> None:
+    """incLoRA+topk@jump reads the mean density incLoRA+jump measured in the same result
+    set, and refuses to start before that row exists."""
+    from bench.cl_quality import run_variant
+    from tests.conftest import TWO_TASKS
+
+    data = {"root": str(cl_data_root), "tasks": list(TWO_TASKS), "train_rows": 8}
+    data |= {"eval_rows": 4, "max_length": 96}
+    cfg = {"model": str(tiny_model_dir), "data": data, "adapter": {"r": 4}}
+    cfg["train"] = {"batch_size": 4, "eval_batch_size": 8}
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    run_dir = tmp_path / "runs" / "matched"
+    with pytest.raises(SystemExit, match="keeps incLoRA\\+jump's measured density: run"):
+        run_variant("incLoRA+topk@jump", cfg, [], run_dir, "in_process", rows)
+    assert not run_dir.exists()
+    (rows / "incLoRA+jump.json").write_text(json.dumps({"mean_density": 0.05}))
+    row = run_variant("incLoRA+topk@jump", cfg, [], run_dir, "in_process", rows)
+    adapter = json.loads((run_dir / "run.json").read_text())["config"]["adapter"]
+    assert (adapter["gate"], adapter["topk_density"]) == ("topk", 0.05)
+    # every task's update keeps 5 % of each adapted matrix group's entries (ties aside)
+    assert row["task_density"]["max"] == pytest.approx(0.05, abs=0.002)
 
 
 def test_interference_stats_see_overlap_and_undoing() -> None:

@@ -171,6 +171,48 @@ def test_topk_keeps_the_budget_every_step_and_learns_nothing() -> None:
         adapter.end_step()
 
 
+@pytest.mark.parametrize("granularity", ["global", "per_block"])
+def test_topk_at_a_chosen_density_keeps_that_fraction_every_step(granularity: str) -> None:
+    model = Toy()
+    adapter = _trained_adapter(
+        model, targets=["q_proj", "v_proj"], gate="topk", topk_density=0.1,
+        granularity=granularity,
+    )  # fmt: skip
+    adapter.begin_step(0.0, reinit=True)
+    for scale in (1.0, 5.0):
+        with torch.no_grad():
+            for m in adapter.modules.values():
+                m.lora_B.mul_(scale)
+        adapter.begin_step(1.0)
+        for group in range(adapter.thresholds.phi.numel()):
+            members = [m for m in adapter.modules.values() if m.group == group]
+            kept = sum(int((m.delta().abs() > m.theta()).sum()) for m in members)
+            assert kept == round(0.1 * sum(m.delta().numel() for m in members))
+        adapter.end_step()
+
+
+def test_the_reference_threshold_is_absolute_with_an_absolute_bandwidth() -> None:
+    """threshold_training: reference: theta = exp(phi) (no RMS scale), so an update that
+    grows keeps more entries; the STE window is 1e-3 wide whatever theta is."""
+    model = Toy()
+    adapter = _trained_adapter(model, targets=["q_proj", "v_proj"], threshold_training="reference")
+    adapter.begin_step(0.0, reinit=True)
+    budget = sum(m.lora_A.numel() + m.lora_B.numel() for m in adapter.modules.values())
+    kept = sum(int((m.delta().abs() > m.theta()).sum()) for m in adapter.modules.values())
+    assert kept == budget  # the order statistic itself, no scale to round through
+    assert adapter.thresholds.scale.tolist() == [1.0]
+    before = adapter.density()
+    with torch.no_grad():
+        for m in adapter.modules.values():
+            m.lora_B.mul_(7.0)
+    adapter.begin_step(1.0)
+    assert adapter.thresholds.scale.tolist() == [1.0]
+    assert adapter.density() > before + 0.3  # half the entries kept at the re-init
+    m = next(iter(adapter.modules.values()))
+    assert m._kernel_width(m.theta()) == 1e-3
+    adapter.end_step()
+
+
 def test_learned_threshold_follows_the_scale_of_the_update() -> None:
     """theta = exp(phi) * RMS(dW): an update that grows uniformly keeps its density."""
     model = Toy()

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.conftest import REPO_ROOT
-from trainer.config import DataConfig, config_yaml, load_config
+from trainer.config import REFERENCE_THRESHOLD, DataConfig, config_yaml, load_config, same_config
 from trainer.errors import TrainerError
 
 
@@ -28,6 +28,13 @@ def test_yaml_and_overrides(tmp_path) -> None:
         (["adapter.gate=maybe"], "adapter.gate"),
         (["nonsense=1"], "nonsense"),
         (["train.lr"], "key=value"),
+        (["adapter.topk_density=0.02"], "topk_density applies to gate: topk, not gate: jump"),
+        (["adapter.gate=topk", "adapter.topk_density=1.5"], "adapter.topk_density"),
+        (
+            ["adapter.threshold_training=reference", "adapter.l0_weight=2"],
+            "threshold_training: reference sets l0_weight to 0.0",
+        ),
+        (["adapter.threshold_training=reference", "adapter.gate=none"], "needs gate: jump"),
     ],
 )
 def test_bad_values_are_typed_errors(tmp_path, overrides, message) -> None:
@@ -51,3 +58,24 @@ def test_default_data_root_is_the_checkouts_from_any_directory(tmp_path, monkeyp
     path.write_text("model: m\n")
     assert load_config(path).data.root == REPO_ROOT / "data" / "cl_benchmark"
     assert load_config(path, ["data.root=mine"]).data.root.as_posix() == "mine"
+
+
+def test_the_reference_preset_fills_the_authors_values_and_saves_them(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\n")
+    cfg = load_config(path, ["adapter.threshold_training=reference", "adapter.bandwidth=1e-3"])
+    assert {k: getattr(cfg.adapter, k) for k in REFERENCE_THRESHOLD} == REFERENCE_THRESHOLD
+    assert REFERENCE_THRESHOLD == {"l0_weight": 0.0, "bandwidth": 1e-3, "threshold_lr": 1e-3}
+    path.write_text(config_yaml(cfg, "jlserve train --config c.yaml --out r"))
+    assert load_config(path) == cfg  # the filled values are saved and reload as the preset
+
+
+def test_a_saved_config_matches_when_only_defaulted_new_settings_are_missing(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\n")
+    cfg = load_config(path)
+    saved = cfg.model_dump(mode="json")
+    del saved["adapter"]["topk_density"]  # as a run saved before the setting existed
+    assert same_config(saved, cfg)
+    assert not same_config(saved, load_config(path, ["adapter.gate=topk"]))
+    assert not same_config({**saved, "gone": 1}, cfg)  # a setting removed since: refused

@@ -28,21 +28,24 @@ def test_rectangle_kernel_is_open_unit_window() -> None:
     assert rectangle(u).tolist() == [0, 0, 1, 1, 1, 0, 0]
 
 
+@pytest.mark.parametrize("mean", [False, True])
 @pytest.mark.parametrize("f", [1.0, 0.25])
-def test_threshold_gradient_matches_formula_by_hand(f: float) -> None:
+def test_threshold_gradient_matches_formula_by_hand(f: float, mean: bool) -> None:
     eps = 1e-3
     phi = torch.tensor(0.1).log().requires_grad_()
     theta = phi.exp()
     # In the +theta window: 0.1002, 0.0997; in the -theta window: -0.1003; outside: 0.5, -0.3.
     z = torch.tensor([0.1002, 0.0997, -0.1003, 0.5, -0.3], requires_grad=True)
     g = torch.tensor([2.0, -3.0, 4.0, 5.0, 7.0])
-    out = signed_jump(z, theta, eps, f)
+    out = signed_jump(z, theta, eps, f, mean=mean)
     keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])  # |z| > theta, sign kept
     assert torch.equal(out, z.detach() * (f * keep + (1 - f)))
     (out * g).sum().backward()
     # dL/dtheta = -(theta/eps) * f * sum((K_pos - K_neg) * g)
     #           = -(0.1/1e-3) * f * (2 - 3 - 4) = 500 f;  dL/dphi = theta * dL/dtheta.
-    torch.testing.assert_close(phi.grad, torch.tensor(0.1 * 500.0 * f))
+    # The reference's mean divides the sum by the 5 entries.
+    expected = 0.1 * 500.0 * f / (5 if mean else 1)
+    torch.testing.assert_close(phi.grad, torch.tensor(expected))
     # dL/dz = (f * 1[|z| > theta] + 1 - f) * g: no STE on z.
     torch.testing.assert_close(z.grad, (f * keep + (1 - f)) * g)
 

@@ -115,7 +115,11 @@ def test_resume_after_stop_gives_the_same_results(tmp_path, tiny_model_dir, cl_d
     full, part = tmp_path / "full", tmp_path / "part"
     assert trainer_main(["--config", str(cfg), "--out", str(full)]) == 0
     assert trainer_main(["--config", str(cfg), "--out", str(part), "--stop-after", "1"]) == 0
-    assert json.loads((part / "run.json").read_text())["completed"] == 1
+    info = json.loads((part / "run.json").read_text())
+    assert info["completed"] == 1
+    # Saved before a setting existed whose default keeps the old behaviour: still resumes.
+    del info["config"]["adapter"]["threshold_training"]
+    (part / "run.json").write_text(json.dumps(info))
     assert trainer_main(["--config", str(cfg), "--out", str(part), "--resume"]) == 0
     _same_results(full, part)
     # Only the last merged checkpoint and method state are kept without --keep-all-merged.
