@@ -13,7 +13,8 @@ finished task (its run directory under runs/bench/cl_quality/<tag>/, `jlserve tr
 --resume`). The summary bench/results/cl_quality[_quick].json and .md holds every row of
 the default tag found on disk. Each variant runs in its own process (`python -m trainer`),
 so peak RSS is per variant. Default budget (issue 10): 128 train rows and 200 dev rows per
-task, max length 256, batch 8, 1 epoch, r 8, lr 1e-3.
+task, max length 256, batch 8, 1 epoch, r 8, lr 1e-3. The tasks are read from --data,
+default <checkout>/data/cl_benchmark (`jlserve data cl-benchmark`, docs/data.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import yaml
 from bench.common import (
     ENGINE_ARGS,
     RESULTS,
+    cl_benchmark_root,
     jlserve_server,
     machine_info,
     machine_line,
@@ -41,7 +43,6 @@ from bench.common import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "cl_benchmark"
 RUNS = REPO / "runs" / "bench" / "cl_quality"
 
 # name -> (method, adapter settings)
@@ -219,7 +220,7 @@ def markdown(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=cl_benchmark_root())
     parser.add_argument("--order", default="short_order_1")
     parser.add_argument("--train-rows", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=200)
@@ -253,7 +254,7 @@ def main() -> int:
     rows_dir = RESULTS / "cl_quality" / tag
     runs_dir = RUNS / tag
     data = {
-        "root": str(args.data),
+        "root": str(args.data.resolve()),  # a link records the folder it names
         "order": args.order,
         "train_rows": args.train_rows,
         "eval_rows": args.eval_rows,

@@ -30,6 +30,7 @@ from bench.common import (
     ENGINE_ARGS,
     REPO,
     add_common_args,
+    cl_benchmark_root,
     jlserve_server,
     median,
     ratio,
@@ -38,14 +39,15 @@ from bench.common import (
     write_result,
 )
 
-DATA = REPO.parent / "shared" / "data" / "cl_benchmark"
 TASKS = ["dbpedia", "amazon", "yahoo", "agnews"]  # short_order_1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--data", type=Path, default=DATA, help="a root in the CL layout")
+    parser.add_argument(
+        "--data", type=Path, default=cl_benchmark_root(), help="a root in the CL layout"
+    )
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=256)

@@ -48,8 +48,8 @@ from typing import Any
 import torch
 import yaml
 
-from bench.cl_quality import DATA, MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
-from bench.common import RESULTS, machine_info, machine_line
+from bench.cl_quality import MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
+from bench.common import RESULTS, cl_benchmark_root, machine_info, machine_line
 from jlserve.checkpoint import load_tensors
 from trainer.adapter import block_index
 
@@ -498,7 +498,7 @@ def main() -> int:
     """Train, measure and summarise each variant not yet done; 2 on a settings mismatch."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=cl_benchmark_root())
     parser.add_argument("--order", default="short_order_1")
     parser.add_argument("--tasks", nargs="+", help="a custom stream (overrides --order)")
     parser.add_argument("--seed", type=int, default=42, help="train.seed: also draws the rows")
@@ -528,7 +528,7 @@ def main() -> int:
 
     stream = {"tasks": args.tasks, "order": None} if args.tasks else {"order": args.order}
     tag = args.tag or f"{'-'.join(args.tasks) if args.tasks else args.order}-seed{args.seed}"
-    data = {"root": str(args.data), **stream, "train_rows": args.train_rows}
+    data = {"root": str(args.data.resolve()), **stream, "train_rows": args.train_rows}
     data["max_length"] = args.max_length
     base_cfg = {
         "model": str(args.model),
