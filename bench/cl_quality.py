@@ -35,12 +35,13 @@ import yaml
 from bench.common import (
     ENGINE_ARGS,
     RESULTS,
-    cl_benchmark_root,
     jlserve_server,
     machine_info,
     machine_line,
     running,
 )
+from trainer.config import default_data_root, load_config
+from trainer.errors import TrainerError
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "bench" / "cl_quality"
@@ -66,17 +67,40 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 MATCHED_DENSITY = {"incLoRA+topk@jump": "incLoRA+jump"}
 
 
-def variant_adapter(name: str, rows_dir: Path) -> dict[str, Any]:
-    """The adapter settings of variant `name`; a matched-density top-k gets its twin's
-    measured mean density from rows_dir."""
+def variant_adapter(name: str, rows_dir: Path, settings: dict) -> dict[str, Any]:
+    """The adapter settings of variant `name`; a matched-density top-k gets the mean density
+    its twin measured in rows_dir with the same settings."""
     adapter = VARIANTS[name][1]
     twin = MATCHED_DENSITY.get(name)
     if twin is None:
         return adapter
-    twin_row = rows_dir / f"{twin}.json"
-    if not twin_row.is_file():
-        raise SystemExit(f"{name} keeps {twin}'s measured density: run {twin} first ({twin_row})")
-    return {**adapter, "topk_density": json.loads(twin_row.read_text())["mean_density"]}
+    path = rows_dir / f"{twin}.json"
+    if not path.is_file():
+        raise SystemExit(f"{name} keeps {twin}'s measured density: run {twin} first ({path})")
+    twin_row = json.loads(path.read_text())
+    if twin_row.get("settings") != settings:
+        diff = settings_difference(twin_row.get("settings"), settings)
+        raise SystemExit(f"{name}: {twin}'s row {path} was run with other settings ({diff})")
+    return {**adapter, "topk_density": twin_row["mean_density"]}
+
+
+def variant_config(name: str, base_cfg: dict, adapter: dict[str, Any]) -> dict:
+    """The trainer config of variant `name` with its adapter settings."""
+    return {
+        **base_cfg,
+        "method": {"name": VARIANTS[name][0]},
+        "adapter": {**base_cfg["adapter"], **adapter},
+    }
+
+
+def check_configs(names: list[str], base_cfg: dict, overrides: list[str]) -> None:
+    """Every variant's config with the overrides, validated before anything trains: a
+    setting a variant refuses (e.g. a preset's constant) stops the run now, not hours in."""
+    for name in names:
+        try:
+            load_config(None, overrides, start=variant_config(name, base_cfg, VARIANTS[name][1]))
+        except TrainerError as exc:
+            raise SystemExit(f"{name}: {exc}") from None
 
 
 def row_of(name: str, metrics: dict) -> dict:
@@ -110,15 +134,13 @@ def row_of(name: str, metrics: dict) -> dict:
 
 def run_variant(
     name: str, base_cfg: dict, overrides: list[str], run_dir: Path, eval_engine: str,
-    rows_dir: Path,
+    adapter: dict[str, Any],
 ) -> dict:  # fmt: skip
-    """Train one variant (resuming a half-finished run) and return its row. eval_engine
-    vllm: the variant publishes each task's delta to its own `jlserve serve` (fp32, state
-    dir beside the run, so a resumed variant finds its server at the run's last version)
-    and evaluates through it (`--publish` + `--eval-via`). rows_dir: the result set (for a
-    matched-density variant's twin)."""
-    adapter = {**base_cfg["adapter"], **variant_adapter(name, rows_dir)}
-    cfg = {**base_cfg, "method": {"name": VARIANTS[name][0]}, "adapter": adapter}
+    """Train one variant with its adapter settings (resuming a half-finished run) and
+    return its row. eval_engine vllm: the variant publishes each task's delta to its own
+    `jlserve serve` (fp32, state dir beside the run, so a resumed variant finds its server
+    at the run's last version) and evaluates through it (`--publish` + `--eval-via`)."""
+    cfg = variant_config(name, base_cfg, adapter)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -220,7 +242,7 @@ def markdown(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
-    parser.add_argument("--data", type=Path, default=cl_benchmark_root())
+    parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--order", default="short_order_1")
     parser.add_argument("--train-rows", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=200)
@@ -283,17 +305,27 @@ def main() -> int:
     settings = {**{k: v for k, v in base_cfg.items() if k != "model"}, "overrides": args.set}
     if args.eval_engine != "in_process":
         settings["eval_engine"] = args.eval_engine
+    names = sorted(set(args.variants), key=list(VARIANTS).index)  # a twin before its match
+    check_configs(names, base_cfg, args.set)
     rows_dir.mkdir(parents=True, exist_ok=True)
     write_summary(args, tag, model, settings)  # what is already on disk
-    for name in args.variants:
+    for name in names:
         row_path = rows_dir / f"{name}.json"
         if row_path.is_file() and not args.force:
-            saved = json.loads(row_path.read_text()).get("settings")
-            if saved != settings:
+            saved = json.loads(row_path.read_text())
+            if saved.get("settings") != settings:
                 print(
                     f"== {name}: the saved row {row_path} was run with other settings "
-                    f"({settings_difference(saved, settings)}); use another --tag, or --force "
-                    "to re-run it",
+                    f"({settings_difference(saved.get('settings'), settings)}); use another "
+                    "--tag, or --force to re-run it",
+                    file=sys.stderr,
+                )
+                return 2
+            density = variant_adapter(name, rows_dir, settings).get("topk_density")
+            if saved.get("topk_density") != density:
+                print(
+                    f"== {name}: the saved row {row_path} kept density {saved.get('topk_density')}"
+                    f", its twin now measures {density}; --force to re-run it",
                     file=sys.stderr,
                 )
                 return 2
@@ -302,7 +334,10 @@ def main() -> int:
         run_dir = runs_dir / name.replace("+", "_")
         if args.force and run_dir.exists():
             shutil.rmtree(run_dir)
-        row = run_variant(name, base_cfg, args.set, run_dir, args.eval_engine, rows_dir)
+        adapter = variant_adapter(name, rows_dir, settings)
+        row = run_variant(name, base_cfg, args.set, run_dir, args.eval_engine, adapter)
+        if "topk_density" in adapter:
+            row["topk_density"] = adapter["topk_density"]
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))

@@ -34,14 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("JLSERVE_BENCH_RESULTS", REPO / "bench" / "results"))
 
 
-def cl_benchmark_root() -> Path:
-    """The CL benchmark where `jlserve data cl-benchmark` writes it (<checkout>/data/
-    cl_benchmark, docs/data.md): the benchmarks' default --data."""
-    from trainer.config import default_data_root
-
-    return default_data_root()
-
-
 DEFAULT_MODEL = REPO / "models" / "smollm2"
 LOGS = RESULTS / "logs"
 

@@ -30,7 +30,6 @@ from bench.common import (
     ENGINE_ARGS,
     REPO,
     add_common_args,
-    cl_benchmark_root,
     jlserve_server,
     median,
     ratio,
@@ -38,6 +37,7 @@ from bench.common import (
     running,
     write_result,
 )
+from trainer.config import default_data_root
 
 TASKS = ["dbpedia", "amazon", "yahoo", "agnews"]  # short_order_1
 
@@ -46,7 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument(
-        "--data", type=Path, default=cl_benchmark_root(), help="a root in the CL layout"
+        "--data", type=Path, default=default_data_root(), help="a root in the CL layout"
     )
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--eval-rows", type=int, default=200)

@@ -49,9 +49,10 @@ import torch
 import yaml
 
 from bench.cl_quality import MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
-from bench.common import RESULTS, cl_benchmark_root, machine_info, machine_line
+from bench.common import RESULTS, machine_info, machine_line
 from jlserve.checkpoint import load_tensors
 from trainer.adapter import block_index
+from trainer.config import default_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "bench" / "interference"
@@ -498,7 +499,7 @@ def main() -> int:
     """Train, measure and summarise each variant not yet done; 2 on a settings mismatch."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "smollm2")
-    parser.add_argument("--data", type=Path, default=cl_benchmark_root())
+    parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--order", default="short_order_1")
     parser.add_argument("--tasks", nargs="+", help="a custom stream (overrides --order)")
     parser.add_argument("--seed", type=int, default=42, help="train.seed: also draws the rows")
@@ -568,7 +569,7 @@ def main() -> int:
         else:
             if args.force and run_dir.exists():
                 shutil.rmtree(run_dir)
-            run_variant(name, base_cfg, args.set, run_dir, "in_process", rows_dir)
+            run_variant(name, base_cfg, args.set, run_dir, "in_process", VARIANTS[name][1])
             row = {
                 "variant": name,
                 "model": str(args.model),

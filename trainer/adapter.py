@@ -49,9 +49,10 @@ class Thresholds(nn.Module):
     `scale` (a buffer, detached) is the RMS of the group's dW entries, refreshed at every
     step, so phi is the threshold in units of the update's own size: an update that grows
     uniformly keeps its density, and phi moves only by its gradient (the task loss pulls
-    theta down, the L0 term pushes it up). With `gate: topk` phi is not learned: scale is 1
-    and phi is the budget order statistic, recomputed every step (the fixed-ratio rival).
-    `ready` is set once phi has been re-initialised from a non-zero dW.
+    theta down, the L0 term pushes it up). Under `threshold_training: reference` scale stays
+    1 (theta is absolute, as the authors train it). With `gate: topk` phi is not learned:
+    scale is 1 and phi is the budget order statistic, recomputed every step (the
+    fixed-ratio rival). `ready` is set once phi has been re-initialised from a non-zero dW.
     """
 
     def __init__(self, n_groups: int) -> None:
@@ -102,6 +103,11 @@ class JumpLoRALinear(nn.Module):
         # Shared with other wrappers: kept out of the module tree so state dicts and
         # parameters() list it once, on the Adapter.
         object.__setattr__(self, "_thresholds", thresholds)
+
+    @property
+    def numel(self) -> int:
+        """Entries of the update dW, d_out * d_in."""
+        return self.lora_B.shape[0] * self.lora_A.shape[1]
 
     def theta(self) -> Tensor:
         return self._thresholds.theta(self.group)
@@ -263,16 +269,14 @@ class Adapter:
     def _budget(self, members: list[JumpLoRALinear]) -> int:
         """Entries the order statistic keeps: as many as the group's adapter parameters, or
         `topk_density` of its entries (a top-k gate at a chosen density)."""
-        if self.cfg.gate == "topk" and self.cfg.topk_density is not None:
-            numel = sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in members)
-            return round(self.cfg.topk_density * numel)
+        if self.cfg.topk_density is not None:  # (gate: topk only, the config checks)
+            return round(self.cfg.topk_density * sum(m.numel for m in members))
         return sum(m.lora_A.numel() + m.lora_B.numel() for m in members)
 
     @torch.no_grad()
     def _rms(self, members: list[JumpLoRALinear]) -> Tensor:
         squares = sum(m.current_delta().square().sum() for m in members)
-        numel = sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in members)
-        return (squares / numel).sqrt().clamp_min(MIN_THETA)
+        return (squares / sum(m.numel for m in members)).sqrt().clamp_min(MIN_THETA)
 
     @torch.no_grad()
     def _refresh_thresholds(self) -> None:
@@ -289,7 +293,8 @@ class Adapter:
     @torch.no_grad()
     def reinit_thresholds(self) -> None:
         """phi <- the budget order statistic (ref, at step t1): as many dW entries survive as
-        the adapter has parameters; then phi is learned (jump) or re-applied (topk)."""
+        the adapter has parameters (topk_density: that share); then phi is learned (jump)
+        or re-applied (topk)."""
         for group, members in enumerate(self._groups()):
             values = torch.cat([m.current_delta().abs().reshape(-1) for m in members])
             phi = order_log_threshold(values, self._budget(members)).to(values.device)
@@ -305,7 +310,7 @@ class Adapter:
     def l0_term(self) -> Tensor:
         """Fraction of all adapted dW entries the gate keeps this step (the L0 term of
         JumpReLU SAEs; STE gradient to theta only)."""
-        numel = [m.lora_B.shape[0] * m.lora_A.shape[1] for m in self.modules.values()]
+        numel = [m.numel for m in self.modules.values()]
         kept = sum(n * m.kept_fraction() for n, m in zip(numel, self.modules.values(), strict=True))
         return kept / sum(numel)
 
@@ -315,7 +320,7 @@ class Adapter:
         if self.cfg.gate == "none":
             return 1.0
         kept = sum(int((m.current_delta().abs() > m.theta()).sum()) for m in self.modules.values())
-        total = sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in self.modules.values())
+        total = sum(m.numel for m in self.modules.values())
         return kept / total
 
     @torch.no_grad()

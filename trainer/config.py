@@ -144,6 +144,8 @@ class TrainConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    # A setting added here must default to the behaviour before it: `same_config` lets a
+    # run saved without it resume under that default.
     model: Path  # an HF safetensors checkpoint directory (version 0)
     data: DataConfig = Field(default_factory=DataConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)

@@ -11,8 +11,9 @@ learns through the JumpReLU-SAE estimator (docs/method.md, "Gradients"):
 This is the exact derivative of the gate with H smoothed by the rectangle kernel. The
 reference divides it by the number of entries (a mean; `mean=True`, its preset); we keep
 the sum, so the task loss and the L0 term below pull on theta in the same unit (nats)
-whatever the model size (docs/trainer.md, "The learned threshold"). `eps` is an absolute bandwidth here; the
-adapter passes eps = bandwidth * theta, so the kernel window is relative to theta.
+whatever the model size (docs/trainer.md, "The learned threshold"). `eps` is an absolute
+bandwidth here; the adapter passes eps = bandwidth * theta, so the kernel window is
+relative to theta (the reference preset passes its absolute 1e-3).
 
 `signed_jump` is the blended update of the schedule, f * J(z) + (1 - f) * z, as ONE
 autograd node: z times a per-entry coefficient (1 where kept, 1 - f where dropped). It

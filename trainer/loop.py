@@ -491,7 +491,8 @@ class Recipe:
 
     @staticmethod
     def _phi(adapter: Adapter) -> list[float]:
-        """phi = log(theta / RMS(dW)) per threshold group (topk: log theta)."""
+        """phi per threshold group: log(theta / RMS(dW)); topk and the reference preset:
+        log theta (absolute)."""
         return adapter.thresholds.phi.detach().cpu().tolist()
 
     def _progress(self) -> Progress:

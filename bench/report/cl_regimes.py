@@ -23,6 +23,7 @@ PAIRS = (
     ("incLoRA+jump", "incLoRA"),
     ("incLoRA+jump", "incLoRA+topk"),
     ("incLoRA+jump", "incLoRA+topk@jump"),  # top-k at the same density
+    ("incLoRA+jump", "incLoRA+jump-ref"),  # ours against the authors' threshold training
 )
 
 

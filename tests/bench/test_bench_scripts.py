@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,9 +254,9 @@ def test_a_partial_variant_from_another_config_is_kept_aside_and_run_again(
         return {"model": str(tiny_model_dir), "data": data, "adapter": {"r": 4}, "train": train}
 
     run_dir = tmp_path / "runs" / "incLoRA"
-    run_variant("incLoRA", config(0.001), [], run_dir, "in_process", tmp_path)
+    run_variant("incLoRA", config(0.001), [], run_dir, "in_process", {"gate": "none"})
     capsys.readouterr()
-    row = run_variant("incLoRA", config(0.002), [], run_dir, "in_process", tmp_path)
+    row = run_variant("incLoRA", config(0.002), [], run_dir, "in_process", {"gate": "none"})
     out = capsys.readouterr().out
     (stale,) = tmp_path.joinpath("runs").glob("incLoRA.stale-*")
     assert f"the config changed since the partial run; moved to {stale}" in out
@@ -268,8 +269,8 @@ def test_the_matched_density_top_k_keeps_its_twins_measured_density(
     tiny_model_dir: Path, cl_data_root: Path, tmp_path: Path
 ) -> None:
     """incLoRA+topk@jump reads the mean density incLoRA+jump measured in the same result
-    set, and refuses to start before that row exists."""
-    from bench.cl_quality import run_variant
+    set with the same settings, and refuses to start before that row exists."""
+    from bench.cl_quality import run_variant, variant_adapter
     from tests.conftest import TWO_TASKS
 
     data = {"root": str(cl_data_root), "tasks": list(TWO_TASKS), "train_rows": 8}
@@ -278,16 +279,35 @@ def test_the_matched_density_top_k_keeps_its_twins_measured_density(
     cfg["train"] = {"batch_size": 4, "eval_batch_size": 8}
     rows = tmp_path / "rows"
     rows.mkdir()
-    run_dir = tmp_path / "runs" / "matched"
+    settings = {"train": {"lr": 0.001}, "overrides": []}
+    name = "incLoRA+topk@jump"
     with pytest.raises(SystemExit, match="keeps incLoRA\\+jump's measured density: run"):
-        run_variant("incLoRA+topk@jump", cfg, [], run_dir, "in_process", rows)
-    assert not run_dir.exists()
-    (rows / "incLoRA+jump.json").write_text(json.dumps({"mean_density": 0.05}))
-    row = run_variant("incLoRA+topk@jump", cfg, [], run_dir, "in_process", rows)
+        variant_adapter(name, rows, settings)
+    twin = {"mean_density": 0.05, "settings": {"train": {"lr": 0.002}, "overrides": []}}
+    (rows / "incLoRA+jump.json").write_text(json.dumps(twin))
+    with pytest.raises(
+        SystemExit, match=re.escape("run with other settings (train.lr: 0.002 -> 0.001)")
+    ):
+        variant_adapter(name, rows, settings)
+    (rows / "incLoRA+jump.json").write_text(json.dumps({**twin, "settings": settings}))
+    adapter = variant_adapter(name, rows, settings)
+    assert adapter == {"gate": "topk", "topk_density": 0.05}
+    run_dir = tmp_path / "runs" / "matched"
+    row = run_variant(name, cfg, [], run_dir, "in_process", adapter)
     adapter = json.loads((run_dir / "run.json").read_text())["config"]["adapter"]
     assert (adapter["gate"], adapter["topk_density"]) == ("topk", 0.05)
     # every task's update keeps 5 % of each adapted matrix group's entries (ties aside)
     assert row["task_density"]["max"] == pytest.approx(0.05, abs=0.002)
+
+
+def test_every_variant_is_a_valid_config_and_a_refused_override_stops_before_training() -> None:
+    from bench.cl_quality import VARIANTS, check_configs
+
+    base = {"model": "m", "data": {"order": "short_order_1"}, "adapter": {"r": 8}, "train": {}}
+    check_configs(list(VARIANTS), base, [])
+    check_configs(["incLoRA", "incLoRA+jump"], base, ["adapter.l0_weight=5"])
+    with pytest.raises(SystemExit, match=r"incLoRA\+jump-ref: .*reference sets l0_weight"):
+        check_configs(list(VARIANTS), base, ["adapter.l0_weight=5"])
 
 
 def test_interference_stats_see_overlap_and_undoing() -> None:

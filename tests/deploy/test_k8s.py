@@ -14,11 +14,10 @@ podman has no Service, so the client sends each request to the next replica that
 the readiness check (`/health`, polled every second as the manifest's probe does); podman
 4.3 once (in CI) left a killed container exited despite its restart policy, so a replica
 it does not restart within a minute is started by hand, as the kubelet would, with what
-podman recorded printed. The
-manifests are played unchanged otherwise (names get a test prefix, the KV cache
-is 1 GiB so two replicas fit beside the rest of the suite, and the models volume is the
-host's prepared SmolLM2, read-only, as the manifest suggests for a real checkpoint: the
-entrypoint's preparation is tested by tests/docker).
+podman recorded printed. The manifests are played unchanged otherwise (names get a test
+prefix, the KV cache is 1 GiB so two replicas fit beside the rest of the suite, and the
+models volume is the host's prepared SmolLM2, read-only, as the manifest suggests for a
+real checkpoint: the entrypoint's preparation is tested by tests/docker).
 """
 
 from __future__ import annotations
@@ -373,7 +372,9 @@ def test_a_replica_killed_mid_rollout_comes_back_at_the_latest_version(cluster):
         print(f"\nk8s: podman did NOT restart {victim.container} by its policy within "
               f"{POLICY_RESTART_TIMEOUT_S:.0f} s:\n{victim.diagnostics(killed_at)}"
               "\nk8s: started it by hand, as the kubelet would")  # fmt: skip
-        podman("start", victim.container)
+        podman("start", victim.container, check=False)  # podman may restart it meanwhile
+        status = podman("inspect", "--format", "{{.State.Status}}", victim.container)
+        assert status.strip() == "running", victim.diagnostics(killed_at)
     code, out = finish(proc)
     assert code == 0, out + victim.logs() + victim.diagnostics(killed_at)
     target = child(cluster.deltas[1])

@@ -135,11 +135,10 @@ def test_per_block_thresholds_learn_a_density_per_block() -> None:
 def test_the_reference_preset_on_the_same_fit_stays_near_its_re_init() -> None:
     """The authors' threshold training (the named preset): theta absolute, Adam at lr 1e-3
     on log theta, no L0 term. On the fit where ours ends exactly on the truth, its theta
-    can move by about 1e-3 per sparse step (Adam's step size), so the support stays near
-    the re-init's, far from the truth: what docs/trainer.md reports of the reference."""
-    [ours] = _fit([(4, 8)])
+    log theta moves by at most about 1e-3 per sparse step (Adam's step size), so the
+    support stays near the re-init's, far from the truth (ours ends on it, above): what
+    docs/trainer.md reports of the reference."""
     [ref] = _fit([(4, 8)], threshold_training="reference")
-    sparse_steps = len(ref["grads"])
-    assert abs(ref["phi"] - ref["phi_at_reinit"]) <= 1.2e-3 * sparse_steps
-    assert ours["kept_is_truth"] and not ref["kept_is_truth"]
+    assert ref["phi_at_reinit"] < -4  # absolute: |dW| ~ 1e-2 here (ours: phi ~ -1.9)
+    assert not ref["kept_is_truth"]
     assert ref["density"] > 5 * ref["true_density"]  # 6-7 % here, the truth 0.78 %
