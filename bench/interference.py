@@ -5,8 +5,8 @@
         --tag so1-seed1-l0-5 --set adapter.l0_weight=5               # one setting changed
 
 Per variant the stream is trained by `python -m trainer` (bench.cl_quality.run_variant,
-every merged version kept, greedy generation skipped: one dev row per task), then measured
-on the versions it exported:
+greedy generation skipped: one dev row per task), then measured on the versions it
+exported (rebuilt from the base and its deltas):
 
   loss     the held-out loss (teacher forcing, --loss-rows rows of each task's dev.json;
            the trained rows come from train.json) of every task on every version from the
@@ -31,6 +31,12 @@ directions the task's LoRA never used.
 Resumable per variant: bench/results/interference/<tag>/<variant>.json is kept (not run
 again unless --force); a stopped training run resumes from its last task. The summary
 bench/results/interference_<tag>.json and .md hold every finished variant of the tag.
+
+--measure-only trains nothing and measures the finished runs of another benchmark as they
+are, e.g. the forgetting regime's (the same runs whose accuracy BWT is reported):
+
+    .venv/bin/python -m bench.interference --measure-only --runs runs/bench/cl_quality \
+        --tag so1-x4-seed1 --variants incLoRA seqLoRA
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ import yaml
 
 from bench.cl_quality import MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
 from bench.common import RESULTS, machine_info, machine_line
-from jlserve.checkpoint import load_tensors
+from jlserve.checkpoint import TensorDigests, load_tensors
+from jlserve.delta import plan_update, read_delta
+from jlserve.errors import JlserveError
 from trainer.adapter import block_index
 from trainer.config import default_data_root
 
@@ -299,13 +307,21 @@ def loss_summary(matrix: list[list[float | None]]) -> dict[str, Any]:
 
 
 def _version_states(model_dir: Path, run_dir: Path) -> list[dict[str, torch.Tensor]]:
-    """The base checkpoint and every merged version of the run, in order."""
+    """The base checkpoint and every version of the run, in order, each the previous one
+    plus the task's exported delta (jlserve's delta code checks every step against the
+    version's fingerprint), so a run that kept only its last merged checkpoint is measured
+    as well. Unchanged tensors are shared between versions, not copied."""
     versions = json.loads((run_dir / "run.json").read_text())["versions"]
     states = [load_tensors(model_dir)]
+    digests = TensorDigests(states[0])
     for v in versions[1:]:
-        if not v.get("merged"):
-            raise SystemExit(f"{run_dir}: version {v['version']} was not kept (keep_all_merged)")
-        states.append(load_tensors(run_dir / "merged" / v["merged"]))
+        path = run_dir / "deltas" / v["delta"]
+        try:
+            planned = plan_update(states[-1], digests, read_delta(path), source=str(path))
+        except JlserveError as exc:
+            raise SystemExit(f"{run_dir}: version {v['version']}: {exc}") from None
+        states.append({**states[-1], **planned.changed})
+        digests = planned.digests
     return states
 
 
@@ -517,6 +533,12 @@ def main() -> int:
     parser.add_argument("--tag", help="result set name (default: <order>-seed<seed>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs are trained")
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="train nothing: measure the finished runs under --runs/<tag>/ as they are "
+        "(e.g. --runs runs/bench/cl_quality: that benchmark's runs, from their deltas)",
+    )
     parser.add_argument("--force", action="store_true", help="re-run finished variants")
     parser.add_argument(
         "--remeasure",
@@ -526,6 +548,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.remeasure and args.force:
         parser.error("--remeasure measures the kept runs again, --force trains them again: one")
+    if args.measure_only and args.force:
+        parser.error("--measure-only trains nothing; --force would train again")
 
     stream = {"tasks": args.tasks, "order": None} if args.tasks else {"order": args.order}
     tag = args.tag or f"{'-'.join(args.tasks) if args.tasks else args.order}-seed{args.seed}"
@@ -543,6 +567,8 @@ def main() -> int:
         "loss_rows": args.loss_rows,
         "overrides": args.set,
     }
+    if args.measure_only:  # what was trained is each run's own config (in its row)
+        settings = {"measured": str(args.runs.resolve() / tag), "loss_rows": args.loss_rows}
     rows_dir = RESULTS / "interference" / tag
     rows_dir.mkdir(parents=True, exist_ok=True)
     task_names: list[str] = []
@@ -551,9 +577,9 @@ def main() -> int:
         run_dir = args.runs / tag / name.replace("+", "_")
         if row_path.is_file() and not args.force:
             row = json.loads(row_path.read_text())
-            if row.get("settings") != settings or row.get("model", str(args.model)) != str(
-                args.model
-            ):
+            # (measured runs name their own model, in their config)
+            other_model = row.get("model", str(args.model)) != str(args.model)
+            if row.get("settings") != settings or (other_model and not args.measure_only):
                 diff = settings_difference(row.get("settings"), settings)
                 print(f"== {name}: saved with other settings ({diff}); use another --tag")
                 return 2
@@ -567,14 +593,21 @@ def main() -> int:
                 return 2
             row.update(measure(run_dir, None, args.input_rows))  # the loss stays
         else:
-            if args.force and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_variant(name, base_cfg, args.set, run_dir, "in_process", VARIANTS[name][1])
+            if args.measure_only:
+                if not (run_dir / "metrics.json").is_file():
+                    print(f"== {name}: no finished run at {run_dir}; not measured", flush=True)
+                    continue
+            else:
+                if args.force and run_dir.exists():
+                    shutil.rmtree(run_dir)
+                run_variant(name, base_cfg, args.set, run_dir, "in_process", VARIANTS[name][1])
             row = {
                 "variant": name,
-                "model": str(args.model),
+                "model": str(run_config(run_dir).model),
                 **run_row(run_dir, args.loss_rows, args.input_rows),
             }
+            if args.measure_only:
+                row["config"] = run_config(run_dir).model_dump(mode="json")
             row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))

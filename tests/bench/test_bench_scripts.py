@@ -430,6 +430,51 @@ def test_interference_runs_a_stream_and_measures_every_version(
     assert refused.returncode == 2 and "loss_rows: 8 -> 4" in refused.stdout
 
 
+def test_interference_measures_another_benchmarks_finished_runs_from_their_deltas(
+    tiny_model_dir: Path, cl_data_root: Path, tmp_path: Path
+) -> None:
+    """--measure-only trains nothing: it measures a cl_quality-style run that kept only its
+    last merged checkpoint, every version rebuilt from the base and the run's deltas."""
+    from bench.cl_quality import run_variant
+
+    data = {"root": str(cl_data_root), "train_rows": 8, "eval_rows": 4, "max_length": 96}
+    data["tasks"] = ["bbc_topic", "movie_sentiment", "tweet_sentiment"]
+    cfg = {"model": str(tiny_model_dir), "data": data, "adapter": {"r": 4}}
+    cfg["train"] = {"batch_size": 4, "eval_batch_size": 8}
+    runs = tmp_path / "runs"
+    run_variant("incLoRA+jump", cfg, [], runs / "t" / "incLoRA_jump", "in_process", {})
+    info = json.loads((runs / "t" / "incLoRA_jump" / "run.json").read_text())
+    assert [v["merged"] for v in info["versions"][1:3]] == [None, None]  # only the last kept
+    before = sorted(p.name for p in (runs / "t").iterdir())
+    args = ["bench.interference", "--measure-only", "--runs", str(runs), "--tag", "t"]
+    args += ["--loss-rows", "4", "--input-rows", "2", "--variants", "incLoRA+jump", "incLoRA"]
+    env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
+    measured = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300, check=True,
+    )  # fmt: skip
+    assert "== incLoRA: no finished run at" in measured.stdout  # never trained here
+    assert sorted(p.name for p in (runs / "t").iterdir()) == before  # nothing trained
+    (row,) = json.loads((tmp_path / "interference_t.json").read_text())["rows"]
+    assert row["variant"] == "incLoRA+jump" and row["config"]["adapter"]["r"] == 4
+    assert len(row["loss"]["matrix"]) == 4 and len(row["updates"]) == 3
+    densities = [t["delta_density"] for t in json.loads(
+        (runs / "t" / "incLoRA_jump" / "metrics.json").read_text()
+    )["tasks"]]  # fmt: skip
+    # each rebuilt version differs from the previous one exactly by the task's delta
+    # (the trainer's density is over adapted entries, the same coordinates)
+    assert [u["density"] for u in row["updates"]] == pytest.approx(densities)
+    # a broken chain is refused, with the version named
+    delta = runs / "t" / "incLoRA_jump" / "deltas" / info["versions"][2]["delta"]
+    delta.write_bytes(delta.read_bytes()[:-8])
+    (tmp_path / "interference" / "t" / "incLoRA+jump.json").unlink()
+    broken = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert broken.returncode != 0 and "version 2:" in broken.stderr
+
+
 def test_cl_regimes_pool_seeds_and_decide_the_regime_only_at_three(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
