@@ -313,21 +313,19 @@ def main() -> int:
         row_path = rows_dir / f"{name}.json"
         if row_path.is_file() and not args.force:
             saved = json.loads(row_path.read_text())
+            stale = None
             if saved.get("settings") != settings:
-                print(
-                    f"== {name}: the saved row {row_path} was run with other settings "
-                    f"({settings_difference(saved.get('settings'), settings)}); use another "
-                    "--tag, or --force to re-run it",
-                    file=sys.stderr,
+                diff = settings_difference(saved.get("settings"), settings)
+                stale = f"was run with other settings ({diff}); use another --tag, or"
+            elif saved.get("topk_density") != (
+                density := variant_adapter(name, rows_dir, settings).get("topk_density")
+            ):
+                stale = (
+                    f"kept density {saved.get('topk_density')}, its twin now measures {density};"
                 )
-                return 2
-            density = variant_adapter(name, rows_dir, settings).get("topk_density")
-            if saved.get("topk_density") != density:
-                print(
-                    f"== {name}: the saved row {row_path} kept density {saved.get('topk_density')}"
-                    f", its twin now measures {density}; --force to re-run it",
-                    file=sys.stderr,
-                )
+            if stale:
+                print(f"== {name}: the saved row {row_path} {stale} --force to re-run it",
+                      file=sys.stderr)  # fmt: skip
                 return 2
             print(f"== {name}: kept ({row_path})", flush=True)
             continue

@@ -560,6 +560,8 @@ def main() -> int:
         "data": {**data, "eval_rows": 1},  # generation is not what this measures
         "adapter": {"r": 8, "alpha": 32},
         "train": {"batch_size": args.batch_size, "eval_schedule": "needed", "seed": args.seed},
+        # (no longer read: versions are rebuilt from the deltas; kept because the saved
+        # rows' settings record it, and a rerun of their tag must compare equal)
         "keep_all_merged": True,
     }
     settings = {
@@ -601,13 +603,14 @@ def main() -> int:
                 if args.force and run_dir.exists():
                     shutil.rmtree(run_dir)
                 run_variant(name, base_cfg, args.set, run_dir, "in_process", VARIANTS[name][1])
+            cfg = run_config(run_dir)
             row = {
                 "variant": name,
-                "model": str(run_config(run_dir).model),
+                "model": str(cfg.model),
                 **run_row(run_dir, args.loss_rows, args.input_rows),
             }
             if args.measure_only:
-                row["config"] = run_config(run_dir).model_dump(mode="json")
+                row["config"] = cfg.model_dump(mode="json")
             row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))

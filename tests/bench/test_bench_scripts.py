@@ -21,6 +21,7 @@ from bench.hot_swap import build_chain, fused_bytes
 from bench.scale import param_count, shape_for, write_chain, write_random_llama
 from jlserve.checkpoint import TensorDigests, load_tensors, weight_files
 from jlserve.delta import parse_delta, plan_update, read_delta
+from trainer.config import default_data_root
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -236,6 +237,14 @@ def test_cl_quality_refuses_a_saved_row_run_with_other_settings(
     assert "was run with other settings" in result.stderr
     assert "train.lr: 0.5 -> 0.001" in result.stderr and "--force" in result.stderr
     assert json.loads((rows / "incLoRA.json").read_text()) == saved  # left as it was
+    # the data default is the checkout's data/cl_benchmark (never a folder beside it)
+    assert f"data.root: None -> '{default_data_root().resolve()}'" in result.stderr
+    # a link as --data records the folder it names
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cmd += ["--data", str(tmp_path / "link")]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert f"data.root: None -> '{(tmp_path / 'real').resolve()}'" in result.stderr
 
 
 def test_a_partial_variant_from_another_config_is_kept_aside_and_run_again(
@@ -298,6 +307,28 @@ def test_the_matched_density_top_k_keeps_its_twins_measured_density(
     assert (adapter["gate"], adapter["topk_density"]) == ("topk", 0.05)
     # every task's update keeps 5 % of each adapted matrix group's entries (ties aside)
     assert row["task_density"]["max"] == pytest.approx(0.05, abs=0.002)
+
+
+def test_a_matched_row_records_its_density_and_is_refused_once_its_twin_changed(
+    tiny_model_dir: Path, cl_data_root: Path, tmp_path: Path
+) -> None:
+    """Through the CLI: the twin runs first whatever the order asked, the matched row keeps
+    the density it ran at, and a twin re-run since (another density) makes it stale."""
+    cmd = [sys.executable, "-m", "bench.cl_quality", "--tag", "m", "--model", str(tiny_model_dir)]
+    cmd += ["--data", str(cl_data_root), "--order", "demo", "--train-rows", "8"]
+    cmd += ["--eval-rows", "4", "--max-length", "96", "--batch-size", "4"]
+    env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
+    run = {"cwd": REPO, "env": env, "capture_output": True, "text": True, "timeout": 600}
+    done = subprocess.run([*cmd, "--variants", "incLoRA+topk@jump", "incLoRA+jump"], **run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = tmp_path / "cl_quality" / "m"
+    twin = json.loads((rows / "incLoRA+jump.json").read_text())
+    matched = json.loads((rows / "incLoRA+topk@jump.json").read_text())
+    assert matched["topk_density"] == twin["mean_density"]
+    (rows / "incLoRA+jump.json").write_text(json.dumps({**twin, "mean_density": 0.5}))
+    stale = subprocess.run([*cmd, "--variants", "incLoRA+topk@jump"], **run)
+    assert stale.returncode == 2
+    assert f"kept density {matched['topk_density']}, its twin now measures 0.5" in stale.stderr
 
 
 def test_every_variant_is_a_valid_config_and_a_refused_override_stops_before_training() -> None:
