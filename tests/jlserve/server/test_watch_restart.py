@@ -48,7 +48,9 @@ from tests.jlserve.server.test_serving import (
 pytestmark = pytest.mark.slow
 
 # After the first restart the server drains, and preempts what still runs after this long.
-DRAIN_TIMEOUT_S = 0.5
+# Short, so a quiet machine cannot finish every 200-token stream inside it (at 0.5 s one
+# CI run drained all nine swaps in time and never preempted).
+DRAIN_TIMEOUT_S = 0.1
 DRAIN_THEN_PREEMPT = (
     "--swap-policy", "drain", "--drain-timeout", str(DRAIN_TIMEOUT_S),
     "--drain-timeout-action", "preempt",
