@@ -9,18 +9,36 @@
 # Point 3, in (b) once its dense baseline is in, in the issue's order of priority: the
 # learned gate and top-k, top-k at the learned gate's density, ELLA and InfLoRA with and
 # without the gate, the authors' threshold training (a named preset); 3 seeds each.
-# Resumable: bench/cl_quality.py keeps each finished variant and resumes a stopped one.
+# Point 4: each key variant's run is measured by bench/interference.py right after it
+# trains, while its run folder is still there.
+# Resumable: bench/cl_quality.py keeps each finished variant and resumes a stopped one;
+# bench/interference.py keeps each measured variant.
 #   OMP_NUM_THREADS=2 nohup bench/forgetting_regime.sh > runs/forgetting_regime.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-so1_x4() {
+so1_x4() {  # seed, variants...: train them, then measure each key variant's run
   .venv/bin/python -m bench.cl_quality --order short_order_1 --train-rows 512 \
     --eval-engine vllm --tag "so1-x4-seed$1" --set "train.seed=$1" --variants "${@:2}"
+  local measured=()
+  for variant in "${@:2}"; do
+    case "$variant" in incLoRA | incLoRA+jump | incLoRA+topk) measured+=("$variant") ;; esac
+  done
+  if [ ${#measured[@]} -gt 0 ]; then
+    .venv/bin/python -m bench.interference --measure-only --runs runs/bench/cl_quality \
+      --tag "so1-x4-seed$1" --variants "${measured[@]}"
+  fi
 }
-# Seed by seed, so the key pairs (the learned gate against dense and top-k) have a seed
-# in as early as the baselines do.
+# The key pair first (the learned gate against its dense twin), seed by seed, with seqLoRA
+# on the first seed.
+so1_x4 1 incLoRA seqLoRA incLoRA+jump
+for seed in 2 3; do
+  so1_x4 "$seed" incLoRA incLoRA+jump
+done
 for seed in 1 2 3; do
-  so1_x4 "$seed" incLoRA seqLoRA incLoRA+jump incLoRA+topk
+  so1_x4 "$seed" incLoRA+topk
+done
+for seed in 2 3; do
+  so1_x4 "$seed" seqLoRA
 done
 for seed in 1 2 3; do
   so1_x4 "$seed" incLoRA+topk@jump
