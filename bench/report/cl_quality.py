@@ -1,5 +1,6 @@
-"""Section 5: continual-learning quality (bench/cl_quality.py): the primary order's result
-set, the second order's, and the runs with one setting changed at the same budget."""
+"""Section 5: continual-learning quality (bench/cl_quality.py) at the issue-10 budget: one
+table with the primary order's result set, the second order's, and the runs with one setting
+changed at the same budget."""
 
 from __future__ import annotations
 
@@ -56,41 +57,37 @@ def section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
         "s/step is each variant's own run under the load of its time (some ran two at a "
         "time, one thread each): compare step times in section 3." + _missing_variants(doc),
         "",
-        *quality_table(doc["rows"]),
     ]
     n_eval = data.get("eval_rows")
     n_tasks = len(doc["rows"][0]["accuracy_matrix"])
     n_rows = n_eval * n_tasks if isinstance(n_eval, int) else None
-    sentences = expectations(doc["rows"], n_rows)
     orders = [doc]
     second = read_result(f"cl_quality_{SECOND_ORDER}", False)
     if second is not None and second["rows"]:
-        out += ["", f"Order {SECOND_ORDER}, same budget:", "", *quality_table(second["rows"])]
-        sentences += expectations(second["rows"], n_rows, f"{SECOND_ORDER}: ")
         orders.append(second)
-    pooled = []  # (label, rows) of every result set of these orders
-    for primary in orders:
-        runs = _override_runs(primary)
-        pooled += [(primary["order"], primary["rows"])]
-        pooled += [(f"{primary['order']}, {label}", rows) for label, rows in runs]
-        if not runs:
-            continue
-        out += [
-            "",
-            f"Order {primary['order']} with one setting changed (`--set`: the learned gate's "
-            f"one knob `adapter.l0_weight`, default {L0_WEIGHT_DEFAULT:g}, or another seed), "
-            "same budget:",
-            "",
-            *quality_table(
-                [
-                    {**r, "variant": f"{r['variant']} ({label})"}
-                    for label, rows in runs
-                    for r in rows
-                ]
-            ),
-        ]
-        for label, rows in runs:
-            sentences += expectations(rows, n_rows, f"{primary['order']}, {label}: ")
+    pooled = [  # (label, rows) of every result set at this budget
+        (label, rows) for primary in orders for label, rows in _result_sets(primary)
+    ]
+    out += [
+        f"One table for this budget: the rows of order {doc['order']} as they are, the "
+        "others labelled with their order or their one changed setting (`--set`: the "
+        f"learned gate's one knob `adapter.l0_weight`, default {L0_WEIGHT_DEFAULT:g}, or "
+        "another seed).",
+        "",
+        *quality_table(
+            [
+                {
+                    **r,
+                    "variant": r["variant"] if rows is doc["rows"] else f"{r['variant']} ({label})",
+                }
+                for label, rows in pooled
+                for r in rows
+            ]
+        ),
+    ]
+    sentences = []
+    for label, rows in pooled:
+        sentences += expectations(rows, n_rows, "" if rows is doc["rows"] else f"{label}: ")
     sentences += learned_vs_topk_over_runs(
         # labels hold the joined overrides: a set with an adapter.* override is not the default gate
         [(label, rows) for label, rows in pooled if "adapter." not in label],
@@ -134,6 +131,15 @@ def summary(doc: dict[str, Any]) -> list[str]:
 def _steps_per_task(data: dict[str, Any], settings: dict[str, Any]) -> str:
     rows, batch = data.get("train_rows"), settings.get("train", {}).get("batch_size")
     return str(math.ceil(rows / batch)) if rows and batch else "a few"
+
+
+def _result_sets(primary: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(label, rows): `primary`'s own rows labelled with its order, then its runs with one
+    setting changed at the same budget, labelled "order, overrides"."""
+    return [
+        (primary["order"], primary["rows"]),
+        *((f"{primary['order']}, {label}", rows) for label, rows in _override_runs(primary)),
+    ]
 
 
 def _override_runs(primary: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:

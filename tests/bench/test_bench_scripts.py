@@ -219,6 +219,46 @@ def test_cl_report_shows_runs_with_one_setting_changed_at_the_same_budget(
     ]
 
 
+def test_cl_report_shows_one_table_for_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second order and the runs with one setting changed join the primary order's
+    table, each row labelled with its order and setting; the verdicts stay per result set."""
+    import bench.common
+    import bench.report.cl_quality
+
+    budget = {"data": {"order": "short_order_1", "train_rows": 128, "eval_rows": 200}}
+
+    def row(variant: str, oa: float, bwt: float) -> dict:
+        return {
+            "variant": variant, "OA": oa, "BWT": bwt, "FWT": 0.2, "s_per_step": 1.0,
+            "peak_rss_mib": 1, "mean_density": 0.03, "accuracy_matrix": [[0.5] * 4] * 4,
+        }  # fmt: skip
+
+    def write(tag: str, order: str, overrides: list[str], rows: list[dict]) -> dict:
+        settings = {**budget, "overrides": overrides}
+        doc = {"order": order, "settings": json.dumps(settings), "rows": rows}
+        doc |= {"model": "smollm2", "created": "now", "machine": {}}
+        (tmp_path / f"cl_quality_{tag}.json").write_text(json.dumps(doc))
+        return doc
+
+    pair = [row("incLoRA", 0.6, -0.1), row("incLoRA+jump", 0.62, -0.05)]
+    primary = write("short_order_1", "short_order_1", [], pair)
+    write("short_order_2", "short_order_2", [], [row("incLoRA+jump", 0.5, 0.01)])
+    write("seed2", "short_order_1", ["train.seed=43"], pair)
+    monkeypatch.setattr(bench.report.cl_quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    text = "\n".join(bench.report.cl_quality.section(primary, tmp_path / "img", tmp_path))
+    assert text.count("| variant |") == 1
+    table = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| inc")]
+    assert table == [
+        "| incLoRA", "| incLoRA+jump", "| incLoRA (short_order_1, train.seed=43)",
+        "| incLoRA+jump (short_order_1, train.seed=43)", "| incLoRA+jump (short_order_2)",
+    ]  # fmt: skip
+    assert "- incLoRA+jump vs incLoRA: BWT -5.0 vs -10.0 (forgets less)" in text
+    assert "- short_order_1, train.seed=43: incLoRA+jump vs incLoRA: BWT -5.0" in text
+
+
 def test_cl_quality_refuses_a_saved_row_run_with_other_settings(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
