@@ -146,6 +146,8 @@ def run_variant(
     cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "trainer", "--config", str(cfg_path), "--out", str(run_dir)]
     cmd += [arg for o in overrides for arg in ("--set", o)]
+    # the variants of a result set share the base row (same model, rows and evaluator)
+    cmd += ["--eval-cache", str(run_dir.parent / "eval-cache")]
     if (run_dir / "run.json").is_file():
         cmd.append("--resume")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

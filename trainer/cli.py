@@ -16,6 +16,7 @@ from jlserve.errors import JlserveError
 from trainer import data_cmd, worker
 from trainer.config import RunConfig, add_config_arguments, load_config
 from trainer.errors import TrainerError
+from trainer.evalcache import EvalCache
 from trainer.publish import DirectoryPublisher, Publisher, ServerPublisher
 from trainer.served import ServedModel
 
@@ -70,6 +71,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-via",
         metavar="URL",
         help="evaluate through this server's OpenAI API (it must serve the run's versions)",
+    )
+    serving.add_argument(
+        "--eval-cache",
+        type=Path,
+        metavar="DIR",
+        help="reuse evaluations of the same model, task rows and evaluator kept in DIR "
+        "(runs on one base share the base row; one DIR per serving set-up)",
     )
 
 
@@ -144,6 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
             stop_after=args.stop_after,
             publisher=_publisher(args),
             served=served,
+            eval_cache=EvalCache(args.eval_cache) if args.eval_cache else None,
             added=added,
             added_settings=settings,
         )

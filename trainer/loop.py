@@ -55,6 +55,7 @@ from trainer.append import AddedTask, appended_tasks, for_task, read_added, writ
 from trainer.config import RunConfig, config_yaml, same_config
 from trainer.data import Encoder, Task, evaluate_task, held_out_loss, load_stream, score
 from trainer.errors import OutOfSyncError, TrainerError
+from trainer.evalcache import EvalCache, evaluation_key
 from trainer.methods import Method, build_method
 from trainer.metrics import AccuracyMatrix, DeltaDensity, LossMatrix, SupportOverlap
 from trainer.parallel import Examples, data_parallel, global_batches
@@ -109,6 +110,7 @@ class Recipe:
         console: Console | None = None,
         publisher: Publisher | None = None,
         served: ServedModel | None = None,
+        eval_cache: EvalCache | None = None,
         on_task_end: Callable[[dict[str, Any]], None] | None = None,
         on_step: Callable[[StepReport], None] | None = None,
         added: list[AddedTask] | None = None,
@@ -123,6 +125,7 @@ class Recipe:
         self.console = console or Console(stderr=True)
         self.publisher = publisher  # where each task's delta goes as soon as it is merged
         self.served = served  # evaluate through this server instead of in process
+        self.eval_cache = eval_cache  # evaluations already done, by model and task
         self.on_task_end = on_task_end  # called with the metrics after each task's commit
         self.on_step = on_step  # called after every optimizer step; may raise to stop the run
         # the model the run's last version must be (a jobs worker: the served one); checked
@@ -523,22 +526,33 @@ class Recipe:
     ) -> None:
         """Entries (i, j) for j in `columns`: the task's metric in process on `model`, or
         through the server when the run evaluates there and `fingerprint` names what it
-        serves; the held-out loss always in process (the same weights)."""
+        serves; the held-out loss always in process (the same weights). With an eval
+        cache, an entry whose model (`fingerprint`), rows and evaluator match is read
+        instead (never without a fingerprint: then the model is not known by one)."""
         model.eval()
+        batch = self.cfg.train.eval_batch_size
+        in_process = f"in process: {self.device.type}, {self.precision}, batch {batch}"
+        via_server = self.served is not None and fingerprint is not None
+        evaluator = f"{'through a server' if via_server else 'generated'}, loss {in_process}"
         with self.autocast():
             for j in columns:
                 task = self.tasks[j]
-                if self.served is None or fingerprint is None:
-                    r = evaluate_task(
-                        model, self.enc, task, self.cfg.train.eval_batch_size, self.device
-                    )
+                key = cached = None
+                if self.eval_cache is not None and fingerprint is not None:
+                    key = evaluation_key(fingerprint, self.enc, task, evaluator)
+                    cached = self.eval_cache.get(key)
+                if cached is not None:
+                    r, loss = cached
                 else:
-                    predictions = self.served.predict(self.enc, task, fingerprint=fingerprint)
-                    r = score(task, predictions)
+                    if via_server:
+                        predictions = self.served.predict(self.enc, task, fingerprint=fingerprint)
+                        r = score(task, predictions)
+                    else:
+                        r = evaluate_task(model, self.enc, task, batch, self.device)
+                    loss = held_out_loss(model, self.enc, task, batch, self.device)
+                    if key is not None:
+                        self.eval_cache.put(key, r, loss)
                 self.accuracy.update(i, j, r.exact, r.prefix)
-                loss = held_out_loss(
-                    model, self.enc, task, self.cfg.train.eval_batch_size, self.device
-                )
                 self.losses.update(i, j, loss)
 
     def _served_now(self, fingerprint: str) -> str | None:

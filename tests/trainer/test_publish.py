@@ -82,10 +82,11 @@ def final_fingerprint(run: Path) -> str:
 
 
 def test_publish_and_eval_via_the_server_match_in_process(setup, tmp_path, capsys):
-    server, run = setup["url"], tmp_path / "run"
+    server, run, cache = setup["url"], tmp_path / "run", tmp_path / "cache"
     code = trainer_main(
         ["--config", str(setup["cfg"]), "--out", str(run), "--publish", server.url,
-         "--admin-token-file", str(setup["token"]), "--eval-via", server.url]
+         "--admin-token-file", str(setup["token"]), "--eval-via", server.url,
+         "--eval-cache", str(cache)]
     )  # fmt: skip
     assert code == 0
     err = capsys.readouterr().err
@@ -99,6 +100,13 @@ def test_publish_and_eval_via_the_server_match_in_process(setup, tmp_path, capsy
         status(server)["fingerprint"] == final_fingerprint(run) == final_fingerprint(setup["ref"])
     )
     assert accuracy(run) == accuracy(setup["ref"])
+    # what the server answered is kept apart from what generation in process gives
+    assert len(list(cache.glob("*.json"))) == 6  # base row, then 2 tasks x 2 rows
+    local = tmp_path / "local"
+    args = ["--config", str(setup["cfg"]), "--out", str(local), "--eval-cache", str(cache)]
+    assert trainer_main(args) == 0
+    assert len(list(cache.glob("*.json"))) == 12
+    assert accuracy(local) == accuracy(setup["ref"])
 
 
 def test_served_predictions_equal_in_process_predictions(setup):
