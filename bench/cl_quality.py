@@ -35,6 +35,7 @@ import yaml
 from bench.common import (
     ENGINE_ARGS,
     RESULTS,
+    RUNS_ROOT,
     jlserve_server,
     machine_info,
     machine_line,
@@ -44,7 +45,10 @@ from trainer.config import default_data_root, load_config
 from trainer.errors import TrainerError
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = REPO / "runs" / "bench" / "cl_quality"
+RUNS = RUNS_ROOT / "cl_quality"
+EVAL_CACHE = (
+    "eval-cache"  # beside the variants' runs of a result set (runs/bench/cl_quality/<tag>/)
+)
 
 # name -> (method, adapter settings)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -126,6 +130,8 @@ def row_of(name: str, metrics: dict) -> dict:
         "eval_s": sum(t["eval_seconds"] for t in tasks)
         if all("eval_seconds" in t for t in tasks)
         else None,
+        # of those rows' entries, how many were read from the result set's eval cache
+        "eval_cached": sum(t.get("eval_cached", 0) for t in tasks),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
         "accuracy_matrix": acc["matrix"],
         "base_row": acc.get("base"),
@@ -147,7 +153,7 @@ def run_variant(
     cmd = [sys.executable, "-m", "trainer", "--config", str(cfg_path), "--out", str(run_dir)]
     cmd += [arg for o in overrides for arg in ("--set", o)]
     # the variants of a result set share the base row (same model, rows and evaluator)
-    cmd += ["--eval-cache", str(run_dir.parent / "eval-cache")]
+    cmd += ["--eval-cache", str(run_dir.parent / EVAL_CACHE)]
     if (run_dir / "run.json").is_file():
         cmd.append("--resume")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -310,6 +316,8 @@ def main() -> int:
     names = sorted(set(args.variants), key=list(VARIANTS).index)  # a twin before its match
     check_configs(names, base_cfg, args.set)
     rows_dir.mkdir(parents=True, exist_ok=True)
+    if args.force:  # what re-runs are for (new code) must not be read back from the cache
+        shutil.rmtree(runs_dir / EVAL_CACHE, ignore_errors=True)
     write_summary(args, tag, model, settings)  # what is already on disk
     for name in names:
         row_path = rows_dir / f"{name}.json"

@@ -32,6 +32,8 @@ from jlserve.local_server import LocalServer, free_port
 REPO = Path(__file__).resolve().parents[1]
 # JLSERVE_BENCH_RESULTS redirects every result, log and quick page (tests use a tmp dir).
 RESULTS = Path(os.environ.get("JLSERVE_BENCH_RESULTS", REPO / "bench" / "results"))
+# JLSERVE_BENCH_RUNS redirects the benchmarks' run folders (trained runs, eval caches).
+RUNS_ROOT = Path(os.environ.get("JLSERVE_BENCH_RUNS", REPO / "runs" / "bench"))
 
 
 DEFAULT_MODEL = REPO / "models" / "smollm2"

@@ -55,7 +55,7 @@ import torch
 import yaml
 
 from bench.cl_quality import MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
-from bench.common import RESULTS, machine_info, machine_line
+from bench.common import RESULTS, RUNS_ROOT, machine_info, machine_line
 from jlserve.checkpoint import TensorDigests, load_tensors
 from jlserve.delta import plan_update, read_delta
 from jlserve.errors import JlserveError
@@ -63,7 +63,7 @@ from trainer.adapter import block_index
 from trainer.config import default_data_root
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = REPO / "runs" / "bench" / "interference"
+RUNS = RUNS_ROOT / "interference"
 TOP_SHARE = 0.005  # "largest entries": the top 0.5 % of a task's |update| over adapted entries
 COLUMN_SHARE = 0.02  # "heaviest input columns": the top 2 % of a matrix's columns by norm
 

@@ -16,7 +16,6 @@ from jlserve.errors import JlserveError
 from trainer import data_cmd, worker
 from trainer.config import RunConfig, add_config_arguments, load_config
 from trainer.errors import TrainerError
-from trainer.evalcache import EvalCache
 from trainer.publish import DirectoryPublisher, Publisher, ServerPublisher
 from trainer.served import ServedModel
 
@@ -152,7 +151,7 @@ def run_train(args: argparse.Namespace) -> int:
             stop_after=args.stop_after,
             publisher=_publisher(args),
             served=served,
-            eval_cache=EvalCache(args.eval_cache) if args.eval_cache else None,
+            eval_cache_dir=args.eval_cache,
             added=added,
             added_settings=settings,
         )

@@ -55,7 +55,7 @@ from trainer.append import AddedTask, appended_tasks, for_task, read_added, writ
 from trainer.config import RunConfig, config_yaml, same_config
 from trainer.data import Encoder, Task, evaluate_task, held_out_loss, load_stream, score
 from trainer.errors import OutOfSyncError, TrainerError
-from trainer.evalcache import EvalCache, evaluation_key
+from trainer.evalcache import EvalCache
 from trainer.methods import Method, build_method
 from trainer.metrics import AccuracyMatrix, DeltaDensity, LossMatrix, SupportOverlap
 from trainer.parallel import Examples, data_parallel, global_batches
@@ -110,7 +110,7 @@ class Recipe:
         console: Console | None = None,
         publisher: Publisher | None = None,
         served: ServedModel | None = None,
-        eval_cache: EvalCache | None = None,
+        eval_cache_dir: Path | None = None,
         on_task_end: Callable[[dict[str, Any]], None] | None = None,
         on_step: Callable[[StepReport], None] | None = None,
         added: list[AddedTask] | None = None,
@@ -125,7 +125,7 @@ class Recipe:
         self.console = console or Console(stderr=True)
         self.publisher = publisher  # where each task's delta goes as soon as it is merged
         self.served = served  # evaluate through this server instead of in process
-        self.eval_cache = eval_cache  # evaluations already done, by model and task
+        self.eval_cache_dir = eval_cache_dir  # evaluations already done (trainer/evalcache.py)
         self.on_task_end = on_task_end  # called with the metrics after each task's commit
         self.on_step = on_step  # called after every optimizer step; may raise to stop the run
         # the model the run's last version must be (a jobs worker: the served one); checked
@@ -168,6 +168,9 @@ class Recipe:
         self._setup_distributed()
         self._setup_base()  # checks that every task, the added ones too, fits max_length
         self._setup_model()
+        self.eval_cache = (
+            EvalCache(self.eval_cache_dir, self.cfg.model) if self.eval_cache_dir else None
+        )
         names = [t.name for t in self.tasks]
         self.accuracy = AccuracyMatrix(names)
         self.losses = LossMatrix(names)
@@ -513,17 +516,18 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluate / export
 
-    def evaluate(self, i: int, fingerprint: str) -> None:
+    def evaluate(self, i: int, fingerprint: str) -> int:
         """Row i of the accuracy matrix on version i + 1 (the model `fingerprint`; a server is
         identified by it, not by its version number): the tasks of `eval_columns`.
-        i = -1: the base row, every task of the stream on version 0."""
+        i = -1: the base row, every task of the stream on version 0. Returns how many
+        entries came from the eval cache."""
         if self.served is not None:
             self.served.wait_for_fingerprint(fingerprint)
-        self._evaluate_on(self.model, i, self.eval_columns(i), fingerprint)
+        return self._evaluate_on(self.model, i, self.eval_columns(i), fingerprint)
 
     def _evaluate_on(
         self, model: torch.nn.Module, i: int, columns: list[int], fingerprint: str | None = None
-    ) -> None:
+    ) -> int:
         """Entries (i, j) for j in `columns`: the task's metric in process on `model`, or
         through the server when the run evaluates there and `fingerprint` names what it
         serves; the held-out loss always in process (the same weights). With an eval
@@ -534,15 +538,17 @@ class Recipe:
         in_process = f"in process: {self.device.type}, {self.precision}, batch {batch}"
         via_server = self.served is not None and fingerprint is not None
         evaluator = f"{'through a server' if via_server else 'generated'}, loss {in_process}"
+        hits = 0
         with self.autocast():
             for j in columns:
                 task = self.tasks[j]
                 key = cached = None
                 if self.eval_cache is not None and fingerprint is not None:
-                    key = evaluation_key(fingerprint, self.enc, task, evaluator)
+                    key = self.eval_cache.key(fingerprint, self.enc, task, evaluator)
                     cached = self.eval_cache.get(key)
                 if cached is not None:
                     r, loss = cached
+                    hits += 1
                 else:
                     if via_server:
                         predictions = self.served.predict(self.enc, task, fingerprint=fingerprint)
@@ -554,6 +560,7 @@ class Recipe:
                         self.eval_cache.put(key, r, loss)
                 self.accuracy.update(i, j, r.exact, r.prefix)
                 self.losses.update(i, j, loss)
+        return hits
 
     def _served_now(self, fingerprint: str) -> str | None:
         """`fingerprint` if the run evaluates through a server that serves it now."""
@@ -712,8 +719,10 @@ class Recipe:
                     self.publish(i, task, delta, log)
                 start = time.perf_counter()
                 with self.method.eval_view(kept, merged):
-                    self.evaluate(i, delta.metadata.child_fingerprint)
+                    cached = self.evaluate(i, delta.metadata.child_fingerprint)
                 log["eval_seconds"] = time.perf_counter() - start  # row i, whatever the engine
+                if self.eval_cache is not None:
+                    log["eval_cached"] = cached  # entries of row i read, not evaluated
                 self.export(i, task, merged, delta, log)
                 self.console.print(self._summary(i, log))
                 if self.telemetry is not None:

@@ -353,11 +353,14 @@ def test_a_matched_row_records_its_density_and_is_refused_once_its_twin_changed(
     tiny_model_dir: Path, cl_data_root: Path, tmp_path: Path
 ) -> None:
     """Through the CLI: the twin runs first whatever the order asked, the matched row keeps
-    the density it ran at, and a twin re-run since (another density) makes it stale."""
+    the density it ran at, and a twin re-run since (another density) makes it stale. The
+    two variants share the base row through the result set's eval cache, which --force
+    empties."""
     cmd = [sys.executable, "-m", "bench.cl_quality", "--tag", "m", "--model", str(tiny_model_dir)]
     cmd += ["--data", str(cl_data_root), "--order", "demo", "--train-rows", "8"]
     cmd += ["--eval-rows", "4", "--max-length", "96", "--batch-size", "4"]
     env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
+    env["JLSERVE_BENCH_RUNS"] = str(tmp_path / "runs")
     run = {"cwd": REPO, "env": env, "capture_output": True, "text": True, "timeout": 600}
     done = subprocess.run([*cmd, "--variants", "incLoRA+topk@jump", "incLoRA+jump"], **run)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -365,6 +368,17 @@ def test_a_matched_row_records_its_density_and_is_refused_once_its_twin_changed(
     twin = json.loads((rows / "incLoRA+jump.json").read_text())
     matched = json.loads((rows / "incLoRA+topk@jump.json").read_text())
     assert matched["topk_density"] == twin["mean_density"]
+
+    def evaluated(row: dict) -> int:  # the entries after each task
+        return sum(v is not None for line in row["accuracy_matrix"] for v in line)
+
+    cache = tmp_path / "runs" / "cl_quality" / "m" / "eval-cache"
+    n_tasks = len(twin["base_row"])
+    assert matched["base_row"] == twin["base_row"]
+    assert len(list(cache.glob("*.json"))) == n_tasks + evaluated(twin) + evaluated(matched)
+    forced = subprocess.run([*cmd, "--variants", "incLoRA+jump", "--force"], **run)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert len(list(cache.glob("*.json"))) == n_tasks + evaluated(twin)  # emptied first
     (rows / "incLoRA+jump.json").write_text(json.dumps({**twin, "mean_density": 0.5}))
     stale = subprocess.run([*cmd, "--variants", "incLoRA+topk@jump"], **run)
     assert stale.returncode == 2
