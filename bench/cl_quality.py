@@ -46,9 +46,8 @@ from trainer.errors import TrainerError
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = RUNS_ROOT / "cl_quality"
-EVAL_CACHE = (
-    "eval-cache"  # beside the variants' runs of a result set (runs/bench/cl_quality/<tag>/)
-)
+# beside the variants' runs of a result set (runs/bench/cl_quality/<tag>/)
+EVAL_CACHE = "eval-cache"
 
 # name -> (method, adapter settings)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
