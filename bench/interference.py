@@ -243,8 +243,9 @@ def _stream(cfg: Any, rows: int) -> list[Any]:
     return load_stream(cfg.data.model_copy(update={"eval_rows": rows}), cfg.train.seed)
 
 
-def _base_model(cfg: Any) -> tuple[Any, torch.nn.Module]:
-    """(the run's encoder, its base model in fp32): one load for every measurement."""
+def _base_model(cfg: Any, device: torch.device) -> tuple[Any, torch.nn.Module]:
+    """(the run's encoder, its base model in fp32 on `device`): one load for every
+    measurement."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data import Encoder
@@ -252,19 +253,22 @@ def _base_model(cfg: Any) -> tuple[Any, torch.nn.Module]:
     enc = Encoder(
         AutoTokenizer.from_pretrained(cfg.model), cfg.data.max_length, cfg.data.prompt_format
     )
-    return enc, AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    return enc, model.to(device).eval()
 
 
 def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put a version's weights into the model; a name it lacks is an error, not a no-op."""
+    """Put a version's weights (on the CPU) into the model, wherever it lives; a name it
+    lacks is an error, not a no-op."""
     loaded = model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False)
     if loaded.unexpected_keys:
         raise SystemExit(f"weights the model does not have: {loaded.unexpected_keys[:3]}")
 
 
 def loss_by_version(
-    model: torch.nn.Module, enc: Any, tasks: list[Any], states: list[dict], batch_size: int
-) -> dict[str, Any]:
+    model: torch.nn.Module, enc: Any, tasks: list[Any], states: list[dict], batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
     """Held-out loss of the tasks (their dev rows) on each version in `states` (0 = the
     base): matrix[v][j] for every task on the base and the tasks trained by then on each
     version (None for the others: forgetting does not read them)."""
@@ -276,9 +280,7 @@ def loss_by_version(
         with torch.no_grad():
             matrix.append(
                 [
-                    held_out_loss(model, enc, t, batch_size, torch.device("cpu"))
-                    if v == 0 or j < v
-                    else None
+                    held_out_loss(model, enc, t, batch_size, device) if v == 0 or j < v else None
                     for j, t in enumerate(tasks)
                 ]
             )
@@ -326,8 +328,9 @@ def _version_states(model_dir: Path, run_dir: Path) -> list[dict[str, torch.Tens
 
 
 def _keep_input(into: list[torch.Tensor]) -> Any:
-    """A forward pre-hook appending its module's input (L, d_in) of a batch of one."""
-    return lambda _module, args: into.append(args[0][0].detach())
+    """A forward pre-hook appending its module's input (L, d_in) of a batch of one, on the
+    CPU beside the updates it is multiplied with."""
+    return lambda _module, args: into.append(args[0][0].detach().cpu())
 
 
 def layer_inputs(
@@ -335,7 +338,8 @@ def layer_inputs(
 ) -> list[dict[str, torch.Tensor]]:
     """Per task, the inputs (tokens, d_in) each adapted weight in `names` sees on the task's
     dev rows (prompt and answer, one row at a time, no padding), on the base weights `base`:
-    where the tasks' activations lie."""
+    where the tasks' activations lie. The model runs where it lives."""
+    device = next(model.parameters()).device
     _load(model, base)
     per_task = []
     for task in tasks:
@@ -348,38 +352,42 @@ def layer_inputs(
         ]
         with torch.no_grad():
             for prompt, target in enc.pairs(task, task.dev):
-                model(input_ids=torch.tensor([prompt + target]), use_cache=False)
+                model(input_ids=torch.tensor([prompt + target], device=device), use_cache=False)
         for hook in hooks:
             hook.remove()
         per_task.append({n: torch.cat(xs) for n, xs in seen.items()})
     return per_task
 
 
-def measure(run_dir: Path, loss_rows: int | None, input_rows: int) -> dict[str, Any]:
+def measure(
+    run_dir: Path, loss_rows: int | None, input_rows: int, device: torch.device
+) -> dict[str, Any]:
     """A finished run's measurements, every version and the base model loaded once: the
     update statistics (with the output change on `input_rows` dev rows per task) and, unless
-    `loss_rows` is None (--remeasure keeps the loss), the loss per version."""
+    `loss_rows` is None (--remeasure keeps the loss), the loss per version. The model's
+    forward passes run on `device`; the update statistics on the CPU."""
     cfg = run_config(run_dir)
     states = _version_states(cfg.model, run_dir)
     names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in cfg.adapter.targets))]
-    enc, model = _base_model(cfg)
+    enc, model = _base_model(cfg, device)
     inputs = None
     if input_rows:
         inputs = layer_inputs(model, enc, _stream(cfg, input_rows), states[0], names)
     out: dict[str, Any] = {"updates": update_stats(states, names, cfg.adapter.r, inputs)}
     if loss_rows is not None:
         tasks = _stream(cfg, loss_rows)
-        loss = loss_by_version(model, enc, tasks, states, cfg.train.eval_batch_size)
+        loss = loss_by_version(model, enc, tasks, states, cfg.train.eval_batch_size, device)
         out["loss"] = {**loss, "rows": loss_rows}
     return out
 
 
-def run_row(run_dir: Path, loss_rows: int, input_rows: int) -> dict[str, Any]:
-    """One finished run's row: its measurements and training speed."""
+def run_row(run_dir: Path, loss_rows: int, input_rows: int, device: torch.device) -> dict[str, Any]:
+    """One finished run's row: its measurements (and where they ran) and training speed."""
     tasks = json.loads((run_dir / "metrics.json").read_text())["tasks"]
     return {
         "run_dir": str(run_dir),
-        **measure(run_dir, loss_rows, input_rows),
+        **measure(run_dir, loss_rows, input_rows, device),
+        "device": device.type,
         "log_thresholds": [t.get("log_threshold") for t in tasks],
         "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
     }
@@ -539,6 +547,12 @@ def main() -> int:
         help="train nothing: measure the finished runs under --runs/<tag>/ as they are "
         "(e.g. --runs runs/bench/cl_quality: that benchmark's runs, from their deltas)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the measurements' forward passes run (auto: cuda when present)",
+    )
     parser.add_argument("--force", action="store_true", help="re-run finished variants")
     parser.add_argument(
         "--remeasure",
@@ -550,6 +564,11 @@ def main() -> int:
         parser.error("--remeasure measures the kept runs again, --force trains them again: one")
     if args.measure_only and args.force:
         parser.error("--measure-only trains nothing; --force would train again")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
 
     stream = {"tasks": args.tasks, "order": None} if args.tasks else {"order": args.order}
     tag = args.tag or f"{'-'.join(args.tasks) if args.tasks else args.order}-seed{args.seed}"
@@ -593,7 +612,7 @@ def main() -> int:
             if not (run_dir / "run.json").is_file():
                 print(f"== {name}: no kept run at {run_dir} to measure again")
                 return 2
-            row.update(measure(run_dir, None, args.input_rows))  # the loss stays
+            row.update(measure(run_dir, None, args.input_rows, device))  # the loss stays
         else:
             if args.measure_only:
                 if not (run_dir / "metrics.json").is_file():
@@ -607,7 +626,7 @@ def main() -> int:
             row = {
                 "variant": name,
                 "model": str(cfg.model),
-                **run_row(run_dir, args.loss_rows, args.input_rows),
+                **run_row(run_dir, args.loss_rows, args.input_rows, device),
             }
             if args.measure_only:
                 row["config"] = cfg.model_dump(mode="json")

@@ -496,6 +496,8 @@ def test_interference_runs_a_stream_and_measures_every_version(
         assert "output_change_earlier" not in row["updates"][0]
         assert all(u["output_change_earlier"] > 0 for u in row["updates"][1:])
     assert gated["updates"][0]["density"] < dense["updates"][0]["density"]
+    # --device auto: the forward passes ran on the GPU where there is one
+    assert {dense["device"], gated["device"]} == {"cuda" if torch.cuda.is_available() else "cpu"}
     # the base row is the same model for both
     assert gated["loss"]["matrix"][0] == dense["loss"]["matrix"][0]
     assert "| incLoRA+jump |" in (tmp_path / "interference_t.md").read_text()
@@ -513,6 +515,18 @@ def test_interference_runs_a_stream_and_measures_every_version(
         text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "loss_rows: 8 -> 4" in refused.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_interference_refuses_cuda_on_a_machine_without_it(tmp_path: Path) -> None:
+    env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.interference", "--measure-only", "--device", "cuda"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "--device cuda: this machine has no CUDA device" in refused.stderr
+    assert not (tmp_path / "interference").exists()  # refused before anything was written
 
 
 def test_interference_measures_another_benchmarks_finished_runs_from_their_deltas(
@@ -589,3 +603,12 @@ def test_cl_regimes_pool_seeds_and_decide_the_regime_only_at_three(
     assert "incLoRA+jump minus incLoRA over seeds 1, 3: BWT -1.5 ± 2.5; OA -1.5 ± 0.5." in text
     write(2, [row("incLoRA", 0.52, 0.06)])  # mean -2.0
     assert "not a forgetting regime" in "\n".join(regimes.section({}))
+
+
+def test_machine_line_names_the_gpu_only_where_there_is_one() -> None:
+    from bench.common import machine_line
+
+    cpu = {"cpu_model": "Xeon", "cpu_count": 2, "torch": "2.13.0", "transformers": "5.19.0"}
+    assert "CUDA" not in machine_line(cpu)
+    line = machine_line({**cpu, "gpu": "NVIDIA H200", "cuda": "13.0"})
+    assert "Xeon, 2 cores | NVIDIA H200 (CUDA 13.0) | torch 2.13.0" in line
