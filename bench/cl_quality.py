@@ -132,6 +132,9 @@ def row_of(name: str, metrics: dict) -> dict:
         # of those rows' entries, how many were read from the result set's eval cache
         "eval_cached": sum(t.get("eval_cached", 0) for t in tasks),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
+        "peak_gpu_mib": max(
+            (t["peak_gpu_mib"] for t in tasks if "peak_gpu_mib" in t), default=None
+        ),
         "accuracy_matrix": acc["matrix"],
         "base_row": acc.get("base"),
     }

@@ -88,6 +88,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak host memory and, on a GPU, the peak of what torch allocated
+    there (host RSS alone misses the model and activations on the GPU)."""
+    peaks = {"peak_rss_mib": peak_rss_mib()}
+    if device.type == "cuda":
+        peaks["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peaks
+
+
 @dataclass(frozen=True)
 class StepReport:
     """What `on_step` hears after each optimizer step (`stats`: on logged steps only)."""
@@ -637,7 +646,7 @@ class Recipe:
             delta_nnz=delta.nnz,
             delta_density=self.density.per_task[task.name]["density"],
             accuracy=self.accuracy.exact[i][i],
-            peak_rss_mib=peak_rss_mib(),
+            **peak_memory(self.device),
         )
         self.task_log.append(log)
         self.versions.append(

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
@@ -61,6 +62,9 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(
     assert {"OA", "BWT", "FWT", "base_OA", "gain_over_base"} <= acc.keys()
     assert 0 < metrics["density"]["movie_sentiment"]["density"] < 1
     assert all(t["eval_seconds"] > 0 and t["train_seconds"] > 0 for t in metrics["tasks"])
+    # host memory always; GPU memory where the run had a GPU (device auto)
+    on_gpu = torch.cuda.is_available()
+    assert all(t["peak_rss_mib"] > 0 and ("peak_gpu_mib" in t) == on_gpu for t in metrics["tasks"])
     _assert_tensorboard_events(run / "tensorboard", info)
     # The held-out loss of every task, where the metric was evaluated, and its rise.
     loss = metrics["loss"]
