@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Issue 24's forgetting regime on one GPU, inside a time budget: bench/forgetting_regime.sh's
-# queue as parallel workers (a 135M model at batch 8 leaves a large GPU mostly idle, so
-# one process per chain of variants), each variant evaluated in process (the trainer's
-# greedy generation: no vLLM needed) in fp32 like the CPU runs. Its result sets carry -gpu
-# in their tags (so1-x4-gpu-seed<s>, lo4-gpu-seed<s>): their evaluator is not the CPU sets'
-# (vLLM), so they replicate the comparison rather than add seeds to it.
+# queue as one chain of variants per seed, the chains in parallel (a 135M model at batch 8
+# leaves a large GPU mostly idle), each variant evaluated in process (the trainer's greedy
+# generation: no vLLM needed) in fp32 like the CPU runs. Its result sets carry -gpu in their
+# tags (so1-x4-gpu-seed<s>, lo4-gpu-seed<s>): their evaluator is not the CPU sets' (vLLM),
+# so they replicate the comparison rather than add seeds to it.
 #   bench/forgetting_regime_gpu.sh [BUDGET_S]     # default 480; PY= the Python to use
-# At the budget every worker is stopped; finished variants are kept (resumable like the CPU
+# At the budget every chain is stopped; finished variants are kept (resumable like the CPU
 # queue: a second call runs what is left). Interference (bench/interference.py) measures
-# each seed's key runs as soon as they are in, on the GPU.
+# each seed's key runs as soon as they are in, on the GPU. Measured on one H200 whose
+# machine gave the processes 2 CPUs: three chains finished one so1-x4 variant each about
+# every 150 s (docs/benchmarks.md, section 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -39,19 +41,14 @@ measure() {  # seed, variants...: once each variant's row is in (polled), its ru
       --tag "so1-x4-gpu-seed$1" --variants "$variant" || return
   done
 }
-worker() {  # name, function, args...: in its own process group, stopped at the budget
-  local name=$1
-  shift
-  timeout -k 10 "$(left)" bash -c "$(declare -f so1_x4 lo4 measure); $*" \
-    > "$LOGS/$name.log" 2>&1 &
+worker() {  # name, commands: in their own process group, stopped at the budget
+  timeout -k 10 "$(left)" bash -c "$(declare -f so1_x4 lo4 measure); $2" > "$LOGS/$1.log" 2>&1 &
 }
 export PY
-for seed in 1 2 3; do
-  worker "gated-$seed" so1_x4 "$seed" incLoRA+jump incLoRA+topk@jump incLoRA+jump-ref \
-    ella+jump inflora+jump
-  worker "dense-$seed" so1_x4 "$seed" incLoRA incLoRA+topk seqLoRA ella inflora
-  worker "lo4-$seed" lo4 "$seed" incLoRA seqLoRA
-  worker "measure-$seed" measure "$seed" incLoRA+jump incLoRA incLoRA+topk
+for s in 1 2 3; do  # per seed: the key pair first, then the rivals, then the 15-task stream
+  worker "seed-$s" "so1_x4 $s incLoRA+jump incLoRA incLoRA+topk incLoRA+topk@jump seqLoRA \
+    incLoRA+jump-ref ella ella+jump inflora inflora+jump && lo4 $s incLoRA seqLoRA"
+  worker "measure-$s" "measure $s incLoRA+jump incLoRA incLoRA+topk"
 done
 wait
 echo "== forgetting regime (GPU): $(($(date +%s) - START)) s; rows:"
