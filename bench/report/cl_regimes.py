@@ -15,6 +15,12 @@ from bench.common import RESULTS
 
 REGIMES = (  # tag prefix, what it is
     ("so1-x4", "short_order_1 at 4x the steps per task (512 train rows, 64 steps)"),
+    (
+        "so1-x4-gpu",
+        "the same on one H200 (bench/forgetting_regime_gpu.sh): evaluated in process "
+        "(transformers greedy generation) instead of through vLLM, fp32, three seeds' chains "
+        "sharing the GPU; the same rows per seed, another init (CUDA's generator)",
+    ),
     ("lo4", "long_order_4, 15 tasks at 128 train rows (16 steps), needed-entries schedule"),
 )
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets

@@ -10,9 +10,10 @@ from bench.report.shared import ms, pct, provenance
 TITLE = "8. GPU check (bench/gpu_check.py)"
 MISSING = (  # (heading, what to say until it has results)
     TITLE,
-    "_Not run: no GPU has been lent to this project yet. On a machine with one GPU and "
-    "CUDA vLLM installed: `python -m bench.gpu_check` (one command, under 10 minutes; "
-    "prints one JSON line)._",
+    "_Not run: the one GPU lent so far (an H200, 15 minutes, 2026-12-04) had no CUDA vLLM "
+    "and no registry to install it from; it ran the trainer's side instead (section 5, "
+    "regime so1-x4-gpu). On a machine with one GPU and CUDA vLLM installed: "
+    "`python -m bench.gpu_check` (one command, under 10 minutes; prints one JSON line)._",
 )
 CHECK_LABELS = {
     "swapped_equals_fresh": "swapped server = fresh vLLM on each merged checkpoint (tokens, logprobs, top-5)",

@@ -119,7 +119,7 @@ def test_scripts_run_and_report_renders(tiny_model_dir: Path, tmp_path: Path) ->
     assert "## 4. Delta size" in page and "## 3. Training step" in page
     assert (tmp_path / "img_quick" / "delta_size.png").is_file()
     assert "## 7. Serving at scale" in page and "| scale (0.2 B): start |" in page
-    assert "## 8. GPU check" in page and "no GPU has been lent" in page
+    assert "## 8. GPU check" in page and "_Not run: " in page
     assert (tmp_path / "img_quick" / "scale.png").is_file()
 
 
@@ -603,6 +603,12 @@ def test_cl_regimes_pool_seeds_and_decide_the_regime_only_at_three(
     assert "incLoRA+jump minus incLoRA over seeds 1, 3: BWT -1.5 ± 2.5; OA -1.5 ± 0.5." in text
     write(2, [row("incLoRA", 0.52, 0.06)])  # mean -2.0
     assert "not a forgetting regime" in "\n".join(regimes.section({}))
+    # the GPU replicate (another evaluator) is its own regime, never pooled with the CPU's
+    gpu = {"rows": [row("incLoRA", 0.60, -0.20)]}
+    (tmp_path / "cl_quality_so1-x4-gpu-seed1.json").write_text(json.dumps(gpu))
+    text = "\n".join(regimes.section({}))
+    assert "Regime `so1-x4-gpu`" in text and "| incLoRA | 1 | 60.0 | -20.0 | -20.0 |" in text
+    assert "| incLoRA | 1, 2, 3 | 51.0 ± 0.6 |" in text  # so1-x4's seeds as they were
 
 
 def test_machine_line_names_the_gpu_only_where_there_is_one() -> None:
