@@ -37,6 +37,11 @@ are, e.g. the forgetting regime's (the same runs whose accuracy BWT is reported)
 
     .venv/bin/python -m bench.interference --measure-only --runs runs/bench/cl_quality \
         --tag so1-x4-seed1 --variants incLoRA seqLoRA
+
+--merge-scales 0.5 0.75 adds the merge-scale ablation to a variant's row (kept rows too,
+nothing else measured again): each merge after the first applied at those fractions of its
+update on the previous version, with its own task's held-out loss and the earlier tasks'
+rise, against the run as exported (scale 1, from the loss matrix).
 """
 
 from __future__ import annotations
@@ -308,6 +313,49 @@ def loss_summary(matrix: list[list[float | None]]) -> dict[str, Any]:
     }
 
 
+def merge_scale_losses(
+    model: torch.nn.Module, enc: Any, tasks: list[Any], states: list[dict],
+    matrix: list[list[float | None]], scales: list[float], batch_size: int, device: torch.device,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The merge scale (point 4's last listed cause): per merge after the first (version
+    v >= 2, on top of v - 1), its own task's held-out loss and the earlier tasks' mean rise
+    over version v - 1 with the task's update applied at each scale s (v - 1 plus s times
+    the update; scale 1, the run as exported, is read from the loss matrix): does a shorter
+    step keep the task and spare the earlier ones?"""
+    from trainer.data import held_out_loss
+
+    merges = []
+    for v in range(2, len(states)):
+        previous, new = states[v - 1], states[v]
+        changed = [n for n in new if new[n] is not previous[n]]  # unchanged ones are shared
+        own, rise = {1.0: matrix[v][v - 1]}, {1.0: _mean_rise(matrix[v], matrix[v - 1], v - 1)}
+        for scale in scales:
+            step = {n: previous[n].float() + scale * (new[n].float() - previous[n].float())
+                    for n in changed}  # fmt: skip
+            _load(model, {**previous, **step})
+            with torch.no_grad():
+                losses = [held_out_loss(model, enc, t, batch_size, device) for t in tasks[:v]]
+            own[scale], rise[scale] = losses[v - 1], _mean_rise(losses, matrix[v - 1], v - 1)
+        order = sorted(own)
+        merges.append({
+            "task": tasks[v - 1].name,
+            "scales": order,
+            "own_loss": [own[k] for k in order],
+            "earlier_rise": [rise[k] for k in order],
+        })  # fmt: skip
+    return merges
+
+
+def _scales_of(row: dict[str, Any]) -> list[float] | None:
+    """The merge scales a saved row was measured at (None: not measured)."""
+    return row.get("merge_scales", {}).get("scales")
+
+
+def _mean_rise(after: list, before: list, n: int) -> float:
+    """Mean of after[j] - before[j] over the first n tasks."""
+    return sum(after[j] - before[j] for j in range(n)) / n
+
+
 def _version_states(model_dir: Path, run_dir: Path) -> list[dict[str, torch.Tensor]]:
     """The base checkpoint and every version of the run, in order, each the previous one
     plus the task's exported delta (jlserve's delta code checks every step against the
@@ -381,6 +429,22 @@ def measure(
     return out
 
 
+def measure_merge_scales(
+    run_dir: Path, loss: dict[str, Any], scales: list[float], device: torch.device
+) -> dict[str, Any]:
+    """merge_scale_losses on a finished run whose loss matrix (`loss`, from its row) was
+    measured on the same held-out rows."""
+    cfg = run_config(run_dir)
+    states = _version_states(cfg.model, run_dir)
+    enc, model = _base_model(cfg, device)
+    tasks = _stream(cfg, loss["rows"])
+    batch_size = cfg.train.eval_batch_size
+    merges = merge_scale_losses(
+        model, enc, tasks, states, loss["matrix"], scales, batch_size, device
+    )
+    return {"scales": scales, "merges": merges}
+
+
 def run_row(run_dir: Path, loss_rows: int, input_rows: int, device: torch.device) -> dict[str, Any]:
     """One finished run's row: its measurements (and where they ran) and training speed."""
     tasks = json.loads((run_dir / "metrics.json").read_text())["tasks"]
@@ -427,6 +491,13 @@ UPDATE_NOTE = (
 )
 
 
+MERGE_SCALE_NOTE = (
+    "Merge scale (--merge-scales): each merge after the first applied at a fraction of its "
+    "update (1 = as exported) on the previous version: its own task's held-out loss and the "
+    "earlier tasks' mean rise over the previous version."
+)
+
+
 def loss_table(rows: list[dict]) -> list[str]:
     """Forgetting in held-out loss per variant (this script's summary and docs/benchmarks.md)."""
     lines = [
@@ -467,6 +538,22 @@ def update_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def merge_scale_table(rows: list[dict]) -> list[str]:
+    """Per variant and merge: its own task's loss and the earlier tasks' rise at each scale."""
+    lines = [
+        "| variant | merge | scale | own task's loss | earlier tasks' mean rise |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for m in r["merge_scales"]["merges"]:
+            for k, scale in enumerate(m["scales"]):
+                lines.append(
+                    f"| {r['variant']} | {m['task']} | {scale:g} | {m['own_loss'][k]:.3f} | "
+                    f"{m['earlier_rise'][k]:+.3f} |"
+                )
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The summary's two tables (loss, updates) and the loss matrices."""
     lines = [
@@ -482,6 +569,10 @@ def markdown(result: dict) -> str:
         "",
         *update_table(result["rows"]),
         "",
+    ]
+    if scaled := [r for r in result["rows"] if "merge_scales" in r]:
+        lines += [MERGE_SCALE_NOTE, "", *merge_scale_table(scaled), ""]
+    lines += [
         "Loss matrices (row: version, 0 = base; column: task):",
         "",
     ]
@@ -548,6 +639,14 @@ def main() -> int:
         "(e.g. --runs runs/bench/cl_quality: that benchmark's runs, from their deltas)",
     )
     parser.add_argument(
+        "--merge-scales",
+        nargs="+",
+        type=float,
+        metavar="S",
+        help="also measure each merge after the first applied at these fractions of its update "
+        "(e.g. 0.5 0.75; kept rows get them without being measured again)",
+    )
+    parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
@@ -564,6 +663,8 @@ def main() -> int:
         parser.error("--remeasure measures the kept runs again, --force trains them again: one")
     if args.measure_only and args.force:
         parser.error("--measure-only trains nothing; --force would train again")
+    if any(not 0 <= scale <= 2 for scale in args.merge_scales or ()):
+        parser.error(f"--merge-scales: fractions of the update in [0, 2], got {args.merge_scales}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA device")
     device = torch.device(
@@ -604,7 +705,8 @@ def main() -> int:
                 diff = settings_difference(row.get("settings"), settings)
                 print(f"== {name}: saved with other settings ({diff}); use another --tag")
                 return 2
-            if not args.remeasure:
+            wants_scales = args.merge_scales and _scales_of(row) != args.merge_scales
+            if not args.remeasure and not wants_scales:
                 print(f"== {name}: kept ({row_path})", flush=True)
                 task_names = row["loss"]["tasks"]
                 continue
@@ -612,7 +714,8 @@ def main() -> int:
             if not (run_dir / "run.json").is_file():
                 print(f"== {name}: no kept run at {run_dir} to measure again")
                 return 2
-            row.update(measure(run_dir, None, args.input_rows, device))  # the loss stays
+            if args.remeasure:
+                row.update(measure(run_dir, None, args.input_rows, device))  # the loss stays
         else:
             if args.measure_only:
                 if not (run_dir / "metrics.json").is_file():
@@ -631,6 +734,10 @@ def main() -> int:
             if args.measure_only:
                 row["config"] = cfg.model_dump(mode="json")
             row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
+        if args.merge_scales and _scales_of(row) != args.merge_scales:
+            print(f"== {name}: merge scales {args.merge_scales}", flush=True)
+            scales = measure_merge_scales(run_dir, row["loss"], args.merge_scales, device)
+            row["merge_scales"] = scales
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))
         task_names = row["loss"]["tasks"]

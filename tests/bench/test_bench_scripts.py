@@ -563,6 +563,36 @@ def test_interference_measures_another_benchmarks_finished_runs_from_their_delta
     # each rebuilt version differs from the previous one exactly by the task's delta
     # (the trainer's density is over adapted entries, the same coordinates)
     assert [u["density"] for u in row["updates"]] == pytest.approx(densities)
+    # --merge-scales on the kept row: each later merge at 0 and 0.5 of its update, nothing
+    # else measured again; at 0 the earlier tasks sit on the previous version exactly
+    scaled = subprocess.run(
+        [sys.executable, "-m", *args, "--merge-scales", "0", "0.5"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "== incLoRA+jump: merge scales [0.0, 0.5]" in scaled.stdout
+    (again,) = json.loads((tmp_path / "interference_t.json").read_text())["rows"]
+    assert again["updates"] == row["updates"] and again["loss"] == row["loss"]
+    merges = again["merge_scales"]["merges"]
+    assert [m["task"] for m in merges] == ["movie_sentiment", "tweet_sentiment"]
+    matrix = row["loss"]["matrix"]
+    for v, m in enumerate(merges, start=2):
+        assert m["scales"] == [0.0, 0.5, 1.0]
+        assert m["earlier_rise"][0] == pytest.approx(0.0, abs=1e-6)
+        assert m["own_loss"][2] == matrix[v][v - 1]  # scale 1: the run as exported
+        assert m["own_loss"][1] != m["own_loss"][2]
+    page = (tmp_path / "interference_t.md").read_text()
+    assert "| incLoRA+jump | tweet_sentiment | 0.5 |" in page
+    # asked again at the same scales: kept as it is
+    kept = subprocess.run(
+        [sys.executable, "-m", *args, "--merge-scales", "0", "0.5"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "== incLoRA+jump: kept" in kept.stdout and "merge scales" not in kept.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", *args, "--merge-scales", "-1"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--merge-scales: fractions of the update" in refused.stderr
     # a broken chain is refused, with the version named
     delta = runs / "t" / "incLoRA_jump" / "deltas" / info["versions"][2]["delta"]
     delta.write_bytes(delta.read_bytes()[:-8])
