@@ -25,7 +25,7 @@ so1_x4() {  # seed, variants...: train them, then measure each key variant's run
   done
   if [ ${#measured[@]} -gt 0 ]; then
     .venv/bin/python -m bench.interference --measure-only --runs runs/bench/cl_quality \
-      --tag "so1-x4-seed$1" --variants "${measured[@]}" ||
+      --tag "so1-x4-seed$1" --variants "${measured[@]}" --merge-scales 0.5 0.75 ||
       echo "== interference of seed $1 failed (above); the queue goes on" >&2
   fi
 }

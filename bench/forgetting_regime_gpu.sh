@@ -38,7 +38,7 @@ measure() {  # seed, variants...: once each variant's row is in (polled), its ru
   for variant in "${@:2}"; do
     until [ -f "$rows/$variant.json" ]; do sleep 5; done
     "$PY" -m bench.interference --measure-only --runs runs/bench/cl_quality \
-      --tag "so1-x4-gpu-seed$1" --variants "$variant" || return
+      --tag "so1-x4-gpu-seed$1" --variants "$variant" --merge-scales 0.5 0.75 || return
   done
 }
 worker() {  # name, commands: in their own process group, stopped at the budget

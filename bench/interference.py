@@ -705,13 +705,16 @@ def main() -> int:
                 diff = settings_difference(row.get("settings"), settings)
                 print(f"== {name}: saved with other settings ({diff}); use another --tag")
                 return 2
+            run_dir = Path(row.get("run_dir", run_dir))
+            has_run = (run_dir / "run.json").is_file()
             wants_scales = args.merge_scales and _scales_of(row) != args.merge_scales
-            if not args.remeasure and not wants_scales:
-                print(f"== {name}: kept ({row_path})", flush=True)
+            if not args.remeasure and not (wants_scales and has_run):
+                # (a run gone with an earlier checkout cannot add merge scales: kept as it is)
+                gone = "; its run is gone: no merge scales" if wants_scales else ""
+                print(f"== {name}: kept ({row_path}){gone}", flush=True)
                 task_names = row["loss"]["tasks"]
                 continue
-            run_dir = Path(row.get("run_dir", run_dir))
-            if not (run_dir / "run.json").is_file():
+            if not has_run:
                 print(f"== {name}: no kept run at {run_dir} to measure again")
                 return 2
             if args.remeasure:

@@ -593,6 +593,15 @@ def test_interference_measures_another_benchmarks_finished_runs_from_their_delta
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "--merge-scales: fractions of the update" in refused.stderr
+    # other scales once the run is gone (a later checkout): the row is kept as it is
+    (runs / "t" / "incLoRA_jump").rename(runs / "t" / "aside")
+    gone = subprocess.run(
+        [sys.executable, "-m", *args, "--merge-scales", "0.25"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "== incLoRA+jump: kept" in gone.stdout and "its run is gone" in gone.stdout
+    (runs / "t" / "aside").rename(runs / "t" / "incLoRA_jump")
+    assert json.loads((tmp_path / "interference_t.json").read_text())["rows"] == [again]
     # a broken chain is refused, with the version named
     delta = runs / "t" / "incLoRA_jump" / "deltas" / info["versions"][2]["delta"]
     delta.write_bytes(delta.read_bytes()[:-8])
