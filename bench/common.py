@@ -80,6 +80,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),  # what this process may run on
         "python": platform.python_version(),
     }
     with contextlib.suppress(OSError, StopIteration):

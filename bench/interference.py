@@ -316,12 +316,13 @@ def loss_summary(matrix: list[list[float | None]]) -> dict[str, Any]:
 def merge_scale_losses(
     model: torch.nn.Module, enc: Any, tasks: list[Any], states: list[dict],
     matrix: list[list[float | None]], scales: list[float], batch_size: int, device: torch.device,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     """The merge scale (point 4's last listed cause): per merge after the first (version
     v >= 2, on top of v - 1), its own task's held-out loss and the earlier tasks' mean rise
     over version v - 1 with the task's update applied at each scale s (v - 1 plus s times
-    the update; scale 1, the run as exported, is read from the loss matrix): does a shorter
-    step keep the task and spare the earlier ones?"""
+    the update; scale 1, the run as exported, is read from the loss matrix, which must have
+    been measured on the same rows and device): does a shorter step keep the task and spare
+    the earlier ones?"""
     from trainer.data import held_out_loss
 
     merges = []
@@ -343,7 +344,7 @@ def merge_scale_losses(
             "own_loss": [own[k] for k in order],
             "earlier_rise": [rise[k] for k in order],
         })  # fmt: skip
-    return merges
+    return {"scales": scales, "device": device.type, "merges": merges}
 
 
 def _scales_of(row: dict[str, Any]) -> list[float] | None:
@@ -407,25 +408,38 @@ def layer_inputs(
     return per_task
 
 
-def measure(
-    run_dir: Path, loss_rows: int | None, input_rows: int, device: torch.device
-) -> dict[str, Any]:
-    """A finished run's measurements, every version and the base model loaded once: the
-    update statistics (with the output change on `input_rows` dev rows per task) and, unless
-    `loss_rows` is None (--remeasure keeps the loss), the loss per version. The model's
-    forward passes run on `device`; the update statistics on the CPU."""
+def _loaded(run_dir: Path, device: torch.device) -> tuple[Any, list[dict], Any, torch.nn.Module]:
+    """A finished run's config, every version (rebuilt from its deltas), encoder and base
+    model on `device`."""
     cfg = run_config(run_dir)
     states = _version_states(cfg.model, run_dir)
+    return (cfg, states, *_base_model(cfg, device))
+
+
+def measure(
+    run_dir: Path, loss_rows: int | None, input_rows: int, device: torch.device,
+    merge_scales: list[float] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A finished run's measurements, every version and the base model loaded once: the
+    update statistics (with the output change on `input_rows` dev rows per task) and, unless
+    `loss_rows` is None (--remeasure keeps the loss), the loss per version and, given
+    `merge_scales`, the merges at those scales. The model's forward passes run on `device`;
+    the update statistics on the CPU."""
+    cfg, states, enc, model = _loaded(run_dir, device)
     names = [n for n in states[0] if n.endswith(tuple(f"{t}.weight" for t in cfg.adapter.targets))]
-    enc, model = _base_model(cfg, device)
     inputs = None
     if input_rows:
         inputs = layer_inputs(model, enc, _stream(cfg, input_rows), states[0], names)
     out: dict[str, Any] = {"updates": update_stats(states, names, cfg.adapter.r, inputs)}
     if loss_rows is not None:
         tasks = _stream(cfg, loss_rows)
-        loss = loss_by_version(model, enc, tasks, states, cfg.train.eval_batch_size, device)
+        batch_size = cfg.train.eval_batch_size
+        loss = loss_by_version(model, enc, tasks, states, batch_size, device)
         out["loss"] = {**loss, "rows": loss_rows}
+        if merge_scales:
+            out["merge_scales"] = merge_scale_losses(
+                model, enc, tasks, states, loss["matrix"], merge_scales, batch_size, device
+            )
     return out
 
 
@@ -433,24 +447,22 @@ def measure_merge_scales(
     run_dir: Path, loss: dict[str, Any], scales: list[float], device: torch.device
 ) -> dict[str, Any]:
     """merge_scale_losses on a finished run whose loss matrix (`loss`, from its row) was
-    measured on the same held-out rows."""
-    cfg = run_config(run_dir)
-    states = _version_states(cfg.model, run_dir)
-    enc, model = _base_model(cfg, device)
+    measured on the same held-out rows and device."""
+    cfg, states, enc, model = _loaded(run_dir, device)
     tasks = _stream(cfg, loss["rows"])
     batch_size = cfg.train.eval_batch_size
-    merges = merge_scale_losses(
-        model, enc, tasks, states, loss["matrix"], scales, batch_size, device
-    )
-    return {"scales": scales, "merges": merges}
+    return merge_scale_losses(model, enc, tasks, states, loss["matrix"], scales, batch_size, device)
 
 
-def run_row(run_dir: Path, loss_rows: int, input_rows: int, device: torch.device) -> dict[str, Any]:
+def run_row(
+    run_dir: Path, loss_rows: int, input_rows: int, device: torch.device,
+    merge_scales: list[float] | None,
+) -> dict[str, Any]:  # fmt: skip
     """One finished run's row: its measurements (and where they ran) and training speed."""
     tasks = json.loads((run_dir / "metrics.json").read_text())["tasks"]
     return {
         "run_dir": str(run_dir),
-        **measure(run_dir, loss_rows, input_rows, device),
+        **measure(run_dir, loss_rows, input_rows, device, merge_scales),
         "device": device.type,
         "log_thresholds": [t.get("log_threshold") for t in tasks],
         "s_per_step": sum(t["train_seconds"] for t in tasks) / sum(t["steps"] for t in tasks),
@@ -665,6 +677,8 @@ def main() -> int:
         parser.error("--measure-only trains nothing; --force would train again")
     if any(not 0 <= scale <= 2 for scale in args.merge_scales or ()):
         parser.error(f"--merge-scales: fractions of the update in [0, 2], got {args.merge_scales}")
+    if args.merge_scales:  # (compared with a row's: one order, no repeats)
+        args.merge_scales = sorted(set(args.merge_scales))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA device")
     device = torch.device(
@@ -707,11 +721,16 @@ def main() -> int:
                 return 2
             run_dir = Path(row.get("run_dir", run_dir))
             has_run = (run_dir / "run.json").is_file()
-            wants_scales = args.merge_scales and _scales_of(row) != args.merge_scales
-            if not args.remeasure and not (wants_scales and has_run):
-                # (a run gone with an earlier checkout cannot add merge scales: kept as it is)
-                gone = "; its run is gone: no merge scales" if wants_scales else ""
-                print(f"== {name}: kept ({row_path}){gone}", flush=True)
+            wants_scales = bool(args.merge_scales) and _scales_of(row) != args.merge_scales
+            measured_on = row.get("device", "cpu")  # (rows from before --device: the CPU)
+            why_not = ""  # the merge scales read the row's loss: same run, same device
+            if wants_scales and not has_run:
+                why_not = "; its run is gone: no merge scales"
+            elif wants_scales and measured_on != device.type:
+                why_not = f"; its loss was measured on {measured_on}: --device {measured_on}"
+            wants_scales = wants_scales and not why_not
+            if not args.remeasure and not wants_scales:
+                print(f"== {name}: kept ({row_path}){why_not}", flush=True)
                 task_names = row["loss"]["tasks"]
                 continue
             if not has_run:
@@ -719,6 +738,11 @@ def main() -> int:
                 return 2
             if args.remeasure:
                 row.update(measure(run_dir, None, args.input_rows, device))  # the loss stays
+            if wants_scales:
+                print(f"== {name}: merge scales {args.merge_scales}", flush=True)
+                row["merge_scales"] = measure_merge_scales(
+                    run_dir, row["loss"], args.merge_scales, device
+                )
         else:
             if args.measure_only:
                 if not (run_dir / "metrics.json").is_file():
@@ -732,15 +756,11 @@ def main() -> int:
             row = {
                 "variant": name,
                 "model": str(cfg.model),
-                **run_row(run_dir, args.loss_rows, args.input_rows, device),
+                **run_row(run_dir, args.loss_rows, args.input_rows, device, args.merge_scales),
             }
             if args.measure_only:
                 row["config"] = cfg.model_dump(mode="json")
             row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
-        if args.merge_scales and _scales_of(row) != args.merge_scales:
-            print(f"== {name}: merge scales {args.merge_scales}", flush=True)
-            scales = measure_merge_scales(run_dir, row["loss"], args.merge_scales, device)
-            row["merge_scales"] = scales
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))
         task_names = row["loss"]["tasks"]

@@ -22,6 +22,7 @@ REGIMES = (  # tag prefix, what it is
         "sharing the GPU; the same rows per seed, another init (CUDA's generator)",
     ),
     ("lo4", "long_order_4, 15 tasks at 128 train rows (16 steps), needed-entries schedule"),
+    ("lo4-gpu", "the same on one GPU (bench/forgetting_regime_gpu.sh), evaluated in process"),
 )
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
 MIN_SEEDS = 3

@@ -485,10 +485,11 @@ def test_interference_runs_a_stream_and_measures_every_version(
     args += ["--loss-rows", "8", "--input-rows", "2", "--max-length", "96", "--batch-size", "4"]
     args += ["--tag", "t"]
     args += ["--runs", str(tmp_path / "runs"), "--variants", "incLoRA", "incLoRA+jump"]
-    _run(args, tmp_path)
+    _run([*args, "--merge-scales", "0.5"], tmp_path)  # measured with the rest
     result = json.loads((tmp_path / "interference_t.json").read_text())
     dense, gated = result["rows"]
     for row in (dense, gated):
+        assert [m["scales"] for m in row["merge_scales"]["merges"]] == [[0.5, 1.0]] * 2
         assert len(row["loss"]["matrix"]) == 4 and len(row["updates"]) == 3  # base + 3 versions
         assert len(row["loss"]["rise_per_merge"]) == 2
         assert set(row["loss"]["forgetting"]) == {"bbc_topic", "movie_sentiment"}
@@ -563,28 +564,31 @@ def test_interference_measures_another_benchmarks_finished_runs_from_their_delta
     # each rebuilt version differs from the previous one exactly by the task's delta
     # (the trainer's density is over adapted entries, the same coordinates)
     assert [u["density"] for u in row["updates"]] == pytest.approx(densities)
-    # --merge-scales on the kept row: each later merge at 0 and 0.5 of its update, nothing
-    # else measured again; at 0 the earlier tasks sit on the previous version exactly
+    # --merge-scales on the kept row (given in any order, repeated): each later merge at 0,
+    # 0.5 and 1 of its update, nothing else measured again. At 0 the earlier tasks sit on
+    # the previous version, at 1 the merge is the run's own: the loss matrix's entries.
     scaled = subprocess.run(
-        [sys.executable, "-m", *args, "--merge-scales", "0", "0.5"], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=300, check=True,
+        [sys.executable, "-m", *args, "--merge-scales", "1", "0.5", "0", "0.5"], cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
-    assert "== incLoRA+jump: merge scales [0.0, 0.5]" in scaled.stdout
+    assert "== incLoRA+jump: merge scales [0.0, 0.5, 1.0]" in scaled.stdout
     (again,) = json.loads((tmp_path / "interference_t.json").read_text())["rows"]
     assert again["updates"] == row["updates"] and again["loss"] == row["loss"]
+    assert again["merge_scales"]["device"] == row["device"]
     merges = again["merge_scales"]["merges"]
     assert [m["task"] for m in merges] == ["movie_sentiment", "tweet_sentiment"]
-    matrix = row["loss"]["matrix"]
+    matrix, rises = row["loss"]["matrix"], row["loss"]["rise_per_merge"]
     for v, m in enumerate(merges, start=2):
         assert m["scales"] == [0.0, 0.5, 1.0]
         assert m["earlier_rise"][0] == pytest.approx(0.0, abs=1e-6)
-        assert m["own_loss"][2] == matrix[v][v - 1]  # scale 1: the run as exported
-        assert m["own_loss"][1] != m["own_loss"][2]
+        assert m["own_loss"][2] == pytest.approx(matrix[v][v - 1], abs=1e-5)
+        assert m["earlier_rise"][2] == pytest.approx(sum(rises[v - 2]) / (v - 1), abs=1e-5)
+        assert m["own_loss"][1] != pytest.approx(m["own_loss"][2], abs=1e-4)
     page = (tmp_path / "interference_t.md").read_text()
     assert "| incLoRA+jump | tweet_sentiment | 0.5 |" in page
     # asked again at the same scales: kept as it is
     kept = subprocess.run(
-        [sys.executable, "-m", *args, "--merge-scales", "0", "0.5"], cwd=REPO, env=env,
+        [sys.executable, "-m", *args, "--merge-scales", "0", "0.5", "1"], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     assert "== incLoRA+jump: kept" in kept.stdout and "merge scales" not in kept.stdout
@@ -602,6 +606,15 @@ def test_interference_measures_another_benchmarks_finished_runs_from_their_delta
     assert "== incLoRA+jump: kept" in gone.stdout and "its run is gone" in gone.stdout
     (runs / "t" / "aside").rename(runs / "t" / "incLoRA_jump")
     assert json.loads((tmp_path / "interference_t.json").read_text())["rows"] == [again]
+    # nor on another device than its loss matrix's (a row measured on a GPU, here a CPU)
+    row_path = tmp_path / "interference" / "t" / "incLoRA+jump.json"
+    row_path.write_text(json.dumps({**again, "device": "cuda"}))
+    other = subprocess.run(
+        [sys.executable, "-m", *args, "--merge-scales", "0.25", "--device", "cpu"], cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "its loss was measured on cuda: --device cuda" in other.stdout
+    assert json.loads(row_path.read_text())["merge_scales"] == again["merge_scales"]
     # a broken chain is refused, with the version named
     delta = runs / "t" / "incLoRA_jump" / "deltas" / info["versions"][2]["delta"]
     delta.write_bytes(delta.read_bytes()[:-8])
