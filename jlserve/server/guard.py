@@ -1,5 +1,7 @@
 """The `jlserve` general plugin: registers the `jlserve` load format
-(`jlserve.engine.loader`) and fails closed when the jlserve endpoint plugin cannot load.
+(`jlserve.engine.loader`), keeps CPU attention off vLLM's AMX kernel
+(`jlserve.engine.cpu_attention`), and fails closed when the jlserve endpoint plugin
+cannot load.
 
 vLLM only logs an endpoint plugin that fails to import or instantiate, and then serves
 the base checkpoint, unguarded by jlserve and at version 0 while the state dir records
@@ -20,9 +22,11 @@ def register() -> None:
     names = [n.strip() for n in os.environ.get(ENABLE_ENV, "").split(",")]
     if "jlserve" not in names:
         return
+    from jlserve.engine.cpu_attention import register as register_cpu_attention
     from jlserve.engine.loader import register as register_loader
 
     register_loader()  # in every process: the workers are where weights are loaded
+    register_cpu_attention()  # and where attention runs
     try:
         from jlserve.server.plugin import JlserveEndpointPlugin
 

@@ -41,8 +41,7 @@ def test_entrypoint_prepares_the_model_and_serves_with_admin_auth(tmp_path):
     env = entrypoint_env(tmp_path, JLSERVE_PORT=str(port))
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
-        # fp32: vLLM 0.32's CPU worker dies (SIGILL) after a bf16 reload on CPUs with AMX
-        [str(ENTRYPOINT), "--max-model-len", "256", "--dtype", "float32"],
+        [str(ENTRYPOINT), "--max-model-len", "256"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

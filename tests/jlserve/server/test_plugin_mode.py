@@ -39,9 +39,8 @@ class VllmWithPlugin(LocalServer):
             sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(self.model),
             *(extension if self.worker_extension else []), "--host", self.host,
             "--port", str(self.port), *ENGINE_ARGS,
-            # fp32: on CPUs with AMX, vLLM 0.32's worker dies (SIGILL) at the first forward
-            # after a bf16 reload; fp32 takes the same reload path everywhere
-            "--dtype", "float32",
+            # the checkpoint's bf16: on CPUs with AMX a swap reloads SGL-packed layers, which
+            # crashed vLLM 0.32's AMX attention (jlserve.engine.cpu_attention)
         ]  # fmt: skip
 
     def exit_code(self, timeout_s: float) -> int:
