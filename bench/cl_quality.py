@@ -38,7 +38,7 @@ from bench.common import (
     RUNS_ROOT,
     jlserve_server,
     machine_info,
-    machine_line,
+    rows_machine_lines,
     running,
 )
 from trainer.config import default_data_root, load_config
@@ -245,7 +245,7 @@ def markdown(result: dict) -> str:
         "load_average in its row): compare step times with bench/train_step.py, which rotates "
         "the variants in one process.",
     ]
-    lines += ["", "Machine: " + machine_line(result["machine"]), ""]
+    lines += ["", *rows_machine_lines(result["rows"]), ""]
     return "\n".join(lines)
 
 

@@ -134,6 +134,18 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+def rows_machine_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """ "Machine: ..." lines for result rows that carry their own `machine`, naming each
+    machine's variants: a result file re-rendered elsewhere (a resumed queue on another
+    machine) still says where every row was measured."""
+    by_machine: dict[str, list[str]] = {}
+    for row in rows:
+        by_machine.setdefault(machine_line(row["machine"]), []).append(row["variant"])
+    if len(by_machine) == 1:
+        return [f"Machine: {next(iter(by_machine))}"]
+    return [f"Machine: {line} ({', '.join(names)})" for line, names in by_machine.items()]
+
+
 # ---------------------------------------------------------------------------- statistics
 
 

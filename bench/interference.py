@@ -60,7 +60,7 @@ import torch
 import yaml
 
 from bench.cl_quality import MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
-from bench.common import RESULTS, RUNS_ROOT, machine_info, machine_line
+from bench.common import RESULTS, RUNS_ROOT, machine_info, rows_machine_lines
 from jlserve.checkpoint import TensorDigests, load_tensors
 from jlserve.delta import plan_update, read_delta
 from jlserve.errors import JlserveError
@@ -592,7 +592,7 @@ def markdown(result: dict) -> str:
         lines.append(f"- {r['variant']}: " + "; ".join(
             "[" + ", ".join(_f(x) for x in row) + "]" for row in r["loss"]["matrix"]
         ))  # fmt: skip
-    lines += ["", "Machine: " + machine_line(result["machine"]), ""]
+    lines += ["", *rows_machine_lines(result["rows"]), ""]
     return "\n".join(lines)
 
 

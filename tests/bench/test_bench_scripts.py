@@ -672,6 +672,19 @@ def test_machine_line_names_the_gpu_only_where_there_is_one() -> None:
     assert "Xeon, 2 cores | NVIDIA H200 (CUDA 13.0) | torch 2.13.0" in line
 
 
+def test_a_result_file_names_the_machine_of_each_row_not_of_its_render() -> None:
+    from bench.common import machine_line, rows_machine_lines
+
+    amd = {"cpu_model": "AMD EPYC", "cpu_count": 2, "torch": "2.13.0"}
+    xeon = {**amd, "cpu_model": "Xeon"}
+    same = [{"variant": "incLoRA", "machine": amd}, {"variant": "seqLoRA", "machine": amd}]
+    assert rows_machine_lines(same) == ["Machine: " + machine_line(amd)]
+    mixed = rows_machine_lines([*same, {"variant": "incLoRA+jump", "machine": xeon}])
+    assert len(mixed) == 2
+    assert mixed[0].startswith("Machine: AMD EPYC") and mixed[0].endswith("(incLoRA, seqLoRA)")
+    assert mixed[1].startswith("Machine: Xeon") and mixed[1].endswith("(incLoRA+jump)")
+
+
 def test_the_gpu_regime_script_runs_each_seeds_chain_and_measures_its_key_runs(
     tmp_path: Path,
 ) -> None:
