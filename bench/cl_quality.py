@@ -245,7 +245,7 @@ def markdown(result: dict) -> str:
         "load_average in its row): compare step times with bench/train_step.py, which rotates "
         "the variants in one process.",
     ]
-    lines += ["", *rows_machine_lines(result["rows"]), ""]
+    lines += ["", *rows_machine_lines(result["rows"], result["machine"]), ""]
     return "\n".join(lines)
 
 

@@ -134,13 +134,14 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
-def rows_machine_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """ "Machine: ..." lines for result rows that carry their own `machine`, naming each
-    machine's variants: a result file re-rendered elsewhere (a resumed queue on another
-    machine) still says where every row was measured."""
+def rows_machine_lines(rows: Sequence[dict[str, Any]], renderer: dict[str, Any]) -> list[str]:
+    """The "Machine: ..." lines of a result file, one per machine with its variants: a
+    file re-rendered elsewhere (a resumed queue on another machine) still says where each
+    row was measured. A row without its own `machine` counts as measured on `renderer`'s."""
     by_machine: dict[str, list[str]] = {}
     for row in rows:
-        by_machine.setdefault(machine_line(row["machine"]), []).append(row["variant"])
+        line = machine_line(row.get("machine", renderer))
+        by_machine.setdefault(line, []).append(row["variant"])
     if len(by_machine) == 1:
         return [f"Machine: {next(iter(by_machine))}"]
     return [f"Machine: {line} ({', '.join(names)})" for line, names in by_machine.items()]

@@ -592,7 +592,7 @@ def markdown(result: dict) -> str:
         lines.append(f"- {r['variant']}: " + "; ".join(
             "[" + ", ".join(_f(x) for x in row) + "]" for row in r["loss"]["matrix"]
         ))  # fmt: skip
-    lines += ["", *rows_machine_lines(result["rows"]), ""]
+    lines += ["", *rows_machine_lines(result["rows"], result["machine"]), ""]
     return "\n".join(lines)
 
 
