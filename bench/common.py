@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,12 +238,19 @@ class Server(LocalServer):
         raise RuntimeError(f"{self.label} not ready after {timeout_s} s:\n{self.log_tail()}")
 
 
-def _server(label: str, argv: list[str], model: Path, port: int, log_path: Path) -> Server:
+def _server(
+    label: str,
+    argv: list[str],
+    model: Path,
+    port: int,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> Server:
     return Server(
         model=model,
         state_dir=log_path.parent,  # unused: the command is given whole
         log_path=log_path,
-        env=bench_env(),
+        env=bench_env(**(env or {})),
         port=port,
         label=label,
         argv=argv,
@@ -258,15 +265,16 @@ def jlserve_server(
     engine_args: Sequence[str] = ENGINE_ARGS,
     label: str = "jlserve",
     flags: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Server:
     """`jlserve serve` with the insecure loopback admin (no token), ENGINE_ARGS unless
-    other engine args are given, and any extra jlserve `flags`."""
+    other engine args are given, any extra jlserve `flags` and extra environment `env`."""
     port = free_port()
     argv = [sys.executable, "-m", "jlserve", "serve", "--model", str(model)]
     argv += ["--state-dir", str(state_dir), "--host", HOST, "--port", str(port)]
     argv += ["--insecure-admin", "--served-model-name", str(model), *flags]
     argv += ["--", *engine_args]
-    return _server(label, argv, model, port, log_path)
+    return _server(label, argv, model, port, log_path, env)
 
 
 def vllm_server(

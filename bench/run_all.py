@@ -13,10 +13,10 @@ latest bench/results/cl_quality[_quick].json. Each benchmark runs in its own pro
 after the other (never two at once: the timings would disturb each other); a failing one
 is reported and the others still run. Exit status 1 if any failed.
 
-Two benchmarks run on their own commands, never from here, and the page shows their latest
-JSON (sections 7 and 8): `python -m bench.scale` (a random 1.5 B Llama of its own, no
-`--model`; about 30-40 min on 2 quiet cores) and `python -m bench.gpu_check` (needs one GPU
-and CUDA vLLM).
+Three benchmarks run on their own commands, never from here, and the page shows their
+latest JSON (sections 7 to 9): `python -m bench.scale` (a random 1.5 B Llama of its own, no
+`--model`; about 30-40 min on 2 quiet cores), `python -m bench.gpu_check` (needs one GPU
+and CUDA vLLM) and `python -m bench.cpu_attention` (needs a CPU with AMX).
 """
 
 from __future__ import annotations

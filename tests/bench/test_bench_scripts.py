@@ -735,3 +735,26 @@ def test_the_gpu_regime_script_runs_each_seeds_chain_and_measures_its_key_runs(
             text=True, timeout=60,
         )  # fmt: skip
         assert refused.returncode == 2 and "above 0" in refused.stderr
+
+
+def test_the_cpu_attention_section_shows_both_kernels_and_their_ratios(tmp_path: Path) -> None:
+    from bench.report import cpu_attention
+
+    def kernel(prefill_s: float, tok_per_s: float) -> dict:
+        return {
+            "prefill_16": {"prompt_tokens": 225, "median_s": prefill_s},
+            "decode_tok_per_s": tok_per_s,
+        }
+
+    machine = {"cpu_model": "Xeon", "cpu_count": 2, "loadavg_at_start": 1.0}
+    doc = {
+        "created": "2026-12-04T18:00:00+00:00", "quick": False, "command": "python -m bench.cpu_attention",
+        "machine": machine, "repeats": 7, "load_average_end": [1.0, 1.5, 2.0],
+        "model": "/models/smollm2", "decode_tokens": 64,
+        "kernels": {"default": kernel(0.5, 20.0), "amx": kernel(0.4, 25.0)},
+        "ratios_default_over_amx": {"prefill_16_time": 1.25, "decode_tok_per_s": 0.8},
+    }  # fmt: skip
+    text = "\n".join(cpu_attention.section(doc, tmp_path, tmp_path))
+    assert "| prefill, 225-token prompt (s) | 0.500 | 0.400 | 1.25 |" in text
+    assert "| decode, 64 tokens (tokens/s) | 20.0 | 25.0 | 0.80 |" in text
+    assert "medians of 7 repeats" in text

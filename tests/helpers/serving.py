@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 
 from jlserve.local_server import LocalServer
 
@@ -219,3 +220,16 @@ def server_processes(server: ServerProcess) -> dict[int, bytes]:
                 if os.getpgid(int(entry)) == pgid:
                     found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
     return found
+
+
+def capital_of_france(base_url: str, model: str) -> str:
+    """The greedy chat answer to "What is the capital of France?" (SmolLM2 says Paris,
+    in transformers and in vLLM; numerics that drift answer otherwise)."""
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    return reply.choices[0].message.content or ""

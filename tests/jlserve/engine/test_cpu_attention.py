@@ -9,27 +9,33 @@ import sys
 
 from jlserve.engine.cpu_attention import AMX_ISA, AVX512_ISA, KEEP_AMX_ENV, without_amx
 
-# vLLM's chooser after register(), and whether this CPU has AMX tiles (bf16, block 128)
+# Through the `jlserve` general plugin, as vLLM loads it (twice: vLLM may), on a CPU that
+# reports AMX tiles whatever this machine has (vLLM asks torch at each call). Prints the
+# chooser's answers and whether the second load wrapped it again.
 PROBE = """
 import json, torch
-from jlserve.engine.cpu_attention import register
-register(); register()
+torch.cpu._is_amx_tile_supported = lambda: True
 import vllm.v1.attention.backends.cpu_attn as cpu_attn
-print(json.dumps({"isa": cpu_attn._get_attn_isa(torch.bfloat16, 128, 64),
+from jlserve.server.guard import register
+register()
+first = cpu_attn._get_attn_isa
+register()
+print(json.dumps({"bf16": cpu_attn._get_attn_isa(torch.bfloat16, 128, 64),
+                  "bf16_block16_head80": cpu_attn._get_attn_isa(torch.bfloat16, 16, 80),
                   "fp32": cpu_attn._get_attn_isa(torch.float32, 128, 64),
-                  "amx": torch.cpu._is_amx_tile_supported()}))
+                  "wrapped_once": cpu_attn._get_attn_isa is first}))
 """
 
 
-def probe(**env: str) -> dict:
+def probe(keep_amx: str) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", PROBE],
-        env={**os.environ, **env},
+        env={**os.environ, "VLLM_PLUGINS": "jlserve", KEEP_AMX_ENV: keep_amx},
         capture_output=True,
         text=True,
         timeout=300,
-        check=True,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -39,12 +45,15 @@ def test_only_the_amx_answer_changes():
     assert choose("bf16", 16) == "vec16"
 
 
-def test_vllm_chooses_the_avx512_kernel_on_this_cpu():
-    """On a CPU with AMX vLLM would choose AMX for bf16; without, it already chooses vec."""
-    seen = probe(**{KEEP_AMX_ENV: "0"})
-    assert (seen["isa"], seen["fp32"]) == (AVX512_ISA, AVX512_ISA)
+def test_the_jlserve_plugin_keeps_vllm_off_amx_attention():
+    seen = probe(keep_amx="0")
+    assert seen == {
+        "bf16": AVX512_ISA,  # vLLM alone: AMX
+        "bf16_block16_head80": "vec16",
+        "fp32": AVX512_ISA,
+        "wrapped_once": True,
+    }
 
 
 def test_the_opt_out_keeps_vllms_choice():
-    seen = probe(**{KEEP_AMX_ENV: "1"})
-    assert seen["isa"] == (AMX_ISA if seen["amx"] else AVX512_ISA)
+    assert probe(keep_amx="1")["bf16"] == AMX_ISA

@@ -7,11 +7,16 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from openai import OpenAI
 
 from jlserve.checkpoint import load_tensors, write_checkpoint
 from jlserve.delta import diff_tensors, write_delta
-from tests.helpers.serving import ServerProcess, greedy, outputs_only, start_all
+from tests.helpers.serving import (
+    ServerProcess,
+    capital_of_france,
+    greedy,
+    outputs_only,
+    start_all,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +58,7 @@ def test_the_default_model_answers_a_chat_in_its_bf16(smol):
     """`jlserve serve` on the checkpoint's own dtype answers like transformers. On CPUs with
     AMX, vLLM 0.32's AMX attention answered French prose here (jlserve.engine.cpu_attention)."""
     main, _, _ = smol
-    client = OpenAI(base_url=f"{main.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    reply = client.chat.completions.create(
-        model=main.model_name,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24,
-        temperature=0,
-    )
-    assert "Paris" in reply.choices[0].message.content
+    assert "Paris" in capital_of_france(f"{main.url}/v1", main.model_name)
 
 
 def test_smollm2_update_and_rollback_are_exact(smol):
