@@ -43,4 +43,5 @@ def section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
         f"{kernels['amx']['decode_tok_per_s']:.1f} | {ratios['decode_tok_per_s']:.2f} |"
     )
     load = ", ".join(f"{x:.1f}" for x in doc["load_average_end"])
-    return [*out, "", f"Load average at the end: {load}.", "", provenance(doc), ""]
+    note = f"Load average at the end: {load} (it counts both servers' idle worker threads)."
+    return [*out, "", note, "", provenance(doc), ""]
