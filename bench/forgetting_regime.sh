@@ -6,6 +6,8 @@
 #       through vLLM (2.4x faster than in process here, bench/results/eval_engine.json);
 #   (a) long_order_4 (15 tasks) at the per-task budget of issue 10 (128 rows), evaluated on
 #       the needed entries only (train.eval_schedule) through vLLM (bench/eval_engine.py).
+# Point 2's time per 15-task variant, before (whole matrix, in process) and after (needed
+# entries, vLLM), is timed on whole variants at a small size.
 # Point 3, in (b) once its dense baseline is in, in the issue's order of priority: the
 # learned gate and top-k, top-k at the learned gate's density, ELLA and InfLoRA with and
 # without the gate, the authors' threshold training (a named preset); 3 seeds each.
@@ -37,6 +39,15 @@ for seed in 2 3; do
 done
 for seed in 1 2 3; do
   so1_x4 "$seed" incLoRA+topk
+done
+# Point 2's time per variant before and after, on whole 15-task variants at a small size
+# (16 train rows and 10 dev rows per task, seed 1, incLoRA): the whole matrix evaluated in
+# process against the needed entries through vLLM.
+for how in "full in_process" "needed vllm"; do
+  read -r schedule engine <<< "$how"
+  .venv/bin/python -m bench.cl_quality --order long_order_4 --train-rows 16 --eval-rows 10 \
+    --eval-schedule "$schedule" --eval-engine "$engine" --tag "lo4-small-$schedule-$engine" \
+    --set train.seed=1 --variants incLoRA
 done
 for seed in 2 3; do
   so1_x4 "$seed" seqLoRA
