@@ -12,22 +12,25 @@
 # learned gate and top-k, top-k at the learned gate's density, ELLA and InfLoRA with and
 # without the gate, the authors' threshold training (a named preset); 3 seeds each.
 # Point 4: each key variant's run is measured by bench/interference.py right after it
-# trains, while its run folder is still there.
+# trains, while its run folder is still there; then the per-block threshold's ablation.
 # Resumable: bench/cl_quality.py keeps each finished variant and resumes a stopped one;
 # bench/interference.py keeps each measured variant.
 #   OMP_NUM_THREADS=2 nohup bench/forgetting_regime.sh > runs/forgetting_regime.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-so1_x4() {  # seed, variants...: train them, then measure each key variant's run
+so1_x4() {  # seed, variants...: train them, then measure each key variant's run; an
+  # ablation sets SETTING (a trainer override) and SUFFIX (its result set's tag suffix)
+  local tag="so1-x4-seed$1${SUFFIX:-}" extra=()
+  if [ -n "${SETTING:-}" ]; then extra=(--set "$SETTING"); fi
   .venv/bin/python -m bench.cl_quality --order short_order_1 --train-rows 512 \
-    --eval-engine vllm --tag "so1-x4-seed$1" --set "train.seed=$1" --variants "${@:2}"
+    --eval-engine vllm --tag "$tag" --set "train.seed=$1" "${extra[@]}" --variants "${@:2}"
   local measured=()
   for variant in "${@:2}"; do
     case "$variant" in incLoRA | incLoRA+jump | incLoRA+topk) measured+=("$variant") ;; esac
   done
   if [ ${#measured[@]} -gt 0 ]; then
     .venv/bin/python -m bench.interference --measure-only --runs runs/bench/cl_quality \
-      --tag "so1-x4-seed$1" --variants "${measured[@]}" --merge-scales 0.5 0.75 ||
+      --tag "$tag" --variants "${measured[@]}" --merge-scales 0.5 0.75 ||
       echo "== interference of seed $1 failed (above); the queue goes on" >&2
   fi
 }
@@ -49,6 +52,11 @@ for how in "full in_process" "needed vllm"; do
     --eval-schedule "$schedule" --eval-engine "$engine" --tag "lo4-small-$schedule-$engine" \
     --set train.seed=1 --variants incLoRA
 done
+# Point 4: the gated update's first merge hurts the first task more, and its energy gathers
+# in few input columns most in the blocks the global threshold leaves sparsest
+# (docs/trainer.md). One threshold per block (the reference's other granularity) lets each
+# block find its own density: does the first merge then hurt less?
+SUFFIX=-per-block SETTING=adapter.granularity=per_block so1_x4 1 incLoRA+jump
 for seed in 2 3; do
   so1_x4 "$seed" seqLoRA
 done
