@@ -31,7 +31,7 @@ so1_x4() {  # seed, variants...: train them, then measure each key variant's run
   if [ ${#measured[@]} -gt 0 ]; then
     .venv/bin/python -m bench.interference --measure-only --runs runs/bench/cl_quality \
       --tag "$tag" --variants "${measured[@]}" --merge-scales 0.5 0.75 ||
-      echo "== interference of seed $1 failed (above); the queue goes on" >&2
+      echo "== interference of $tag failed (above); the queue goes on" >&2
   fi
 }
 # The key pair first (the learned gate against its dense twin), seed by seed, with seqLoRA

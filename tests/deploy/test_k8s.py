@@ -15,10 +15,11 @@ the readiness check (`/health`, polled every second as the manifest's probe does
 4.3 once (in CI) left a killed container exited despite its restart policy, so a replica
 it does not restart within a minute is started by hand, as the kubelet would, with what
 podman recorded printed, and one that restarts but writes nothing and does not serve for
-two minutes (seen once in CI) is restarted by hand, with what the kernel and podman saw. The manifests are played unchanged otherwise (names get a test
-prefix, the KV cache is 1 GiB so two replicas fit beside the rest of the suite, and the
-models volume is the host's prepared SmolLM2, read-only, as the manifest suggests for a
-real checkpoint: the entrypoint's preparation is tested by tests/docker).
+two minutes (seen once in CI) is restarted by hand, with what the kernel and podman saw.
+The manifests are played unchanged otherwise (names get a test prefix, the KV cache is
+1 GiB so two replicas fit beside the rest of the suite, and the models volume is the
+host's prepared SmolLM2, read-only, as the manifest suggests for a real checkpoint: the
+entrypoint's preparation is tested by tests/docker).
 """
 
 from __future__ import annotations
@@ -143,11 +144,11 @@ class Replica:
     def logs(self, since: float | None = None) -> str:
         """The container's log, both streams in order, each line timestamped (the last
         4000 characters, or all since `since`, epoch seconds)."""
-        args = ["podman", "logs", "--timestamps", self.container]
-        if since is not None:
-            args[2:2] = ["--since", f"{since:.3f}"]
-        result = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, timeout=120)  # fmt: skip
+        window = [] if since is None else ["--since", f"{since:.3f}"]
+        result = subprocess.run(
+            ["podman", "logs", "--timestamps", *window, self.container],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+        )  # fmt: skip
         return result.stdout if since is not None else result.stdout[-4000:]
 
     def processes(self) -> str:
@@ -155,7 +156,7 @@ class Replica:
         top = podman("top", self.container, "hpid", "pid", "etime", "time", "args", check=False)
         lines = [top.rstrip()]
         for row in top.splitlines()[1:]:
-            hpid = row.split()[0] if row.split() else ""
+            hpid = next(iter(row.split()), "")
             if not hpid.isdigit():
                 continue
             proc = Path("/proc") / hpid
