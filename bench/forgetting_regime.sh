@@ -43,6 +43,11 @@ done
 for seed in 1 2 3; do
   so1_x4 "$seed" incLoRA+topk
 done
+# Point 4: the gated update's first merge hurts the first task more, and its energy gathers
+# in few input columns most in the blocks the global threshold leaves sparsest
+# (docs/trainer.md). One threshold per block (the reference's other granularity) lets each
+# block find its own density: does the first merge then hurt less?
+SUFFIX=-per-block SETTING=adapter.granularity=per_block so1_x4 1 incLoRA+jump
 # Point 2's time per variant before and after, on whole 15-task variants at a small size
 # (16 train rows and 10 dev rows per task, seed 1, incLoRA): the whole matrix evaluated in
 # process against the needed entries through vLLM.
@@ -52,11 +57,6 @@ for how in "full in_process" "needed vllm"; do
     --eval-schedule "$schedule" --eval-engine "$engine" --tag "lo4-small-$schedule-$engine" \
     --set train.seed=1 --variants incLoRA
 done
-# Point 4: the gated update's first merge hurts the first task more, and its energy gathers
-# in few input columns most in the blocks the global threshold leaves sparsest
-# (docs/trainer.md). One threshold per block (the reference's other granularity) lets each
-# block find its own density: does the first merge then hurt less?
-SUFFIX=-per-block SETTING=adapter.granularity=per_block so1_x4 1 incLoRA+jump
 for seed in 2 3; do
   so1_x4 "$seed" seqLoRA
 done
