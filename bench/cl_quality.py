@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -345,7 +346,11 @@ def main() -> int:
         if args.force and run_dir.exists():
             shutil.rmtree(run_dir)
         adapter = variant_adapter(name, rows_dir, settings)
+        fresh, start = not (run_dir / "run.json").is_file(), time.perf_counter()
         row = run_variant(name, base_cfg, args.set, run_dir, args.eval_engine, adapter)
+        # the variant's whole time (server start, base row, training, evaluations), only
+        # for one run start to end: a resumed variant's parts ran under other loads
+        row["wall_s"] = time.perf_counter() - start if fresh else None
         if "topk_density" in adapter:
             row["topk_density"] = adapter["topk_density"]
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())

@@ -22,6 +22,7 @@ matplotlib.use("Agg")  # before the section modules import pyplot
 
 from bench.common import REPO, RESULTS, read_result
 from bench.report import (
+    cl_eval_time,
     cl_quality,
     cl_regimes,
     cpu_attention,
@@ -46,8 +47,8 @@ SECTIONS = (  # result name -> its section, in page order
 )
 
 # Sections drawn from other results, rendered after the named one (the forgetting regimes
-# within 5., then 6.).
-DERIVED = {"cl_quality": (cl_regimes.section, delta_format.section)}
+# and a long stream's evaluation time within 5., then 6.).
+DERIVED = {"cl_quality": (cl_regimes.section, cl_eval_time.section, delta_format.section)}
 
 MISSING = {  # section -> (heading, what to say until it has results)
     "cl_quality": cl_quality.MISSING,

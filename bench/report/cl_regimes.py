@@ -24,6 +24,9 @@ REGIMES = (  # tag prefix, what it is
     ("lo4", "long_order_4, 15 tasks at 128 train rows (16 steps), needed-entries schedule"),
     ("lo4-gpu", "the same on one GPU (bench/forgetting_regime_gpu.sh), evaluated in process"),
 )
+ABLATIONS = {  # a result set's tag suffix -> what its runs change (bench/forgetting_regime.sh)
+    "per-block": "one learned threshold per block (`adapter.granularity=per_block`)",
+}
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
 MIN_SEEDS = 3
 PAIRS = (
@@ -85,7 +88,40 @@ def regime_lines(prefix: str, about: str, sets: dict[int, list[dict[str, Any]]])
             f"{f'{sum(trains) / len(trains):.0f}' if trains else '-'} | "
             f"{f'{sum(evals) / len(evals):.0f}' if evals else '-'} |"
         )
-    return [*out, "", *(f"- {s}" for s in verdicts(by_variant))]
+    return [
+        *out,
+        "",
+        *(f"- {s}" for s in verdicts(by_variant)),
+        *ablation_lines(prefix, by_variant),
+    ]
+
+
+def ablation_lines(prefix: str, by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Each ablation's runs (`cl_quality_<prefix>-seed<n>-<ablation>.json`) beside the
+    regime's default run of the same variant and seed."""
+    out = []
+    for suffix, about in ABLATIONS.items():
+        for path in sorted(RESULTS.glob(f"cl_quality_{prefix}-seed*-{suffix}.json")):
+            match = re.fullmatch(
+                rf"cl_quality_{re.escape(prefix)}-seed(\d+)-{re.escape(suffix)}\.json", path.name
+            )
+            if match is None:
+                continue
+            seed = int(match.group(1))
+            for row in json.loads(path.read_text())["rows"]:
+                default = by_variant.get(row["variant"], {}).get(seed)
+                versus = (
+                    f" (the default: OA {100 * default['OA']:.1f}, BWT "
+                    f"{100 * default['BWT']:+.1f}, {100 * default['mean_density']:.2f} %)"
+                    if default
+                    else ""
+                )
+                out.append(
+                    f"- Ablation `{suffix}`, {about}: {row['variant']}, seed {seed}: OA "
+                    f"{100 * row['OA']:.1f}, BWT {100 * row['BWT']:+.1f}, mean density "
+                    f"{100 * row['mean_density']:.2f} %{versus}."
+                )
+    return out
 
 
 def verdicts(by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:

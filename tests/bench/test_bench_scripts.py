@@ -259,6 +259,50 @@ def test_cl_report_shows_one_table_for_the_budget(
     assert "- short_order_1, train.seed=43: incLoRA+jump vs incLoRA: BWT -5.0" in text
 
 
+def test_cl_report_shows_an_ablation_beside_the_default_and_the_eval_time_before_and_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ablation's run sits beside the regime's default run of the same variant and seed;
+    a long stream's two timed variants give the ratio of their times, and the metrics'
+    agreement is read, not assumed."""
+    import bench.report.cl_eval_time
+    import bench.report.cl_regimes
+
+    def row(variant: str, oa: float, bwt: float, **extra: float | None) -> dict:
+        settings = {"data": {"order": "long_order_4", "train_rows": 16, "eval_rows": 10}}
+        return {
+            "variant": variant, "OA": oa, "BWT": bwt, "FWT": 0.2, "mean_density": 0.02,
+            "base_row": [0.0] * 3, "accuracy_matrix": [[0.5, None, None], [0.5, 0.5, 0.1],
+            [0.5, 0.5, 0.5]], "train_s": 10.0, "load_average": [1.0, 2.0, 3.0],
+            "settings": {**settings, "overrides": ["train.seed=1"]}, **extra,
+        }  # fmt: skip
+
+    def write(tag: str, rows: list[dict]) -> None:
+        (tmp_path / f"cl_quality_{tag}.json").write_text(json.dumps({"rows": rows}))
+
+    write("so1-x4-seed1", [row("incLoRA+jump", 0.55, -0.215)])
+    write("so1-x4-seed1-per-block", [row("incLoRA+jump", 0.57, -0.18)])
+    write("so1-x4-seed1-unknown", [row("incLoRA+jump", 0.1, -0.9)])  # no such ablation
+    monkeypatch.setattr(bench.report.cl_regimes, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.report.cl_eval_time, "RESULTS", tmp_path)
+    text = "\n".join(bench.report.cl_regimes.section({}))
+    assert "- Ablation `per-block`, one learned threshold per block" in text
+    assert "incLoRA+jump, seed 1: OA 57.0, BWT -18.0, mean density 2.00 % (the default: " \
+        "OA 55.0, BWT -21.5, 2.00 %)." in text  # fmt: skip
+    assert "-90.0" not in text
+    assert bench.report.cl_eval_time.section({}) == []  # nothing timed yet
+    write("lo4-small-full-in_process", [row("incLoRA", 0.4, -0.1, eval_s=300.0, wall_s=400.0)])
+    write("lo4-small-needed-vllm", [row("incLoRA", 0.4, -0.1, eval_s=100.0, wall_s=200.0)])
+    text = "\n".join(bench.report.cl_eval_time.section({}))
+    assert "| before: the whole matrix, in process | 10 | 300 | 10 | 400 | 40.0 | -10.0 |" in text
+    assert "evaluation 3.0x shorter, whole variant 2.0x shorter" in text
+    assert "OA, BWT and FWT are identical" in text
+    write("lo4-small-needed-vllm", [row("incLoRA", 0.41, -0.1, eval_s=100.0, wall_s=None)])
+    text = "\n".join(bench.report.cl_eval_time.section({}))
+    assert "evaluation 3.0x shorter (one run" in text  # no whole time for a resumed variant
+    assert "differ" in text
+
+
 def test_cl_quality_refuses_a_saved_row_run_with_other_settings(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -368,6 +412,8 @@ def test_a_matched_row_records_its_density_and_is_refused_once_its_twin_changed(
     twin = json.loads((rows / "incLoRA+jump.json").read_text())
     matched = json.loads((rows / "incLoRA+topk@jump.json").read_text())
     assert matched["topk_density"] == twin["mean_density"]
+    # a variant run start to end records its whole time, which covers its parts
+    assert twin["wall_s"] > twin["train_s"] + twin["eval_s"] > 0
 
     def evaluated(row: dict) -> int:  # the entries after each task
         return sum(v is not None for line in row["accuracy_matrix"] for v in line)
