@@ -77,16 +77,18 @@ def regime_lines(prefix: str, about: str, sets: dict[int, list[dict[str, Any]]])
         rows = [per_seed[s] for s in sorted(per_seed)]
         oa, bwt = mean_se([r["OA"] for r in rows]), mean_se([r["BWT"] for r in rows])
         fwt = [r["FWT"] for r in rows if r.get("FWT") is not None]
-        evals = [r["eval_s"] for r in rows if r.get("eval_s") is not None]
-        trains = [r["train_s"] for r in rows if r.get("train_s") is not None]
+        seeds = sorted(per_seed)
+        evals = {s: per_seed[s]["eval_s"] for s in seeds if per_seed[s].get("eval_s") is not None}
+        trains = {
+            s: per_seed[s]["train_s"] for s in seeds if per_seed[s].get("train_s") is not None
+        }
         per_seed_bwt = ", ".join(f"{100 * r['BWT']:+.1f}" for r in rows)
         out.append(
             f"| {name} | {', '.join(map(str, sorted(per_seed)))} | {_points(*oa, signed=False)} | "
             f"{_points(*bwt)} | {per_seed_bwt} | "
             f"{_points(*mean_se(fwt)) if fwt else '-'} | "
             f"{100 * sum(r['mean_density'] for r in rows) / len(rows):.2f} | "
-            f"{f'{sum(trains) / len(trains):.0f}' if trains else '-'} | "
-            f"{f'{sum(evals) / len(evals):.0f}' if evals else '-'} |"
+            f"{_mean_of(trains, seeds)} | {_mean_of(evals, seeds)} |"
         )
     return [
         *out,
@@ -122,6 +124,17 @@ def ablation_lines(prefix: str, by_variant: dict[str, dict[int, dict[str, Any]]]
                     f"{100 * row['mean_density']:.2f} %{versus}."
                 )
     return out
+
+
+def _mean_of(values: dict[int, float], seeds: list[int]) -> str:
+    """The mean over the seeds that recorded a value, naming them when some did not (rows
+    from before the value was recorded)."""
+    if not values:
+        return "-"
+    mean = f"{statistics.fmean(values.values()):.0f}"
+    if len(values) == len(seeds):
+        return mean
+    return f"{mean} (seed{'s' if len(values) > 1 else ''} {', '.join(map(str, values))})"
 
 
 def verdicts(by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:

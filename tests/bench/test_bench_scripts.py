@@ -283,6 +283,7 @@ def test_cl_report_shows_an_ablation_beside_the_default_and_the_eval_time_before
     write("so1-x4-seed1", [row("incLoRA+jump", 0.55, -0.215)])
     write("so1-x4-seed1-per-block", [row("incLoRA+jump", 0.57, -0.18)])
     write("so1-x4-seed1-unknown", [row("incLoRA+jump", 0.1, -0.9)])  # no such ablation
+    write("so1-x4-seed2", [row("incLoRA+jump", 0.6, -0.1, eval_s=50.0)])
     monkeypatch.setattr(bench.report.cl_regimes, "RESULTS", tmp_path)
     monkeypatch.setattr(bench.report.cl_eval_time, "RESULTS", tmp_path)
     text = "\n".join(bench.report.cl_regimes.section({}))
@@ -290,6 +291,8 @@ def test_cl_report_shows_an_ablation_beside_the_default_and_the_eval_time_before
     assert "incLoRA+jump, seed 1: OA 57.0, BWT -18.0, mean density 2.00 % (the default: " \
         "OA 55.0, BWT -21.5, 2.00 %)." in text  # fmt: skip
     assert "-90.0" not in text
+    # seed 1's row has no eval time: the mean says which seeds it is over
+    assert "| 2.00 | 10 | 50 (seed 2) |" in text
     assert bench.report.cl_eval_time.section({}) == []  # nothing timed yet
     write("lo4-small-full-in_process", [row("incLoRA", 0.4, -0.1, eval_s=300.0, wall_s=400.0)])
     write("lo4-small-needed-vllm", [row("incLoRA", 0.4, -0.1, eval_s=100.0, wall_s=200.0)])
