@@ -63,6 +63,11 @@ done
 for seed in 1 2 3; do
   so1_x4 "$seed" incLoRA+topk@jump
 done
+# Seed 1's per-block run spared the first task at the first merge, not the stream
+# (docs/trainer.md): does the first-merge effect hold on the other seeds?
+for seed in 2 3; do
+  SUFFIX=-per-block SETTING=adapter.granularity=per_block so1_x4 "$seed" incLoRA+jump
+done
 for seed in 1 2 3; do
   .venv/bin/python -m bench.cl_quality --order long_order_4 --eval-schedule needed \
     --eval-engine vllm --tag "lo4-seed$seed" --set "train.seed=$seed" \
