@@ -136,9 +136,9 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
     eval_batch_size: int = Field(32, ge=1)
     # full: after task i, every task seen so far and the next one (the whole accuracy
-    # matrix, T(T+1)/2 + T task evaluations with the base row). needed: only the entries
-    # OA, BWT and FWT read (base row, diagonal, the next task, the run's last row): 4T - 2,
-    # 58 instead of 135 for a 15-task stream.
+    # matrix and the next task's column, T(T+1)/2 + 2T - 1 task evaluations with the base
+    # row). needed: only the entries OA, BWT and FWT read (base row, diagonal, the next
+    # task, the run's last row): 4T - 2, 58 instead of 149 for a 15-task stream.
     eval_schedule: Literal["full", "needed"] = "full"
     grad_clip: float | None = Field(1.0, gt=0)  # max global norm of the adapter gradients
 

@@ -177,8 +177,20 @@ class DeltaDensity:
         }
 
 
+def _common(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many entries two strictly increasing index lists share: each of a's looked up in
+    b by binary search (3x faster than torch.isin on millions of indices)."""
+    if not a.numel() or not b.numel():
+        return 0
+    at = torch.searchsorted(b, a).clamp_(max=b.numel() - 1)
+    return int((b[at] == a).sum())
+
+
 class SupportOverlap:
-    """Jaccard overlap of the changed-coordinate sets of every pair of task deltas."""
+    """Jaccard overlap of the changed-coordinate sets of every pair of task deltas. A task's
+    row is computed once, when its delta arrives: the metrics are written after every task,
+    and recomputing all T^2 pairs each time cost a 15-task stream of dense deltas (millions
+    of indices each) more than its training."""
 
     def __init__(self) -> None:
         self.reset()
@@ -186,20 +198,24 @@ class SupportOverlap:
     def reset(self) -> None:
         self.tasks: list[str] = []
         self.supports: list[dict[str, torch.Tensor]] = []  # per task: name -> sorted flat index
+        self.jaccard: list[list[float]] = []  # (T, T), symmetric
 
     def update(self, task: str, delta: SparseDelta) -> None:
+        support = {n: c.index.long() for n, c in delta.changes.items()}
+        row = [self._jaccard(support, earlier) for earlier in self.supports]
+        for earlier_row, value in zip(self.jaccard, row, strict=True):
+            earlier_row.append(value)
+        # a delta's indices are strictly increasing: its support is itself whole, or empty
+        row.append(1.0 if any(t.numel() for t in support.values()) else 0.0)
         self.tasks.append(task)
-        self.supports.append({n: c.index.long() for n, c in delta.changes.items()})
+        self.supports.append(support)
+        self.jaccard.append(row)
 
     @staticmethod
     def _jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-        inter = sum(int(torch.isin(a[n], b[n]).sum()) for n in a.keys() & b.keys())
+        inter = sum(_common(a[n], b[n]) for n in a.keys() & b.keys())
         union = sum(t.numel() for t in a.values()) + sum(t.numel() for t in b.values()) - inter
         return inter / union if union else 0.0
 
     def result(self) -> dict:
-        n = len(self.tasks)
-        matrix = [
-            [self._jaccard(self.supports[i], self.supports[j]) for j in range(n)] for i in range(n)
-        ]
-        return {"tasks": self.tasks, "jaccard": matrix}
+        return {"tasks": list(self.tasks), "jaccard": [list(row) for row in self.jaccard]}

@@ -44,7 +44,8 @@ def section(_docs: dict[str, dict[str, Any]]) -> list[str]:
         f"{settings['data']['eval_rows']} dev rows per task, "
         f"{', '.join(settings.get('overrides', [])) or 'default seed'}) each way, one "
         "after the other on the same machine; `whole s` is the variant's wall time (server "
-        "start, base row, training, evaluations), `eval s` the evaluations after each task.",
+        "start, base row, training, evaluations; what else it holds: docs/trainer.md, 'Evaluating "
+        "a long stream'), `eval s` the evaluations after each task.",
         "",
         "| how | evaluations | eval s | train s | whole s | OA % | BWT | FWT | load average |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -71,3 +71,29 @@ def test_density_and_jaccard_overlap() -> None:
     overlap.update("b", d2)
     j = overlap.result()["jaccard"]
     assert j[0][1] == j[1][0] == 2 / 6 and j[0][0] == 1.0
+
+
+def test_jaccard_rows_computed_as_tasks_arrive_equal_every_pair_computed_at_the_end() -> None:
+    """The matrix is built one row per task; it must equal the pairwise Jaccard of the
+    supports computed from scratch, an empty delta (a closed gate) included."""
+    generator = torch.Generator().manual_seed(0)
+    states = [{"w": torch.zeros(64), "v": torch.zeros(8)}]
+    for keep in (0.3, 0.0, 0.6, 0.1):  # share of entries each task changes
+        state = {n: t.clone() for n, t in states[-1].items()}
+        for t in state.values():
+            t[torch.rand(t.shape, generator=generator) < keep] += 1.0
+        states.append(state)
+    deltas = [diff_tensors(states[i], states[i + 1], task=f"t{i}", version=i + 1) for i in range(4)]
+    overlap = SupportOverlap()
+    for i, delta in enumerate(deltas):
+        overlap.update(f"t{i}", delta)
+    supports = [
+        {(n, int(k)) for n, c in d.changes.items() for k in c.index.tolist()} for d in deltas
+    ]
+
+    def jaccard(a: set, b: set) -> float:
+        return len(a & b) / len(a | b) if a | b else 0.0
+
+    expected = [[jaccard(a, b) for b in supports] for a in supports]
+    assert not supports[1] and expected[1][1] == 0.0 and 0 < expected[0][2] < 1
+    assert overlap.result() == {"tasks": ["t0", "t1", "t2", "t3"], "jaccard": expected}
