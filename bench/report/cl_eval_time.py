@@ -5,10 +5,9 @@ result sets)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from bench.common import RESULTS
+from bench.common import read_result
 
 BEFORE = ("lo4-small-full-in_process", "before: the whole matrix, in process")
 AFTER = ("lo4-small-needed-vllm", "after: the needed entries, through vLLM")
@@ -28,8 +27,7 @@ def _seconds(value: float | None) -> str:
 def section(_docs: dict[str, dict[str, Any]]) -> list[str]:
     runs = []
     for tag, label in (BEFORE, AFTER):
-        path = RESULTS / f"cl_quality_{tag}.json"
-        doc = json.loads(path.read_text()) if path.is_file() else None
+        doc = read_result(f"cl_quality_{tag}", False)
         if doc is not None and doc["rows"]:
             runs.append((label, doc["rows"][0]))
     if not runs:

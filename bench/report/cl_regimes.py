@@ -49,11 +49,13 @@ def _points(mean: float, se: float | None, signed: bool = True) -> str:
     return body if se is None else f"{body} ± {100 * se:.1f}"
 
 
-def seed_sets(prefix: str) -> dict[int, list[dict[str, Any]]]:
-    """seed -> the finished rows of `cl_quality_<prefix>-seed<seed>.json`."""
+def seed_sets(prefix: str, suffix: str = "") -> dict[int, list[dict[str, Any]]]:
+    """seed -> the finished rows of `cl_quality_<prefix>-seed<seed><suffix>.json` (suffix:
+    an ablation's, e.g. `-per-block`)."""
     found = {}
-    for path in sorted(RESULTS.glob(f"cl_quality_{prefix}-seed*.json")):
-        match = re.fullmatch(rf"cl_quality_{re.escape(prefix)}-seed(\d+)\.json", path.name)
+    for path in sorted(RESULTS.glob(f"cl_quality_{prefix}-seed*{suffix}.json")):
+        name = rf"cl_quality_{re.escape(prefix)}-seed(\d+){re.escape(suffix)}\.json"
+        match = re.fullmatch(name, path.name)
         doc = json.loads(path.read_text()) if match else None
         if doc is not None and doc["rows"]:
             found[int(match.group(1))] = doc["rows"]
@@ -103,14 +105,8 @@ def ablation_lines(prefix: str, by_variant: dict[str, dict[int, dict[str, Any]]]
     regime's default run of the same variant and seed."""
     out = []
     for suffix, about in ABLATIONS.items():
-        for path in sorted(RESULTS.glob(f"cl_quality_{prefix}-seed*-{suffix}.json")):
-            match = re.fullmatch(
-                rf"cl_quality_{re.escape(prefix)}-seed(\d+)-{re.escape(suffix)}\.json", path.name
-            )
-            if match is None:
-                continue
-            seed = int(match.group(1))
-            for row in json.loads(path.read_text())["rows"]:
+        for seed, rows in seed_sets(prefix, f"-{suffix}").items():
+            for row in rows:
                 default = by_variant.get(row["variant"], {}).get(seed)
                 versus = (
                     f" (the default: OA {100 * default['OA']:.1f}, BWT "

@@ -265,6 +265,7 @@ def test_cl_report_shows_an_ablation_beside_the_default_and_the_eval_time_before
     """An ablation's run sits beside the regime's default run of the same variant and seed;
     a long stream's two timed variants give the ratio of their times, and the metrics'
     agreement is read, not assumed."""
+    import bench.common
     import bench.report.cl_eval_time
     import bench.report.cl_regimes
 
@@ -285,7 +286,7 @@ def test_cl_report_shows_an_ablation_beside_the_default_and_the_eval_time_before
     write("so1-x4-seed1-unknown", [row("incLoRA+jump", 0.1, -0.9)])  # no such ablation
     write("so1-x4-seed2", [row("incLoRA+jump", 0.6, -0.1, eval_s=50.0)])
     monkeypatch.setattr(bench.report.cl_regimes, "RESULTS", tmp_path)
-    monkeypatch.setattr(bench.report.cl_eval_time, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)  # read_result's folder
     text = "\n".join(bench.report.cl_regimes.section({}))
     assert "- Ablation `per-block`, one learned threshold per block" in text
     assert "incLoRA+jump, seed 1: OA 57.0, BWT -18.0, mean density 2.00 % (the default: " \
