@@ -14,8 +14,10 @@ podman has no Service, so the client sends each request to the next replica that
 the readiness check (`/health`, polled every second as the manifest's probe does); podman
 4.3 once (in CI) left a killed container exited despite its restart policy, so a replica
 it does not restart within a minute is started by hand, as the kubelet would, with what
-podman recorded printed, and one that restarts but writes nothing and does not serve for
-two minutes (seen once in CI) is restarted by hand, with what the kernel and podman saw.
+podman recorded printed, and one that restarts but then stalls, neither serving nor
+writing a log line for three minutes (seen twice in CI: once before its first line, once
+with vLLM's engine process runnable but never run), is killed and restarted, as the
+kubelet restarts a container that fails its probes, with what the kernel and podman saw.
 The manifests are played unchanged otherwise (names get a test prefix, the KV cache is
 1 GiB so two replicas fit beside the rest of the suite, and the models volume is the
 host's prepared SmolLM2, read-only, as the manifest suggests for a real checkpoint: the
@@ -57,8 +59,9 @@ FEED = f"{NAME}-feed"
 REPLICAS = 2
 STARTUP_TIMEOUT_S = 900.0  # both pods prepare SmolLM2 into their volume, then load vLLM
 POLICY_RESTART_TIMEOUT_S = 60.0  # podman restarts a killed container within seconds here
-SILENT_RESTART_TIMEOUT_S = 120.0  # a restarted replica logs its first line within seconds
-HAND_RESTARTS = 2  # then the rollout's 600 s run out
+STALL_TIMEOUT_S = 180.0  # a starting replica writes a log line at least this often
+HAND_RESTARTS = 2
+KILL_ROLLOUT_TIMEOUT_S = 1200.0  # room for two stalls, their restarts and a start at load 7
 JLSERVE_BIN = str(Path(sys.executable).with_name("jlserve"))
 VERSION_HEADER = "x-jlserve-model-version"
 
@@ -152,21 +155,15 @@ class Replica:
         return result.stdout if since is not None else result.stdout[-4000:]
 
     def processes(self) -> str:
-        """Each process of the container, with what the kernel says it waits on."""
+        """Each process of the container, with what the kernel says of it: its state and
+        wait channel, the CPUs it may run on, its CPU time, switches and scheduling policy,
+        and its CPU cgroup's shares, quota and throttling (a runnable process that never runs)."""
         top = podman("top", self.container, "hpid", "pid", "etime", "time", "args", check=False)
         lines = [top.rstrip()]
         for row in top.splitlines()[1:]:
             hpid = next(iter(row.split()), "")
-            if not hpid.isdigit():
-                continue
-            proc = Path("/proc") / hpid
-            try:
-                state = next(x for x in (proc / "status").read_text().splitlines()
-                             if x.startswith("State:"))  # fmt: skip
-                wchan = (proc / "wchan").read_text()
-            except (OSError, StopIteration) as exc:
-                state, wchan = f"unreadable ({exc})", ""
-            lines.append(f"  host pid {hpid}: {state}, waits in {wchan or '-'}")
+            if hpid.isdigit():
+                lines.append(f"  host pid {hpid}: {_kernel_view(Path('/proc') / hpid)}")
         return "\n".join(lines)
 
     def healthy(self) -> bool:
@@ -175,23 +172,43 @@ class Replica:
         except httpx.HTTPError:
             return False
 
-    def silent_since(self, since: float, timeout_s: float) -> bool:
-        """Whether the container neither served nor wrote a log line in `timeout_s` after
-        `since` (epoch seconds): a starting replica logs within seconds."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.logs(since=since).strip() or self.healthy():
-                return False
+    def stalled_start(self, since: float, rollout: subprocess.Popen) -> bool:
+        """Whether the replica, (re)started at `since` (epoch seconds), stalls before it
+        serves: no new log line for STALL_TIMEOUT_S. False once it serves or `rollout`
+        has ended."""
+        seen, changed = "", time.monotonic()
+        while rollout.poll() is None and not self.healthy():
+            log = self.logs(since=since)
+            if log != seen:
+                seen, changed = log, time.monotonic()
+            elif time.monotonic() - changed > STALL_TIMEOUT_S:
+                return True
             time.sleep(5.0)
-        return True
+        return False
 
-    def restarted_since(self, restarts: int, timeout_s: float) -> bool:
-        """Whether podman restarted the container (its restart count passed `restarts`)."""
-        deadline = time.monotonic() + timeout_s
+    def kill(self) -> int:
+        """SIGKILL the container's main process, a crash (a stalled PID 1 would ignore a
+        SIGTERM); its restart count before."""
+        before = self.restarts()
+        os.kill(self.pid(), signal.SIGKILL)
+        return before
+
+    def comes_back(self, restarts: int, killed_at: float) -> bool:
+        """Whether podman restarted the killed container by its policy (its restart count
+        passed `restarts`) within POLICY_RESTART_TIMEOUT_S. If not (seen once in CI:
+        podman 4.3 left it exited), says what podman recorded and starts it by hand, as
+        the kubelet would: restarting is the orchestrator's part, not jlserve's."""
+        deadline = time.monotonic() + POLICY_RESTART_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.restarts() > restarts:
                 return True
             time.sleep(1.0)
+        print(f"\nk8s: podman did NOT restart {self.container} by its policy within "
+              f"{POLICY_RESTART_TIMEOUT_S:.0f} s:\n{self.diagnostics(killed_at)}"
+              "\nk8s: started it by hand, as the kubelet would")  # fmt: skip
+        podman("start", self.container, check=False)  # podman may restart it meanwhile
+        status = podman("inspect", "--format", "{{.State.Status}}", self.container)
+        assert status.strip() == "running", self.diagnostics(killed_at)
         return False
 
     def diagnostics(self, since: float) -> str:
@@ -283,6 +300,47 @@ class Cluster:
     started_s: float
 
 
+def _kernel_view(proc: Path) -> str:
+    """One process's state as /proc and its CPU cgroup tell it (cgroup v1 or v2)."""
+    try:
+        status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+        sched = dict(
+            (k.strip(), v.strip())
+            for k, _, v in (
+                line.partition(":") for line in (proc / "sched").read_text().splitlines()
+            )
+            if v
+        )
+        wchan = (proc / "wchan").read_text() or "-"
+        cgroups = dict(
+            (controllers, path)
+            for _, controllers, path in (
+                line.split(":", 2) for line in (proc / "cgroup").read_text().splitlines()
+            )
+        )
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    view = (
+        f"{status['State'].strip()}, waits in {wchan}, CPUs {status['Cpus_allowed_list'].strip()}, "
+        f"ran {float(sched.get('se.sum_exec_runtime', 'nan')) / 1000:.3f} s in "
+        f"{sched.get('nr_switches', '?')} switches, policy {sched.get('policy', '?')} "
+        f"prio {sched.get('prio', '?')}"
+    )
+    v1 = next((p for c, p in cgroups.items() if "cpu" in c.split(",")), None)
+    folder = (
+        Path("/sys/fs/cgroup")
+        / ("cpu" if v1 is not None else "")
+        / (v1 or cgroups.get("", "")).lstrip("/")
+    )
+    for name in ("cpu.shares", "cpu.weight", "cpu.cfs_quota_us", "cpu.max", "cpu.idle", "cpu.stat"):
+        try:
+            value = " ".join((folder / name).read_text().split())
+        except OSError:
+            continue
+        view += f"; {name}: {value}"
+    return view
+
+
 def rollout(cluster: Cluster, delta: Path, timeout_s: float = 600) -> subprocess.Popen:
     argv = [JLSERVE_BIN, "rollout", "--delta", str(delta), "--feed", str(cluster.feed)]
     argv += ["--admin-token-file", str(cluster.token_file), "--timeout", str(timeout_s)]
@@ -293,7 +351,7 @@ def rollout(cluster: Cluster, delta: Path, timeout_s: float = 600) -> subprocess
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
     """(exit code, the summary on stdout); the live events on stderr are printed."""
-    out, err = proc.communicate(timeout=900)
+    out, err = proc.communicate(timeout=KILL_ROLLOUT_TIMEOUT_S + 300)
     print(f"\n{err}{out}")
     return proc.returncode, out
 
@@ -395,37 +453,26 @@ def test_a_replica_killed_mid_rollout_comes_back_at_the_latest_version(cluster):
     """The replica crashes as the delta lands (killed first, so it cannot take the delta
     before it dies); it restarts in its pod, replays its versions, then takes the feed."""
     victim, survivor = cluster.replicas[1], cluster.replicas[0]
-    before = victim.restarts()
     cluster.traffic.phase = "kill"
     killed_at = time.time()
-    os.kill(victim.pid(), signal.SIGKILL)  # a crash: the container's main process dies
-    proc = rollout(cluster, cluster.deltas[1])
-    by_policy = victim.restarted_since(before, timeout_s=POLICY_RESTART_TIMEOUT_S)
-    if not by_policy:
-        # Seen once in CI: podman 4.3 left the killed container exited. Restarting is the
-        # orchestrator's part, not jlserve's: say what podman recorded, then restart it
-        # as the kubelet would, and test jlserve's part (replay, catch up, rollout).
-        print(f"\nk8s: podman did NOT restart {victim.container} by its policy within "
-              f"{POLICY_RESTART_TIMEOUT_S:.0f} s:\n{victim.diagnostics(killed_at)}"
-              "\nk8s: started it by hand, as the kubelet would")  # fmt: skip
-        podman("start", victim.container, check=False)  # podman may restart it meanwhile
-        status = podman("inspect", "--format", "{{.State.Status}}", victim.container)
-        assert status.strip() == "running", victim.diagnostics(killed_at)
+    before = victim.kill()
+    proc = rollout(cluster, cluster.deltas[1], timeout_s=KILL_ROLLOUT_TIMEOUT_S)
+    by_hand = not victim.comes_back(before, killed_at)
     restarted_at = time.time() - 2.0  # the restart was seen within a second
-    by_hand = not by_policy
     for _ in range(HAND_RESTARTS):
-        # Seen once in CI: the restarted container ran but wrote not one line (not even
-        # Python's first import warning) and never served. Restarting a container that
-        # fails its startup probe is the kubelet's part: say what the kernel and podman
-        # saw, restart it, and test jlserve's part.
-        if not victim.silent_since(restarted_at, timeout_s=SILENT_RESTART_TIMEOUT_S):
+        # Seen twice in CI: the restarted container stalled before it served, once before
+        # its first log line, once with vLLM's engine process runnable for 9 minutes and
+        # never run (under 1 s of CPU). Restarting a container that fails its probes is
+        # the kubelet's part: say what the kernel and podman saw, kill it (a restart by
+        # podman once left the pod stopped), see it restarted, and test jlserve's part.
+        if not victim.stalled_start(restarted_at, proc):
             break
-        print(f"\nk8s: {victim.container} restarted but wrote nothing and did not serve in "
-              f"{SILENT_RESTART_TIMEOUT_S:.0f} s:\n{victim.processes()}\n"
-              f"{victim.diagnostics(killed_at)}\nk8s: restarted it by hand, as the kubelet "
-              "does when a startup probe fails")  # fmt: skip
+        print(f"\nk8s: {victim.container} restarted, then neither served nor logged for "
+              f"{STALL_TIMEOUT_S:.0f} s:\n{victim.processes()}\n"
+              f"{victim.logs(since=restarted_at)[-2000:]}\n{victim.diagnostics(killed_at)}"
+              "\nk8s: killed it, as the kubelet does when probes fail")  # fmt: skip
         restarted_at = time.time()
-        podman("restart", victim.container, check=False)
+        victim.comes_back(victim.kill(), restarted_at)
         by_hand = True
     code, out = finish(proc)
     assert code == 0, "\n".join(
