@@ -162,8 +162,7 @@ def run_variant(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with contextlib.ExitStack() as stack:
         if eval_engine == "vllm":
-            server_dir = run_dir.parent / f"{run_dir.name}-server"
-            server_dir.mkdir(exist_ok=True)
+            server_dir = server_folder(run_dir)
             server = jlserve_server(
                 Path(cfg["model"]), server_dir / "state", server_dir / "server.log",
                 engine_args=(*ENGINE_ARGS, "--dtype", "float32"),
@@ -174,11 +173,12 @@ def run_variant(
         if not _run_trainer(cmd, env):
             # A partial run from older code whose config defaults have changed since: it
             # cannot be resumed, so it is kept aside and the variant starts over (its
-            # server's versions too, which this server already serves: by hand then).
+            # server's versions too, which this server already serves: by hand then; a
+            # run started over empties its server's folder).
             if eval_engine == "vllm":
                 raise SystemExit(
-                    f"{run_dir}: the config changed since this partial run; move it and "
-                    f"{server_dir} aside to start the variant over"
+                    f"{run_dir}: the config changed since this partial run; move it aside "
+                    "to start the variant over"
                 )
             stale = run_dir.with_name(f"{run_dir.name}.stale-{dt.datetime.now():%Y%m%d-%H%M%S}")
             run_dir.rename(stale)
@@ -186,6 +186,18 @@ def run_variant(
             cmd.remove("--resume")
             _run_trainer(cmd, env)
     return row_of(name, json.loads((run_dir / "metrics.json").read_text()))
+
+
+def server_folder(run_dir: Path) -> Path:
+    """The variant's server folder, beside its run: kept when the run resumes (the server
+    comes back at the run's last version), emptied when it starts (after --force, or a run
+    folder removed by hand), since a server replays the versions in its state and the run
+    must find the base model served."""
+    server_dir = run_dir.parent / f"{run_dir.name}-server"
+    if not (run_dir / "run.json").is_file():
+        shutil.rmtree(server_dir, ignore_errors=True)
+    server_dir.mkdir(exist_ok=True)
+    return server_dir
 
 
 def _run_trainer(cmd: list[str], env: dict[str, str]) -> bool:

@@ -435,6 +435,25 @@ def test_a_matched_row_records_its_density_and_is_refused_once_its_twin_changed(
     assert f"kept density {matched['topk_density']}, its twin now measures 0.5" in stale.stderr
 
 
+def test_a_variant_that_starts_over_gets_an_empty_server_folder_and_a_resumed_one_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """A variant's server replays the versions in its state: a run that starts (after
+    --force, or its folder removed by hand) must find the base model served, so its
+    server folder is emptied; a resumed run's server comes back at its last version."""
+    from bench.cl_quality import server_folder
+
+    run_dir = tmp_path / "incLoRA"
+    old = tmp_path / "incLoRA-server" / "state" / "versions.json"
+    old.parent.mkdir(parents=True)
+    old.write_text("{}")
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    assert server_folder(run_dir) == old.parents[1] and old.is_file()  # resumed: kept
+    shutil.rmtree(run_dir)  # what --force does, or a user
+    assert server_folder(run_dir).is_dir() and not old.exists()  # starts: emptied
+
+
 def test_every_variant_is_a_valid_config_and_a_refused_override_stops_before_training() -> None:
     from bench.cl_quality import VARIANTS, check_configs
 
