@@ -35,7 +35,8 @@ so1_x4() {  # seed, variants...: one after the other (a matched top-k after its 
 lo4() {  # seed, variants...
   for variant in "${@:2}"; do
     "$PY" -m bench.cl_quality --order long_order_4 --eval-schedule needed --tag "lo4-gpu-seed$1" \
-      --set "train.seed=$1" --set train.precision=fp32 --variants "$variant" || return
+      --eval-rows 100 --set "train.seed=$1" --set train.precision=fp32 --variants "$variant" \
+      || return
   done
 }
 measure() {  # seed, variants...: once each variant's row is in (polled), its run is

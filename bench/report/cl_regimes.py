@@ -21,7 +21,11 @@ REGIMES = (  # tag prefix, what it is
         "(transformers greedy generation) instead of through vLLM, fp32, three seeds' chains "
         "sharing the GPU; the same rows per seed, another init (CUDA's generator)",
     ),
-    ("lo4", "long_order_4, 15 tasks at 128 train rows (16 steps), needed-entries schedule"),
+    (
+        "lo4",
+        "long_order_4, 15 tasks at 128 train rows (16 steps), needed-entries schedule, "
+        "100 dev rows per task",
+    ),
     ("lo4-gpu", "the same on one GPU (bench/forgetting_regime_gpu.sh), evaluated in process"),
 )
 ABLATIONS = {  # a result set's tag suffix -> what its runs change (bench/forgetting_regime.sh)
