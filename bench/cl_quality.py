@@ -194,8 +194,8 @@ def server_folder(run_dir: Path) -> Path:
     folder removed by hand), since a server replays the versions in its state and the run
     must find the base model served."""
     server_dir = run_dir.parent / f"{run_dir.name}-server"
-    if not (run_dir / "run.json").is_file():
-        shutil.rmtree(server_dir, ignore_errors=True)
+    if not (run_dir / "run.json").is_file() and server_dir.exists():
+        shutil.rmtree(server_dir)  # a folder that cannot go must stop the run, not be replayed
     server_dir.mkdir(exist_ok=True)
     return server_dir
 

@@ -32,7 +32,7 @@ so1_x4() {  # seed, variants...: one after the other (a matched top-k after its 
       --set "train.seed=$1" --set train.precision=fp32 --variants "$variant" || return
   done
 }
-lo4() {  # seed, variants...
+lo4() {  # seed, variants...: on 100 dev rows per task, as the CPU set (forgetting_regime.sh)
   for variant in "${@:2}"; do
     "$PY" -m bench.cl_quality --order long_order_4 --eval-schedule needed --tag "lo4-gpu-seed$1" \
       --eval-rows 100 --set "train.seed=$1" --set train.precision=fp32 --variants "$variant" \
