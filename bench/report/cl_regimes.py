@@ -32,6 +32,7 @@ ABLATIONS = {  # a result set's tag suffix -> what its runs change (bench/forget
     "per-block": "one learned threshold per block (`adapter.granularity=per_block`)",
 }
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
+NAIVE_BASELINES = ("incLoRA", "seqLoRA")  # point 1 measures both; incLoRA decides
 MIN_SEEDS = 3
 PAIRS = (
     ("incLoRA+jump", "incLoRA"),
@@ -138,19 +139,23 @@ def _mean_of(values: dict[int, float], seeds: list[int]) -> str:
 
 
 def verdicts(by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
-    """Does the dense baseline forget here, and the key pairs (paired by seed)."""
+    """Does each naive dense baseline forget here (the regime is decided by incLoRA, the
+    gate's twin), and the key pairs (paired by seed)."""
     out = []
-    dense = by_variant.get("incLoRA", {})
-    if dense:
+    for baseline in NAIVE_BASELINES:
+        dense = by_variant.get(baseline, {})
+        if not dense:
+            continue
         bwt, se = mean_se([r["BWT"] for r in dense.values()])
+        decides = baseline == NAIVE_BASELINES[0]
         if len(dense) < MIN_SEEDS:
             verdict = f"not decided yet ({len(dense)} of {MIN_SEEDS} seeds)"
-        elif bwt <= FORGETS_AT:
-            verdict = "**a forgetting regime**"
+        elif bwt > FORGETS_AT:
+            verdict = "not a forgetting regime" if decides else "does not forget"
         else:
-            verdict = "not a forgetting regime"
+            verdict = "**a forgetting regime**" if decides else "forgets"
         out.append(
-            f"incLoRA (dense) BWT {_points(bwt, se)} over {len(dense)} seed(s): {verdict} "
+            f"{baseline} (dense) BWT {_points(bwt, se)} over {len(dense)} seed(s): {verdict} "
             f"(the bar: <= {100 * FORGETS_AT:+.0f} in the mean over >= {MIN_SEEDS} seeds)."
         )
     for a, b in PAIRS:
