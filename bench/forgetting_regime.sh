@@ -27,7 +27,9 @@ so1_x4() {  # seed, variants...: train them, then measure each key variant's run
     --eval-engine vllm --tag "$tag" --set "train.seed=$1" "${extra[@]}" --variants "${@:2}"
   local measured=()
   for variant in "${@:2}"; do
-    case "$variant" in incLoRA | incLoRA+jump | incLoRA+topk) measured+=("$variant") ;; esac
+    case "$variant" in
+      incLoRA | incLoRA+jump | incLoRA+topk | incLoRA+topk@jump) measured+=("$variant") ;;
+    esac
   done
   if [ ${#measured[@]} -gt 0 ]; then
     .venv/bin/python -m bench.interference --measure-only --runs runs/bench/cl_quality \

@@ -61,7 +61,7 @@ export PY LOGS
 for s in 1 2 3; do  # per seed: the key pair first, then the rivals, then the 15-task stream
   worker "seed-$s" "so1_x4 $s incLoRA+jump incLoRA incLoRA+topk incLoRA+topk@jump seqLoRA \
     incLoRA+jump-ref ella ella+jump inflora inflora+jump; lo4 $s incLoRA seqLoRA"
-  worker "measure-$s" "measure $s incLoRA+jump incLoRA incLoRA+topk"
+  worker "measure-$s" "measure $s incLoRA+jump incLoRA incLoRA+topk incLoRA+topk@jump"
 done
 wait
 echo "== forgetting regime (GPU): $(($(date +%s) - START)) s; rows:"

@@ -639,7 +639,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--variants", nargs="+", default=["incLoRA", "incLoRA+jump", "incLoRA+topk"],
-        choices=[v for v in VARIANTS if v not in MATCHED_DENSITY],  # rows here lack it
+        choices=list(VARIANTS),
+        help=f"({', '.join(MATCHED_DENSITY)}: --measure-only, its density is its match's)",
     )  # fmt: skip
     parser.add_argument("--tag", help="result set name (default: <order>-seed<seed>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -673,6 +674,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.remeasure and args.force:
         parser.error("--remeasure measures the kept runs again, --force trains them again: one")
+    if not args.measure_only and (matched := set(args.variants) & set(MATCHED_DENSITY)):
+        parser.error(
+            f"{', '.join(sorted(matched))}: trained at a density another benchmark's run "
+            "measured; --measure-only measures its run from bench/cl_quality.py"
+        )
     if args.measure_only and args.force:
         parser.error("--measure-only trains nothing; --force would train again")
     if any(not 0 <= scale <= 2 for scale in args.merge_scales or ()):

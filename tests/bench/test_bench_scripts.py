@@ -587,6 +587,19 @@ def test_interference_runs_a_stream_and_measures_every_version(
     assert refused.returncode == 2 and "loss_rows: 8 -> 4" in refused.stdout
 
 
+def test_interference_trains_no_matched_density_variant(tmp_path: Path) -> None:
+    """Top-k at the learned gate's density needs that density from another benchmark's
+    run: interference measures such a run (--measure-only) and refuses to train one."""
+    env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.interference", "--variants", "incLoRA+topk@jump"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "incLoRA+topk@jump: trained at a density another" in refused.stderr
+    assert not (tmp_path / "interference").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_interference_refuses_cuda_on_a_machine_without_it(tmp_path: Path) -> None:
     env = {**os.environ, "JLSERVE_BENCH_RESULTS": str(tmp_path)}
@@ -801,6 +814,7 @@ def test_the_gpu_regime_script_runs_each_seeds_chain_and_measures_its_key_runs(
         "incLoRA+jump --merge-scales 0.5 0.75",
         "incLoRA --merge-scales 0.5 0.75",
         "incLoRA+topk --merge-scales 0.5 0.75",
+        "incLoRA+topk@jump --merge-scales 0.5 0.75",
     ]
     logs = tmp_path / "runs" / "forgetting_regime_gpu"
     assert {p.name for p in logs.glob("*.done")} >= {"seed-1.done", "seed-2.done", "seed-3.done"}
