@@ -166,7 +166,8 @@ def verdicts(by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
         for key in ("BWT", "OA"):
             diffs = [by_variant[a][s][key] - by_variant[b][s][key] for s in seeds]
             parts.append(f"{key} {_points(*mean_se(diffs))}")
-        out.append(f"{a} minus {b} over seeds {', '.join(map(str, seeds))}: {'; '.join(parts)}.")
+        over = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+        out.append(f"{a} minus {b} on {over}: {'; '.join(parts)}.")
     return out
 
 

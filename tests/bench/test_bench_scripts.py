@@ -728,7 +728,7 @@ def test_cl_regimes_pool_seeds_and_decide_the_regime_only_at_three(
     assert "| incLoRA | 1, 2 | 51.0 ± 1.0 | -8.0 ± 2.0 | -10.0, -6.0 |" in text
     assert "not decided yet (2 of 3 seeds)" in text
     # paired only where both ran: seed 1
-    assert "incLoRA+jump minus incLoRA over seeds 1: BWT -4.0; OA -2.0." in text
+    assert "incLoRA+jump minus incLoRA on seed 1: BWT -4.0; OA -2.0." in text
     assert "lo4" not in text  # no results of the other regime: no table
 
     write(3, [row("incLoRA", 0.51, -0.02), row("incLoRA+jump", 0.50, -0.01)])
@@ -740,7 +740,7 @@ def test_cl_regimes_pool_seeds_and_decide_the_regime_only_at_three(
         write(seed, [*doc["rows"], row("seqLoRA", 0.40, bwt)])
     text = "\n".join(regimes.section({}))
     assert "seqLoRA (dense) BWT -35.0 ± 2.9 over 3 seed(s): forgets" in text
-    assert "incLoRA+jump minus incLoRA over seeds 1, 3: BWT -1.5 ± 2.5; OA -1.5 ± 0.5." in text
+    assert "incLoRA+jump minus incLoRA on seeds 1, 3: BWT -1.5 ± 2.5; OA -1.5 ± 0.5." in text
     write(2, [row("incLoRA", 0.52, 0.06)])  # mean -2.0
     assert "not a forgetting regime" in "\n".join(regimes.section({}))
     # the GPU replicate (another evaluator) is its own regime, never pooled with the CPU's
