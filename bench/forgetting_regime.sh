@@ -71,6 +71,12 @@ done
 for seed in 2 3; do
   SUFFIX=-per-block SETTING=adapter.granularity=per_block so1_x4 "$seed" incLoRA+jump
 done
+# Point 4's "the dense phase's B@A is cut without re-fitting": the default re-fits under the
+# gate for the last fifth of a task's steps (13 of 64) after the blend; does re-fitting
+# longer (fully sparse from half way) spare the earlier tasks, and does none (trained dense,
+# cut once before the merge) hurt them more?
+SUFFIX=-refit-long SETTING='adapter.sparse_schedule=[0.2, 0.5]' so1_x4 1 incLoRA+jump
+SUFFIX=-no-refit SETTING='adapter.sparse_schedule=[1, 1]' so1_x4 1 incLoRA+jump
 # long_order_4 on 100 dev rows per task (the short orders' 200 would make the 58
 # evaluations of a variant about 2.4 h through vLLM here, against 20 min of training; a
 # task's accuracy then has a standard error of about 5 points, which the 14 tasks of BWT

@@ -82,6 +82,10 @@ class AdapterConfig(_Strict):
     # gate topk only: the fraction of dW entries kept (e.g. a learned gate's measured mean
     # density, a matched-density rival); None: as many as the adapter has parameters.
     topk_density: float | None = Field(None, gt=0, lt=1)
+    # Where the dense-to-sparse blend starts and ends, as fractions of a task's steps (the
+    # reference's 0.2 and 0.8; trainer/schedule.py). Other values are an ablation of how
+    # long the adapter re-fits under the gate; [1, 1] trains dense and cuts once at the end.
+    sparse_schedule: tuple[float, float] = (0.2, 0.8)
 
     @model_validator(mode="before")
     @classmethod
@@ -93,6 +97,9 @@ class AdapterConfig(_Strict):
 
     @model_validator(mode="after")
     def _gate_options(self) -> AdapterConfig:
+        start, end = self.sparse_schedule
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"sparse_schedule needs 0 <= start <= end <= 1, got [{start}, {end}]")
         if self.topk_density is not None and self.gate != "topk":
             raise ValueError(f"topk_density applies to gate: topk, not gate: {self.gate}")
         if self.threshold_training == "reference":

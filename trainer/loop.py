@@ -421,7 +421,7 @@ class Recipe:
         settings = self.task_cfgs[i].train  # the run's, or the task's own (trainer.append)
         loader = self._loader(task, i)
         total = len(loader) * settings.epochs
-        schedule = SparsitySchedule(total)
+        schedule = SparsitySchedule(total, *self.cfg.adapter.sparse_schedule)
         gate = self.cfg.adapter.gate
         optimizer = adapter_optimizer(adapter, settings.lr, self.cfg.adapter)
         model = self.model

@@ -3,7 +3,9 @@
 f = clip((step - t1) / (t2 - t1), 0, 1) with t1 = floor(0.2 T), t2 = floor(0.8 T), T the
 task's optimizer steps: dense for the first 20 %, blended, fully sparse from 80 % on. At
 step t1 theta is re-initialised so that as many dW entries survive as the adapter has
-parameters (`order_log_threshold`).
+parameters (`order_log_threshold`). The two fractions are the reference's; other values
+(`adapter.sparse_schedule`) are an ablation of how long the adapter re-fits under the gate
+(start = end = 1: trained dense, cut once before the merge, no re-fitting).
 
 t1 is at least 1: B = 0 at init, so dW is all zero before the first optimizer step, and a
 threshold re-initialised from it (or a gate switched on at step 0) would drop every entry
@@ -25,14 +27,16 @@ MIN_THETA = 1e-12  # theta is stored as log(max(theta, MIN_THETA))
 @dataclass(frozen=True)
 class SparsitySchedule:
     total_steps: int
+    start: float = 0.2  # t1 and t2 as fractions of total_steps (ref)
+    end: float = 0.8
 
     @property
     def t1(self) -> int:
-        return max(math.floor(0.2 * self.total_steps), 1)
+        return max(math.floor(self.start * self.total_steps), 1)
 
     @property
     def t2(self) -> int:
-        return math.floor(0.8 * self.total_steps)
+        return math.floor(self.end * self.total_steps)
 
     def f(self, step: int) -> float:
         """Weight of the gated update at optimizer step `step` (0-based)."""

@@ -30,6 +30,10 @@ REGIMES = (  # tag prefix, what it is
 )
 ABLATIONS = {  # a result set's tag suffix -> what its runs change (bench/forgetting_regime.sh)
     "per-block": "one learned threshold per block (`adapter.granularity=per_block`)",
+    "refit-long": "fully sparse from half of each task's steps, the adapter re-fitting under "
+    "the gate for longer (`adapter.sparse_schedule=[0.2, 0.5]`; the default [0.2, 0.8])",
+    "no-refit": "trained dense and cut once before the merge, no re-fitting under the gate "
+    "(`adapter.sparse_schedule=[1, 1]`)",
 }
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
 NAIVE_BASELINES = ("incLoRA", "seqLoRA")  # point 1 measures both; incLoRA decides
@@ -50,7 +54,8 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
 
 
 def _points(mean: float, se: float | None, signed: bool = True) -> str:
-    body = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    value = round(100 * mean, 1) + 0.0  # + 0.0: no "-0.0"
+    body = f"{value:+.1f}" if signed else f"{value:.1f}"
     return body if se is None else f"{body} ± {100 * se:.1f}"
 
 
@@ -107,24 +112,43 @@ def regime_lines(prefix: str, about: str, sets: dict[int, list[dict[str, Any]]])
 
 def ablation_lines(prefix: str, by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     """Each ablation's runs (`cl_quality_<prefix>-seed<n>-<ablation>.json`) beside the
-    regime's default run of the same variant and seed."""
+    regime's default run of the same variant and seed, and their difference paired by seed
+    where two seeds or more have both."""
     out = []
     for suffix, about in ABLATIONS.items():
+        runs: dict[str, dict[int, dict[str, Any]]] = {}
         for seed, rows in seed_sets(prefix, f"-{suffix}").items():
             for row in rows:
-                default = by_variant.get(row["variant"], {}).get(seed)
+                runs.setdefault(row["variant"], {})[seed] = row
+        for variant, per_seed in runs.items():
+            defaults = by_variant.get(variant, {})
+            parts = []
+            for seed, row in sorted(per_seed.items()):
+                default = defaults.get(seed)
                 versus = (
                     f" (the default: OA {100 * default['OA']:.1f}, BWT "
                     f"{100 * default['BWT']:+.1f}, {100 * default['mean_density']:.2f} %)"
                     if default
                     else ""
                 )
-                out.append(
-                    f"- Ablation `{suffix}`, {about}: {row['variant']}, seed {seed}: OA "
-                    f"{100 * row['OA']:.1f}, BWT {100 * row['BWT']:+.1f}, mean density "
-                    f"{100 * row['mean_density']:.2f} %{versus}."
+                parts.append(
+                    f"seed {seed}: OA {100 * row['OA']:.1f}, BWT {100 * row['BWT']:+.1f}, "
+                    f"mean density {100 * row['mean_density']:.2f} %{versus}"
                 )
+            if len(per_seed.keys() & defaults.keys()) > 1:
+                parts.append(f"minus the default {paired_difference(per_seed, defaults)}")
+            out.append(f"- Ablation `{suffix}`, {about}: {variant}, {'; '.join(parts)}.")
     return out
+
+
+def paired_difference(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
+    """'on seeds 1, 2: BWT +x ± se; OA +y ± se': a minus b over the seeds both have."""
+    seeds = sorted(a.keys() & b.keys())
+    parts = []
+    for key in ("BWT", "OA"):
+        parts.append(f"{key} {_points(*mean_se([a[s][key] - b[s][key] for s in seeds]))}")
+    over = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    return f"on {over}: {'; '.join(parts)}"
 
 
 def _mean_of(values: dict[int, float], seeds: list[int]) -> str:
@@ -159,15 +183,8 @@ def verdicts(by_variant: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
             f"(the bar: <= {100 * FORGETS_AT:+.0f} in the mean over >= {MIN_SEEDS} seeds)."
         )
     for a, b in PAIRS:
-        seeds = sorted(by_variant.get(a, {}).keys() & by_variant.get(b, {}).keys())
-        if not seeds:
-            continue
-        parts = []
-        for key in ("BWT", "OA"):
-            diffs = [by_variant[a][s][key] - by_variant[b][s][key] for s in seeds]
-            parts.append(f"{key} {_points(*mean_se(diffs))}")
-        over = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-        out.append(f"{a} minus {b} on {over}: {'; '.join(parts)}.")
+        if by_variant.get(a, {}).keys() & by_variant.get(b, {}).keys():
+            out.append(f"{a} minus {b} {paired_difference(by_variant[a], by_variant[b])}.")
     return out
 
 

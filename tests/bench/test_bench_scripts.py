@@ -285,13 +285,21 @@ def test_cl_report_shows_an_ablation_beside_the_default_and_the_eval_time_before
     write("so1-x4-seed1-per-block", [row("incLoRA+jump", 0.57, -0.18)])
     write("so1-x4-seed1-unknown", [row("incLoRA+jump", 0.1, -0.9)])  # no such ablation
     write("so1-x4-seed2", [row("incLoRA+jump", 0.6, -0.1, eval_s=50.0)])
+    write("so1-x4-seed2-per-block", [row("incLoRA+jump", 0.58, -0.14)])
+    write("so1-x4-seed1-no-refit", [row("incLoRA+jump", 0.5, -0.3)])  # one seed: no pairing
     monkeypatch.setattr(bench.report.cl_regimes, "RESULTS", tmp_path)
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)  # read_result's folder
     text = "\n".join(bench.report.cl_regimes.section({}))
     assert "- Ablation `per-block`, one learned threshold per block" in text
     assert "incLoRA+jump, seed 1: OA 57.0, BWT -18.0, mean density 2.00 % (the default: " \
-        "OA 55.0, BWT -21.5, 2.00 %)." in text  # fmt: skip
+        "OA 55.0, BWT -21.5, 2.00 %); seed 2: " in text  # fmt: skip
     assert "-90.0" not in text
+    # two seeds with the default: the difference paired by seed (+3.5 and -4.0 of BWT,
+    # +2 and -2 of OA)
+    assert "(the default: OA 60.0, BWT -10.0, 2.00 %); minus the default on seeds 1, 2: " \
+        "BWT -0.3 ± 3.8; OA +0.0 ± 2.0." in text  # fmt: skip
+    assert "- Ablation `no-refit`, trained dense and cut once" in text
+    assert "`no-refit` minus" not in text
     # seed 1's row has no eval time: the mean says which seeds it is over
     assert "| 2.00 | 10 | 50 (seed 2) |" in text
     assert bench.report.cl_eval_time.section({}) == []  # nothing timed yet

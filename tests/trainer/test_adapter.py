@@ -152,6 +152,10 @@ def test_schedule_is_dense_then_blended_then_sparse() -> None:
     assert SparsitySchedule(3).t1 == 1 and SparsitySchedule(3).f(0) == 0.0
     assert SparsitySchedule(2).f(1) == 1.0  # t2 <= t1: a hard switch at t1
     assert SparsitySchedule(1).f(0) == 0.0  # never reaches t1: initialised before the merge
+    # Other fractions (adapter.sparse_schedule, an ablation): sparse from half way, or never.
+    half = SparsitySchedule(16, 0.5, 0.5)
+    assert (half.t1, half.t2, half.f(7), half.f(8)) == (8, 8, 0.0, 1.0)
+    assert SparsitySchedule(16, 1.0, 1.0).t1 == 16  # never reached: cut before the merge
 
 
 def test_topk_keeps_the_budget_every_step_and_learns_nothing() -> None:

@@ -35,6 +35,8 @@ def test_yaml_and_overrides(tmp_path) -> None:
             "threshold_training: reference sets l0_weight to 0.0",
         ),
         (["adapter.threshold_training=reference", "adapter.gate=none"], "needs gate: jump"),
+        (["adapter.sparse_schedule=[0.8, 0.2]"], r"needs 0 <= start <= end <= 1, got \[0.8, 0.2\]"),
+        (["adapter.sparse_schedule=[0.2]"], "adapter.sparse_schedule"),
     ],
 )
 def test_bad_values_are_typed_errors(tmp_path, overrides, message) -> None:
@@ -75,6 +77,7 @@ def test_a_saved_config_matches_when_only_defaulted_new_settings_are_missing(tmp
     cfg = load_config(path)
     saved = cfg.model_dump(mode="json")
     del saved["adapter"]["topk_density"]  # as a run saved before the setting existed
+    del saved["adapter"]["sparse_schedule"]
     assert same_config(saved, cfg)
     assert not same_config(saved, load_config(path, ["adapter.gate=topk"]))
     assert not same_config({**saved, "gone": 1}, cfg)  # a setting removed since: refused

@@ -153,6 +153,29 @@ def test_the_needed_eval_schedule_gives_the_full_matrix_metrics(
     assert filled == 4 * 3 - 2  # base row, diagonal, next task, last row
 
 
+def test_sparse_schedule_at_the_end_trains_dense_and_cuts_once_before_the_merge(
+    tmp_path, tiny_model_dir, cl_data_root
+) -> None:
+    """adapter.sparse_schedule=[1, 1] (the no-re-fitting ablation): the gate never switches
+    on in training, and the threshold is set once before the merge from the order
+    statistic, keeping as many entries as the adapter has parameters."""
+    cfg = _config(tmp_path, tiny_model_dir, cl_data_root)
+    out = tmp_path / "run"
+    args = ["--config", str(cfg), "--out", str(out), "--set", "adapter.sparse_schedule=[1, 1]"]
+    assert trainer_main(args) == 0
+    weights = [
+        t
+        for n, t in load_tensors(tiny_model_dir).items()
+        if n.endswith(("q_proj.weight", "v_proj.weight"))
+    ]
+    budget = sum(8 * (w.shape[0] + w.shape[1]) for w in weights)  # r (d_in + d_out), r = 8
+    entries = sum(w.numel() for w in weights)
+    for log in json.loads((out / "run.json").read_text())["task_log"]:
+        assert log["t1"] == log["steps"] == log["t2"]  # never reached in training
+        assert log["log_threshold_at_reinit"] is None
+        assert 0.99 * budget / entries <= log["gate_density"] <= budget / entries
+
+
 @pytest.mark.parametrize("gate", ["jump", "none"])
 def test_inflora_two_tasks_with_and_without_gate_and_exact_resume(
     tmp_path, tiny_model_dir, cl_data_root, gate
