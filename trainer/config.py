@@ -51,6 +51,7 @@ class DataConfig(_Strict):
 
 
 L0_WEIGHT_DEFAULT = 1.0
+SPARSE_SCHEDULE_DEFAULT = (0.2, 0.8)  # the blend's start and end (ref; trainer/schedule.py)
 
 # The authors' threshold training (`threshold_training: reference`), as the reference code
 # sets it: no L0 term, an absolute STE bandwidth, and phi = log theta trained by the same
@@ -85,7 +86,7 @@ class AdapterConfig(_Strict):
     # Where the dense-to-sparse blend starts and ends, as fractions of a task's steps (the
     # reference's 0.2 and 0.8; trainer/schedule.py). Other values are an ablation of how
     # long the adapter re-fits under the gate; [1, 1] trains dense and cuts once at the end.
-    sparse_schedule: tuple[float, float] = (0.2, 0.8)
+    sparse_schedule: tuple[float, float] = SPARSE_SCHEDULE_DEFAULT
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +101,8 @@ class AdapterConfig(_Strict):
         start, end = self.sparse_schedule
         if not 0 <= start <= end <= 1:
             raise ValueError(f"sparse_schedule needs 0 <= start <= end <= 1, got [{start}, {end}]")
+        if self.gate == "none" and self.sparse_schedule != SPARSE_SCHEDULE_DEFAULT:
+            raise ValueError("sparse_schedule applies to a gate (jump, topk), not gate: none")
         if self.topk_density is not None and self.gate != "topk":
             raise ValueError(f"topk_density applies to gate: topk, not gate: {self.gate}")
         if self.threshold_training == "reference":

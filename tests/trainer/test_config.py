@@ -37,6 +37,7 @@ def test_yaml_and_overrides(tmp_path) -> None:
         (["adapter.threshold_training=reference", "adapter.gate=none"], "needs gate: jump"),
         (["adapter.sparse_schedule=[0.8, 0.2]"], r"needs 0 <= start <= end <= 1, got \[0.8, 0.2\]"),
         (["adapter.sparse_schedule=[0.2]"], "adapter.sparse_schedule"),
+        (["adapter.gate=none", "adapter.sparse_schedule=[1, 1]"], "not gate: none"),
     ],
 )
 def test_bad_values_are_typed_errors(tmp_path, overrides, message) -> None:
