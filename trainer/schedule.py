@@ -21,14 +21,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from trainer.config import SPARSE_SCHEDULE_DEFAULT
+
 MIN_THETA = 1e-12  # theta is stored as log(max(theta, MIN_THETA))
 
 
 @dataclass(frozen=True)
 class SparsitySchedule:
     total_steps: int
-    start: float = 0.2  # t1 and t2 as fractions of total_steps (ref)
-    end: float = 0.8
+    start: float = SPARSE_SCHEDULE_DEFAULT[0]  # t1 and t2 as fractions of total_steps (ref)
+    end: float = SPARSE_SCHEDULE_DEFAULT[1]
 
     @property
     def t1(self) -> int:

@@ -72,12 +72,18 @@ def seed_sets(prefix: str, suffix: str = "") -> dict[int, list[dict[str, Any]]]:
     return found
 
 
-def regime_lines(prefix: str, about: str, sets: dict[int, list[dict[str, Any]]]) -> list[str]:
-    """The regime's table (variants x metrics, mean ± SE over seeds) and its verdicts."""
+def _by_variant(sets: dict[int, list[dict[str, Any]]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> its row."""
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
     for seed, rows in sets.items():
         for row in rows:
             by_variant.setdefault(row["variant"], {})[seed] = row
+    return by_variant
+
+
+def regime_lines(prefix: str, about: str, sets: dict[int, list[dict[str, Any]]]) -> list[str]:
+    """The regime's table (variants x metrics, mean ± SE over seeds) and its verdicts."""
+    by_variant = _by_variant(sets)
     out = [
         f"Regime `{prefix}`: {about}. Mean ± standard error over seeds (the seed draws the "
         "rows and the init); BWT and OA in points.",
@@ -116,11 +122,7 @@ def ablation_lines(prefix: str, by_variant: dict[str, dict[int, dict[str, Any]]]
     where two seeds or more have both."""
     out = []
     for suffix, about in ABLATIONS.items():
-        runs: dict[str, dict[int, dict[str, Any]]] = {}
-        for seed, rows in seed_sets(prefix, f"-{suffix}").items():
-            for row in rows:
-                runs.setdefault(row["variant"], {})[seed] = row
-        for variant, per_seed in runs.items():
+        for variant, per_seed in _by_variant(seed_sets(prefix, f"-{suffix}")).items():
             defaults = by_variant.get(variant, {})
             parts = []
             for seed, row in sorted(per_seed.items()):
