@@ -41,6 +41,7 @@ from bench.common import (
     machine_info,
     rows_machine_lines,
     running,
+    write_summary_files,
 )
 from trainer.config import default_data_root, load_config
 from trainer.errors import TrainerError
@@ -402,10 +403,7 @@ def write_summary(args: argparse.Namespace, tag: str, model: Path, settings: dic
         "machine": machine_info(),
         "rows": rows,
     }
-    stem = "cl_quality_quick" if args.quick else f"cl_quality_{tag}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result), flush=True)
+    write_summary_files("cl_quality_quick" if args.quick else f"cl_quality_{tag}", result, markdown)
 
 
 if __name__ == "__main__":

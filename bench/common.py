@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,18 @@ def write_result(name: str, quick: bool, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(doc, indent=2))
     print(f"wrote {path}", flush=True)
     return path
+
+
+def write_summary_files(stem: str, result: dict[str, Any], render: Callable[[dict], str]) -> None:
+    """bench/results/<stem>.json and .md (`render`ed) from a result set's rows, and print the
+    page. Files that already hold these rows are left as they are: a restarted queue
+    re-reads every kept variant, and only a new row should give its summary a new date."""
+    page = render(result)
+    path = RESULTS / f"{stem}.json"
+    if not (path.is_file() and json.loads(path.read_text()).get("rows") == result["rows"]):
+        path.write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{stem}.md").write_text(page)
+    print(page, flush=True)
 
 
 def read_result(name: str, quick: bool) -> dict[str, Any] | None:

@@ -60,7 +60,13 @@ import torch
 import yaml
 
 from bench.cl_quality import MATCHED_DENSITY, VARIANTS, run_variant, settings_difference
-from bench.common import RESULTS, RUNS_ROOT, machine_info, rows_machine_lines
+from bench.common import (
+    RESULTS,
+    RUNS_ROOT,
+    machine_info,
+    rows_machine_lines,
+    write_summary_files,
+)
 from jlserve.checkpoint import TensorDigests, load_tensors
 from jlserve.delta import plan_update, read_delta
 from jlserve.errors import JlserveError
@@ -617,9 +623,7 @@ def write_summary(tag: str, model: Path, tasks: list[str], settings: dict) -> No
         "machine": machine_info(),
         "rows": rows,
     }
-    (RESULTS / f"interference_{tag}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"interference_{tag}.md").write_text(markdown(result))
-    print(markdown(result), flush=True)
+    write_summary_files(f"interference_{tag}", result, markdown)
 
 
 def main() -> int:

@@ -676,12 +676,14 @@ def test_interference_measures_another_benchmarks_finished_runs_from_their_delta
         assert m["own_loss"][1] != pytest.approx(m["own_loss"][2], abs=1e-4)
     page = (tmp_path / "interference_t.md").read_text()
     assert "| incLoRA+jump | tweet_sentiment | 0.5 |" in page
-    # asked again at the same scales: kept as it is
+    # asked again at the same scales: kept as it is, its summary too (no new date)
+    summary = (tmp_path / "interference_t.json").read_bytes()
     kept = subprocess.run(
         [sys.executable, "-m", *args, "--merge-scales", "0", "0.5", "1"], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     assert "== incLoRA+jump: kept" in kept.stdout and "merge scales" not in kept.stdout
+    assert (tmp_path / "interference_t.json").read_bytes() == summary
     refused = subprocess.run(
         [sys.executable, "-m", *args, "--merge-scales", "-1"], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=300,
