@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from jlserve.fsutil import atomic_write_bytes
 from jlserve.local_server import LocalServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,8 +201,8 @@ def write_summary_files(stem: str, result: dict[str, Any], render: Callable[[dic
     page = render(result)
     path = RESULTS / f"{stem}.json"
     if not (path.is_file() and json.loads(path.read_text()).get("rows") == result["rows"]):
-        path.write_text(json.dumps(result, indent=2))
-        (RESULTS / f"{stem}.md").write_text(page)
+        atomic_write_bytes(path, json.dumps(result, indent=2).encode())
+        atomic_write_bytes(RESULTS / f"{stem}.md", page.encode())
     print(page, flush=True)
 
 
