@@ -48,7 +48,10 @@ from trainer.errors import TrainerError
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = RUNS_ROOT / "cl_quality"
-# beside the variants' runs of a result set (runs/bench/cl_quality/<tag>/)
+# beside the result sets' folders (runs/bench/cl_quality/eval-cache/), one for all of them:
+# an entry's key holds the model's weights, the rows and the evaluator, so the ablations of
+# a seed share its base row; the evaluating server's settings, which the key cannot see,
+# are this file's alone
 EVAL_CACHE = "eval-cache"
 
 # name -> (method, adapter settings)
@@ -131,7 +134,7 @@ def row_of(name: str, metrics: dict) -> dict:
         "eval_s": sum(t["eval_seconds"] for t in tasks)
         if all("eval_seconds" in t for t in tasks)
         else None,
-        # of those rows' entries, how many were read from the result set's eval cache
+        # of those rows' entries, how many were read from the eval cache
         "eval_cached": sum(t.get("eval_cached", 0) for t in tasks),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
         "peak_gpu_mib": max(
@@ -156,8 +159,7 @@ def run_variant(
     cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "trainer", "--config", str(cfg_path), "--out", str(run_dir)]
     cmd += [arg for o in overrides for arg in ("--set", o)]
-    # the variants of a result set share the base row (same model, rows and evaluator)
-    cmd += ["--eval-cache", str(run_dir.parent / EVAL_CACHE)]
+    cmd += ["--eval-cache", str(run_dir.parent.parent / EVAL_CACHE)]
     if (run_dir / "run.json").is_file():
         cmd.append("--resume")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -333,7 +335,7 @@ def main() -> int:
     check_configs(names, base_cfg, args.set)
     rows_dir.mkdir(parents=True, exist_ok=True)
     if args.force:  # what re-runs are for (new code) must not be read back from the cache
-        shutil.rmtree(runs_dir / EVAL_CACHE, ignore_errors=True)
+        shutil.rmtree(runs_dir.parent / EVAL_CACHE, ignore_errors=True)
     write_summary(args, tag, model, settings)  # what is already on disk
     for name in names:
         row_path = rows_dir / f"{name}.json"

@@ -410,7 +410,7 @@ def test_a_matched_row_records_its_density_and_is_refused_once_its_twin_changed(
 ) -> None:
     """Through the CLI: the twin runs first whatever the order asked, the matched row keeps
     the density it ran at, and a twin re-run since (another density) makes it stale. The
-    two variants share the base row through the result set's eval cache, which --force
+    two variants share the base row through the benchmark's eval cache, which --force
     empties."""
     cmd = [sys.executable, "-m", "bench.cl_quality", "--tag", "m", "--model", str(tiny_model_dir)]
     cmd += ["--data", str(cl_data_root), "--order", "demo", "--train-rows", "8"]
@@ -430,7 +430,7 @@ def test_a_matched_row_records_its_density_and_is_refused_once_its_twin_changed(
     def evaluated(row: dict) -> int:  # the entries after each task
         return sum(v is not None for line in row["accuracy_matrix"] for v in line)
 
-    cache = tmp_path / "runs" / "cl_quality" / "m" / "eval-cache"
+    cache = tmp_path / "runs" / "cl_quality" / "eval-cache"  # shared by every result set
     n_tasks = len(twin["base_row"])
     assert matched["base_row"] == twin["base_row"]
     assert len(list(cache.glob("*.json"))) == n_tasks + evaluated(twin) + evaluated(matched)
