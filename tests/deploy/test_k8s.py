@@ -393,8 +393,10 @@ def _host_view() -> str:
         capture_output=True, text=True, check=False,
     ).stdout.splitlines()[:12]  # fmt: skip
     online = _read(Path("/sys/devices/system/cpu/online")).strip()
+    scheduler = Path("/sys/kernel/sched_ext/state")  # a BPF scheduler in place of the kernel's
+    ext = f"; sched_ext {_read(scheduler).strip()}" if scheduler.exists() else ""
     return "\n".join(
-        [f"host: CPUs online {online}; {'; '.join(shares)}; load {os.getloadavg()}"]
+        [f"host: CPUs online {online}; {'; '.join(shares)}; load {os.getloadavg()}{ext}"]
         + [row[:160] for row in top]
     )
 
