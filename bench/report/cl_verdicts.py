@@ -5,6 +5,7 @@ OA gap weighed by its standard error."""
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 
@@ -63,12 +64,17 @@ def learned_vs_topk_over_runs(
             labels.append(label)
     if len(gaps) < 2:
         return []
-    mean = sum(gaps) / len(gaps)
-    se = math.sqrt(sum(x * x for x in ses)) / len(ses) if ses else None
+    mean = statistics.fmean(gaps)
+    # the spread over the runs (seeds, orders), and what the evaluation rows alone allow
+    errors = [f"standard error over the runs {statistics.stdev(gaps) / math.sqrt(len(gaps)):.1f}"]
+    if ses:
+        errors.append(
+            f"from the evaluation rows alone {math.sqrt(sum(x * x for x in ses)) / len(ses):.1f}"
+        )
     return [
         f"Learned gate minus top-k in OA over the {len(gaps)} runs with both "
         f"({'; '.join(labels)}): {', '.join(f'{g:+.1f}' for g in gaps)} points, mean "
-        f"{mean:+.1f}" + (f" (standard error of the mean {se:.1f})." if se is not None else ".")
+        f"{mean:+.1f} ({'; '.join(errors)})."
     ]
 
 

@@ -182,13 +182,14 @@ def test_cl_report_pools_the_learned_gate_against_topk_over_runs() -> None:
     (sentence,) = learned_vs_topk_over_runs(
         [("a", rows(0.6, 0.62)), ("b", only_jump), ("c", rows(0.5, 0.54))], 800
     )
-    # gaps -2 and -4 points, each with a standard error of ~2.4-2.5: mean -3, SE ~1.7
+    # gaps -2 and -4 points: over the runs SE 1.0; each gap's own standard error from 800
+    # rows is ~2.4-2.5, so the rows alone allow ~1.7
     assert "2 runs with both (a; c): -2.0, -4.0 points, mean -3.0" in sentence
-    assert "standard error of the mean 1.7" in sentence
+    assert "(standard error over the runs 1.0; from the evaluation rows alone 1.7)." in sentence
     (unknown_rows,) = learned_vs_topk_over_runs(
         [("a", rows(0.6, 0.62)), ("c", rows(0.5, 0.54))], None
     )
-    assert unknown_rows.endswith("mean -3.0.")
+    assert unknown_rows.endswith("mean -3.0 (standard error over the runs 1.0).")
 
 
 def test_cl_report_shows_runs_with_one_setting_changed_at_the_same_budget(
