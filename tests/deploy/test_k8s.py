@@ -42,6 +42,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -374,20 +375,10 @@ def _host_view() -> str:
     """The machine when a replica stalls: the CPUs online, each CPU's busy and stolen
     share over one second, and the processes using the most CPU with the CPU each last
     ran on, its scheduling class and nice (a runnable process that never runs)."""
-
-    def ticks() -> dict[str, list[int]]:  # cpuN -> user nice system idle iowait irq softirq steal
-        rows = (line.split() for line in _read(Path("/proc/stat")).splitlines())
-        return {r[0]: [int(v) for v in r[1:9]] for r in rows if r and r[0][3:].isdigit()}
-
-    before = ticks()
-    time.sleep(1.0)
-    shares = []
-    for name, after in ticks().items():
-        delta = [a - b for a, b in zip(after, before.get(name, after), strict=True)]
-        total = sum(delta) or 1
-        idle, steal = delta[3] + delta[4], delta[7]
-        shares.append(f"{name} busy {100 * (total - idle - steal) / total:.0f} %, "
-                      f"stolen {100 * steal / total:.0f} %")  # fmt: skip
+    shares = [
+        f"cpu{i} busy {100 - t.idle - t.iowait - t.steal:.0f} %, stolen {t.steal:.0f} %"
+        for i, t in enumerate(psutil.cpu_times_percent(interval=1.0, percpu=True))
+    ]
     top = subprocess.run(
         ["ps", "-eo", "pid,psr,pcpu,stat,cls,ni,etime,args", "--sort=-pcpu"],
         capture_output=True, text=True, check=False,
