@@ -9,7 +9,8 @@ podman 4.3 publishes every containerPort on the host, so two replicas clash on :
 ports list goes (the probes name the port by number instead); podman 4.3 makes an
 emptyDir a named volume on disk, owned by root, that every pod of the Deployment shares,
 so each replica is played as a Deployment of one with its own volumes, its `/dev/shm`
-one created first as a tmpfs its user can write, and its vLLM bound to a core of its own;
+one created first as a tmpfs its user can write, and its vLLM computing on one thread
+pinned to no core (vLLM's automatic binding pins both replicas to the same core);
 podman has no Service, so the client sends each request to the next replica that passes
 the readiness check (`/health`, polled every second as the manifest's probe does); podman
 4.3 once (in CI) left a killed container exited despite its restart policy, so a replica
@@ -114,11 +115,15 @@ def _one_replica(index: int, deployment: dict) -> dict:
     one["metadata"]["name"] = f"{NAME}-{index}"
     one["spec"]["replicas"] = 1
     pod = one["spec"]["template"]["spec"]
-    # Each replica computes on a core of its own, as a pod with its own CPUs would (here
-    # every container sees all cores, and vLLM's automatic binding picks the same one).
-    cores = os.cpu_count() or 1
-    bind = {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": str(index % cores)}
-    pod["containers"][0]["env"].append(bind)
+    # One compute thread per replica, pinned to no core: here every container sees all
+    # cores and vLLM's automatic binding pins both replicas to the same one; with each bound
+    # to a core of its own, the restarted server of the replica on core 1 was allowed only
+    # core 0, where the other replica computed, and stalled there in CI (the stall handling
+    # below; why it was confined is not known).
+    pod["containers"][0]["env"] += [
+        {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "nobind"},
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+    ]
     private = {v["name"]: f"{NAME}-{index}-{v['name']}" for v in pod["volumes"] if "emptyDir" in v}
     for volume in pod["volumes"]:
         volume["name"] = private.get(volume["name"], volume["name"])
