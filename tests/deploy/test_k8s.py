@@ -135,7 +135,7 @@ def _one_replica(index: int, deployment: dict) -> dict:
 def _cleanup(manifest: Path) -> None:
     """Removes what the deployment played, replaced pods included (they have new names)."""
     podman("kube", "down", str(manifest), check=False)
-    for pod in podman("pod", "ps", "--format", "{{.Name}}").split():
+    for pod in _pod_names():
         if pod.startswith(NAME):
             podman("pod", "rm", "--force", "--time", "0", pod, check=False)
     names = podman("volume", "ls", "--format", "{{.Name}}").split()
@@ -236,15 +236,14 @@ class Replica:
         cannot remove (seen in CI: a stalled process outlived SIGKILL) stays, its address
         released to the new pod."""
         removal = podman("pod", "rm", "--force", "--time", "0", self.pod, check=False)
-        if self.pod in podman("pod", "ps", "--format", "{{.Name}}").split():
-            infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", self.pod)
+        if self.pod in _pod_names():
+            infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", self.pod).strip()
             networks = podman(
                 "inspect", "--format",
-                "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}} {{end}}",
-                infra.strip(),
+                "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}} {{end}}", infra,
             ).split()  # fmt: skip
             for network in networks:
-                podman("network", "disconnect", network, infra.strip())
+                podman("network", "disconnect", network, infra)
             print(f"\nk8s: podman could not remove {self.pod}:\n{removal.strip()}\n"
                   f"k8s: left it, its address released from {networks}")  # fmt: skip
         deployment = yaml.safe_load(self.manifest.read_text())
@@ -438,6 +437,10 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 def child(delta: Path) -> str:
     return read_delta(delta).metadata.child_fingerprint
+
+
+def _pod_names() -> list[str]:
+    return podman("pod", "ps", "--format", "{{.Name}}").split()
 
 
 def _pod_and_container(deployment: str) -> tuple[str, str]:
