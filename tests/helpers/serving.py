@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import openai
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from jlserve.local_server import LocalServer
 
@@ -68,6 +70,13 @@ def start_all(servers: Sequence[ServerProcess]) -> list[ServerProcess]:
 
 def admin_headers(token: str = ADMIN_TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def metric_samples(server: LocalServer, name: str) -> list[Sample]:
+    """The samples called `name` (e.g. `vllm:num_preemptions_total`) on `/metrics`."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    families = text_string_to_metric_families(text)
+    return [sample for family in families for sample in family.samples if sample.name == name]
 
 
 def greedy(

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from jlserve.checkpoint import load_tensors
 from jlserve.delta import read_delta
@@ -25,6 +24,7 @@ from tests.helpers.serving import (
     ServerProcess,
     admin_headers,
     greedy,
+    metric_samples,
     server_processes,
     start_all,
 )
@@ -126,14 +126,8 @@ def test_bad_delta_is_refused_and_changes_nothing(shared, bad_bodies, case):
 
 def rejected_counts(server: ServerProcess) -> dict[str, float]:
     """`jlserve_updates_rejected` on vLLM's `/metrics`: count by reason."""
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return {
-        sample.labels["reason"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "jlserve_updates_rejected"
-        for sample in family.samples
-        if sample.name == "jlserve_updates_rejected_total"
-    }
+    samples = metric_samples(server, "jlserve_updates_rejected_total")
+    return {sample.labels["reason"]: sample.value for sample in samples}
 
 
 def test_refused_updates_are_counted_on_metrics_by_reason(shared, bad_bodies, delta_chain):

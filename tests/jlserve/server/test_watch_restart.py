@@ -32,6 +32,7 @@ from tests.helpers.serving import (
     ServerProcess,
     admin_headers,
     greedy,
+    metric_samples,
     open_stalled_stream,
     read_stream_to_end,
     refused_start,
@@ -40,6 +41,7 @@ from tests.helpers.serving import (
 )
 from tests.jlserve.server.test_serving import (
     STREAM_PROMPTS,
+    Streamed,
     _reference_texts,
     _streams_during_updates,
     overlapping,
@@ -246,23 +248,45 @@ def test_the_watched_folder_was_read_only_to_the_server(setup):
     assert [r["outcome"] for r in ledger.values()].count("applied") == 3
 
 
+CROSSING_ROUNDS = 10
+PREEMPTIONS = "vllm:num_preemptions_total"  # vLLM counts each request a swap froze
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """One round of streams during the chain's updates, as `_crossing_streams` saw it."""
+
+    crossed: list[Streamed]  # not the text of the model admitted under (or outlived it)
+    preempted: int  # requests vLLM froze at a swap and recomputed on the new weights
+    log: str  # what the server logged during the round
+    rounds: int  # rounds run to get it
+
+
+def _preemptions(server: ServerProcess) -> float:
+    return sum(sample.value for sample in metric_samples(server, PREEMPTIONS))
+
+
 def _crossing_streams(
-    server, delta_chain, references, *, overlap_counts: bool, logged: str = "", rounds: int = 5
-) -> tuple[list, str]:
-    """Run 16 streams of 200 tokens while the chain is swapped in (from version 0), up to
-    `rounds` times, until some response is not the text of the model it was admitted
-    under (it ran across a swap: frozen, then resumed on the new weights), or, with
-    `overlap_counts`, still streamed after the swap away from its model was answered;
-    with `logged`, a round counts only if the server logged that text during it.
-    Returns those responses of the last round and what the server logged in it."""
-    crossed: list = []
-    log = ""
-    for _ in range(rounds):  # every stream may end before a swap (or its drain): retry
+    server, delta_chain, references, *, overlap_counts: bool, logged: str = ""
+) -> Crossing:
+    """Run 16 streams of 200 tokens while the chain is swapped in (from version 0), round
+    after round, until vLLM preempted requests at a swap (its preemption counter rose)
+    and, with `logged`, the server logged that text; at most CROSSING_ROUNDS rounds. A
+    round without a preemption shows nothing either way: on a loaded machine the engine
+    can finish every stream before an update reaches it (the client and the API server
+    lag; the tiny model decodes 200 tokens in a third of a second). Returns that round's
+    responses that are not the text of the model they were admitted under (they ran
+    across a swap: frozen, then resumed on the new weights) and, with `overlap_counts`,
+    those still streaming after the swap away from their model was answered."""
+    rounds = 0
+    while rounds < CROSSING_ROUNDS:
+        rounds += 1
         offset = server.log_path.stat().st_size
         r = httpx.post(
             f"{server.url}/admin/rollback", json={"to_version": 0}, headers=admin_headers()
         )
         assert r.status_code == 200, r.text
+        before = _preemptions(server)
         results, swaps = asyncio.run(_streams_during_updates(server, delta_chain.deltas, 200))
         assert [r.status for r in results] == [200] * 16  # no request dropped or failed
         assert all(len(r.text) > 0 for r in results)
@@ -274,10 +298,11 @@ def _crossing_streams(
         ]
         if overlap_counts:
             crossed += overlapping(results, swaps)
+        preempted = int(_preemptions(server) - before)
         log = server.log_path.read_bytes()[offset:].decode(errors="replace")
-        if crossed and logged in log:
+        if preempted and logged in log:
             break
-    return crossed, log
+    return Crossing(crossed, preempted, log, rounds)
 
 
 def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_chain, references):
@@ -286,8 +311,9 @@ def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_c
     # model it was admitted under (test_serving's drain test).
     server, _folder = setup
     assert status(server)["swap_policy"] == "preempt"
-    crossed, _log = _crossing_streams(server, delta_chain, references, overlap_counts=True)
-    assert crossed, "no response ran across a swap in five rounds"
+    seen = _crossing_streams(server, delta_chain, references, overlap_counts=True)
+    assert seen.preempted, f"no swap met a running request in {seen.rounds} rounds"
+    assert seen.crossed, f"{seen.preempted} request(s) preempted, yet none crossed a swap"
 
 
 def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
@@ -388,11 +414,13 @@ def test_past_the_drain_timeout_preempt_recomputes_running_requests_on_the_new_m
     preempting = f"drain timeout ({DRAIN_TIMEOUT_S:.1f} s): preempting"
     # only a text that is not its admission model's counts: a drain that waited for the
     # engine would leave every response whole on the model it was admitted under
-    crossed, log = _crossing_streams(
+    seen = _crossing_streams(
         server, delta_chain, references, overlap_counts=False, logged=preempting
     )
-    assert preempting in log, "no update waited past the drain timeout in five rounds"
-    assert crossed, "no response was recomputed on a new model in five rounds"
+    assert preempting in seen.log and seen.preempted, (
+        f"no update preempted a running request past the drain timeout in {seen.rounds} rounds"
+    )
+    assert seen.crossed, f"{seen.preempted} request(s) preempted, yet none was recomputed"
 
 
 def restarted_log(server) -> str:
