@@ -44,7 +44,6 @@ from tests.jlserve.server.test_serving import (
     Streamed,
     _reference_texts,
     _streams_during_updates,
-    overlapping,
 )
 
 pytestmark = pytest.mark.slow
@@ -256,7 +255,7 @@ PREEMPTIONS = "vllm:num_preemptions_total"  # vLLM counts each request a swap fr
 class Crossing:
     """One round of streams during the chain's updates, as `_crossing_streams` saw it."""
 
-    crossed: list[Streamed]  # not the text of the model admitted under (or outlived it)
+    crossed: list[Streamed]  # not the text of the model they were admitted under
     preempted: int  # requests vLLM froze at a swap and recomputed on the new weights
     log: str  # what the server logged during the round
     rounds: int  # rounds run to get it
@@ -266,18 +265,15 @@ def _preemptions(server: ServerProcess) -> float:
     return sum(sample.value for sample in metric_samples(server, PREEMPTIONS))
 
 
-def _crossing_streams(
-    server, delta_chain, references, *, overlap_counts: bool, logged: str = ""
-) -> Crossing:
+def _crossing_streams(server, delta_chain, references, logged: str = "") -> Crossing:
     """Run 16 streams of 200 tokens while the chain is swapped in (from version 0), round
     after round, until vLLM preempted requests at a swap (its preemption counter rose)
     and, with `logged`, the server logged that text; at most CROSSING_ROUNDS rounds. A
     round without a preemption shows nothing either way: on a loaded machine the engine
     can finish every stream before an update reaches it (the client and the API server
     lag; the tiny model decodes 200 tokens in a third of a second). Returns that round's
-    responses that are not the text of the model they were admitted under (they ran
-    across a swap: frozen, then resumed on the new weights) and, with `overlap_counts`,
-    those still streaming after the swap away from their model was answered."""
+    responses that are not the text of the model they were admitted under: they ran
+    across a swap (frozen, then resumed on the new weights)."""
     rounds = 0
     while rounds < CROSSING_ROUNDS:
         rounds += 1
@@ -287,7 +283,7 @@ def _crossing_streams(
         )
         assert r.status_code == 200, r.text
         before = _preemptions(server)
-        results, swaps = asyncio.run(_streams_during_updates(server, delta_chain.deltas, 200))
+        results, _swaps = asyncio.run(_streams_during_updates(server, delta_chain.deltas, 200))
         assert [r.status for r in results] == [200] * 16  # no request dropped or failed
         assert all(len(r.text) > 0 for r in results)
         assert status(server)["fingerprint"] == child(delta_chain.deltas[2])
@@ -296,8 +292,6 @@ def _crossing_streams(
             for i, r in enumerate(results)
             if r.text != references[r.fingerprint][STREAM_PROMPTS[i % 8]]
         ]
-        if overlap_counts:
-            crossed += overlapping(results, swaps)
         preempted = int(_preemptions(server) - before)
         log = server.log_path.read_bytes()[offset:].decode(errors="replace")
         if preempted and logged in log:
@@ -311,7 +305,7 @@ def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_c
     # model it was admitted under (test_serving's drain test).
     server, _folder = setup
     assert status(server)["swap_policy"] == "preempt"
-    seen = _crossing_streams(server, delta_chain, references, overlap_counts=True)
+    seen = _crossing_streams(server, delta_chain, references)
     assert seen.preempted, f"no swap met a running request in {seen.rounds} rounds"
     assert seen.crossed, f"{seen.preempted} request(s) preempted, yet none crossed a swap"
 
@@ -414,9 +408,7 @@ def test_past_the_drain_timeout_preempt_recomputes_running_requests_on_the_new_m
     preempting = f"drain timeout ({DRAIN_TIMEOUT_S:.1f} s): preempting"
     # only a text that is not its admission model's counts: a drain that waited for the
     # engine would leave every response whole on the model it was admitted under
-    seen = _crossing_streams(
-        server, delta_chain, references, overlap_counts=False, logged=preempting
-    )
+    seen = _crossing_streams(server, delta_chain, references, logged=preempting)
     assert preempting in seen.log and seen.preempted, (
         f"no update preempted a running request past the drain timeout in {seen.rounds} rounds"
     )
