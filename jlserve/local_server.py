@@ -3,6 +3,11 @@
 The server runs in its own process group, so `stop()` (SIGTERM) and `kill()` (SIGKILL,
 as a crash would) reach vLLM's engine core and workers too. Output goes to a log file;
 `log_tail()` shows its end when startup fails.
+
+Its own group is also out of reach of a SIGTERM sent to ours (`kill -- -PGID`, `timeout`,
+a container stop), which would end this process without running its `finally` blocks and
+leave the server running, orphaned. So `start()` turns SIGTERM into `SystemExit` (in the
+main thread, where no handler was set): the callers' `finally: server.stop()` then runs.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +34,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit(143) here, unless another handler was set (or we are not
+    the main thread, where Python allows none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 class ServerStartError(JlserveError):
@@ -62,6 +81,7 @@ class LocalServer:
         return self.log_path.with_name(self.log_path.stem + ".api-key")
 
     def start(self) -> LocalServer:
+        _exit_on_sigterm()
         env = dict(os.environ, PYTHONUNBUFFERED="1") | dict(self.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.api_key:  # a secret travels in a file, never on a command line

@@ -1,0 +1,71 @@
+"""LocalServer: a SIGTERM to the process that started a server stops the server too.
+
+The server runs in its own process group, which a SIGTERM to its owner's group does not
+reach (`kill -- -PGID`, `timeout`, a container stop); without the owner's `finally:
+server.stop()` it would be left running, orphaned, holding its port, memory and cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+# The owner, as the demo and the benchmarks hold a server: start, use, stop in `finally`.
+OWNER = """
+import sys, time
+from pathlib import Path
+from tests.helpers.serving import ServerProcess
+root = Path(sys.argv[2])
+server = ServerProcess(Path(sys.argv[1]), root / "state", root / "server.log", ("--insecure-admin",))
+try:
+    server.start().wait_ready()
+    print(server.proc.pid, flush=True)
+    time.sleep(600)
+finally:
+    server.stop()
+"""
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_the_owner_stops_its_server(tiny_model_dir, tmp_path):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(tiny_model_dir), str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    server_pid = None
+    try:
+        line = owner.stdout.readline()  # the server's pid, once it answers /health
+        assert line.strip().isdigit(), f"the server did not start: {line!r}"
+        server_pid = int(line)
+        assert _group_alive(server_pid)
+        owner.send_signal(signal.SIGTERM)
+        assert owner.wait(timeout=60) == 128 + signal.SIGTERM  # exited through `finally`
+        deadline = time.monotonic() + 30  # the engine core and worker end after the API server
+        while _group_alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(server_pid), "the server outlived its owner"
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+        if server_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server_pid, signal.SIGKILL)
