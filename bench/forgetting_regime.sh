@@ -80,8 +80,8 @@ done
 for seed in 1 2 3; do
   SUFFIX=-refit-long SETTING='adapter.sparse_schedule=[0.2, 0.5]' so1_x4 "$seed" incLoRA+jump
 done
-# Seed 1's no-refit forgot almost nothing (BWT -0.2; it learned each task less, dbpedia
-# 0.625 after its own task against the default's 0.94; docs/trainer.md): seeds 2 and 3.
+# Seed 1's no-refit had BWT -0.2 by learning each task less (dbpedia 0.625 after its own
+# task against the default's 0.94; docs/trainer.md): does the trade repeat on seeds 2, 3?
 for seed in 1 2 3; do
   SUFFIX=-no-refit SETTING='adapter.sparse_schedule=[1, 1]' so1_x4 "$seed" incLoRA+jump
 done

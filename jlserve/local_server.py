@@ -4,10 +4,12 @@ The server runs in its own process group, so `stop()` (SIGTERM) and `kill()` (SI
 as a crash would) reach vLLM's engine core and workers too. Output goes to a log file;
 `log_tail()` shows its end when startup fails.
 
-Its own group is also out of reach of a SIGTERM sent to ours (`kill -- -PGID`, `timeout`,
-a container stop), which would end this process without running its `finally` blocks and
-leave the server running, orphaned. So `start()` turns SIGTERM into `SystemExit` (in the
-main thread, where no handler was set): the callers' `finally: server.stop()` then runs.
+Its own group is also out of reach of a SIGTERM sent to ours (`kill -- -PGID`, `timeout`),
+which would end this process without running its `finally` blocks and leave the server
+running, orphaned. So `start()` turns SIGTERM into `SystemExit` (only when it runs in the
+main thread and SIGTERM still has its default action): the callers' `finally:
+server.stop()` then runs. A program with its own SIGTERM handler (the test suite's
+raises KeyboardInterrupt, which ends a pytest session) keeps it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def _exit_on_sigterm() -> None:
 
 
 def _raise_system_exit(signum: int, _frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
     raise SystemExit(128 + signum)
 
 

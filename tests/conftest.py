@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,19 @@ needs_cl_benchmark = pytest.mark.skipif(
         "(docs/data.md)"
     ),
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (`timeout`, a group kill) ends the session as Ctrl-C does, fixtures torn
+    down, servers stopped. LocalServer would otherwise make it a SystemExit, which pytest
+    reports as one test's failure and goes on from."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 # Two short binary tasks of `cl_data_root`, the stream most trainer tests run.
 TWO_TASKS = ("movie_sentiment", "tweet_sentiment")
 

@@ -34,7 +34,7 @@ ABLATIONS = {  # a result set's tag suffix -> what its runs change (bench/forget
     "the gate for longer (`adapter.sparse_schedule=[0.2, 0.5]`; the default [0.2, 0.8])",
     "no-refit": "trained dense and cut once before the merge, no re-fitting under the gate "
     "(`adapter.sparse_schedule=[1, 1]`); the threshold is only initialised (as many entries "
-    "as the adapter has parameters, 3.47 %) and never trained, a fixed-count cut",
+    "as the adapter has parameters) and never trained, a fixed-count cut",
 }
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
 NAIVE_BASELINES = ("incLoRA", "seqLoRA")  # point 1 measures both; incLoRA decides

@@ -1,8 +1,8 @@
 """LocalServer: a SIGTERM to the process that started a server stops the server too.
 
 The server runs in its own process group, which a SIGTERM to its owner's group does not
-reach (`kill -- -PGID`, `timeout`, a container stop); without the owner's `finally:
-server.stop()` it would be left running, orphaned, holding its port, memory and cores.
+reach (`kill -- -PGID`, `timeout`); without the owner's `finally: server.stop()` it would
+be left running, orphaned, holding its port, memory and cores.
 """
 
 from __future__ import annotations
@@ -45,27 +45,22 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_sigterm_to_the_owner_stops_its_server(tiny_model_dir, tmp_path):
-    owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, str(tiny_model_dir), str(tmp_path)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    command = [sys.executable, "-c", OWNER, str(tiny_model_dir), str(tmp_path)]
     server_pid = None
-    try:
-        line = owner.stdout.readline()  # the server's pid, once it answers /health
-        assert line.strip().isdigit(), f"the server did not start: {line!r}"
-        server_pid = int(line)
-        assert _group_alive(server_pid)
-        owner.send_signal(signal.SIGTERM)
-        assert owner.wait(timeout=60) == 128 + signal.SIGTERM  # exited through `finally`
-        deadline = time.monotonic() + 30  # the engine core and worker end after the API server
-        while _group_alive(server_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _group_alive(server_pid), "the server outlived its owner"
-    finally:
-        owner.kill()
-        owner.wait(timeout=30)
-        if server_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server_pid, signal.SIGKILL)
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as owner:
+        try:
+            line = owner.stdout.readline()  # the server's pid, once it answers /health
+            assert line.strip().isdigit(), f"the server did not start: {line!r}"
+            server_pid = int(line)
+            assert _group_alive(server_pid)
+            owner.send_signal(signal.SIGTERM)
+            assert owner.wait(timeout=60) == 128 + signal.SIGTERM  # exited through `finally`
+            deadline = time.monotonic() + 30  # the engine processes end after the API server
+            while _group_alive(server_pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not _group_alive(server_pid), "the server outlived its owner"
+        finally:
+            owner.kill()
+            if server_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server_pid, signal.SIGKILL)

@@ -248,7 +248,9 @@ def test_the_watched_folder_was_read_only_to_the_server(setup):
 
 
 CROSSING_ROUNDS = 10
-PREEMPTIONS = "vllm:num_preemptions_total"  # vLLM counts each request a swap froze
+# vLLM counts each running request a swap preempts (and its own, under KV-cache pressure,
+# which the tests' short streams never reach); a waiting request is frozen uncounted
+PREEMPTIONS = "vllm:num_preemptions_total"
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ class Crossing:
     """One round of streams during the chain's updates, as `_crossing_streams` saw it."""
 
     crossed: list[Streamed]  # not the text of the model they were admitted under
-    preempted: int  # requests vLLM froze at a swap and recomputed on the new weights
+    preempted: int  # preemptions: running requests frozen, recomputed on the new weights
     log: str  # what the server logged during the round
     rounds: int  # rounds run to get it
 
@@ -271,9 +273,10 @@ def _crossing_streams(server, delta_chain, references, logged: str = "") -> Cros
     and, with `logged`, the server logged that text; at most CROSSING_ROUNDS rounds. A
     round without a preemption shows nothing either way: on a loaded machine the engine
     can finish every stream before an update reaches it (the client and the API server
-    lag; the tiny model decodes 200 tokens in a third of a second). Returns that round's
-    responses that are not the text of the model they were admitted under: they ran
-    across a swap (frozen, then resumed on the new weights)."""
+    lag; the tiny model decodes 200 tokens in a third of a second). Returns a Crossing:
+    that round's responses that are not the text of the model they were admitted under
+    (they ran across a swap: frozen, then resumed on the new weights), its preemptions,
+    its log and the rounds run."""
     rounds = 0
     while rounds < CROSSING_ROUNDS:
         rounds += 1
@@ -307,7 +310,7 @@ def test_preempt_policy_serves_every_stream_and_overlaps_versions(setup, delta_c
     assert status(server)["swap_policy"] == "preempt"
     seen = _crossing_streams(server, delta_chain, references)
     assert seen.preempted, f"no swap met a running request in {seen.rounds} rounds"
-    assert seen.crossed, f"{seen.preempted} request(s) preempted, yet none crossed a swap"
+    assert seen.crossed, f"{seen.preempted} preemption(s), yet no response crossed a swap"
 
 
 def test_restart_after_two_updates_serves_the_same_model(setup, delta_chain):
@@ -412,7 +415,7 @@ def test_past_the_drain_timeout_preempt_recomputes_running_requests_on_the_new_m
     assert preempting in seen.log and seen.preempted, (
         f"no update preempted a running request past the drain timeout in {seen.rounds} rounds"
     )
-    assert seen.crossed, f"{seen.preempted} request(s) preempted, yet none was recomputed"
+    assert seen.crossed, f"{seen.preempted} preemption(s), yet no response was recomputed"
 
 
 def restarted_log(server) -> str:
