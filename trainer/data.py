@@ -404,8 +404,10 @@ def held_out_loss(
     """Mean cross-entropy per target token on the task's held-out rows, as it is taught
     (teacher forcing): the metric every task has, free-form or not. Left-padded, so every
     row's targets end the batch and only the last positions' logits are computed (the
-    vocabulary projection over every prompt token was a quarter of the time)."""
-    examples = enc.pairs(task, task.dev)
+    vocabulary projection over every prompt token was a quarter of the time); rows of like
+    length batched together (the mean does not depend on the batching; in the dev order,
+    batches of 32 were 32-42 % padding on short_order_1's tasks, 6-9 % sorted)."""
+    examples = sorted(enc.pairs(task, task.dev), key=lambda pair: len(pair[0]) + len(pair[1]))
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
