@@ -63,7 +63,7 @@ from trainer.publish import Publisher
 from trainer.report import write_report
 from trainer.schedule import SparsitySchedule
 from trainer.served import ServedModel
-from trainer.step import StepResult, adapter_optimizer, train_step
+from trainer.step import StepResult, adapter_optimizer, grouped_loss, train_step
 from trainer.telemetry import Telemetry
 
 
@@ -427,6 +427,10 @@ class Recipe:
         model = self.model
         if dist.is_initialized():
             model = data_parallel(model, adapter, self.device)
+        # On the CPU the padding costs its full compute (a GPU hides it): rows of like
+        # length go through in groups there (trainer.step.grouped_loss: the same loss and
+        # gradient). Under torchrun each rank's share is small already.
+        by_length = self.device.type == "cpu" and not dist.is_initialized()
         model.train()
         log_every = max(1, total // 20)
         steps_before = sum(t["steps"] for t in self.task_log)  # the run's global step
@@ -443,6 +447,8 @@ class Recipe:
 
                     def task_loss(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
                         with self.autocast():
+                            if by_length:
+                                return grouped_loss(model, batch)
                             return model(**batch).loss
 
                     reinit = gate != "none" and step == schedule.t1

@@ -7,6 +7,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from bench.common import read_result
 from bench.report.shared import provenance, save_figure
 
 
@@ -67,7 +68,41 @@ def section(doc: dict[str, Any], img: Path, md_dir: Path) -> list[str]:
     axes[1].bar(names, [r["peak_rss_mib"] for r in doc["rows"]], color="C1")
     axes[1].set(title="peak RSS (MiB)")
     out += ["", save_figure(fig, doc, img, "train_step", md_dir), ""]
-    return out
+    padding = read_result("train_step_padding", doc["quick"])
+    return out + (_padding(padding) if padding is not None else [])
+
+
+def _padding(doc: dict[str, Any]) -> list[str]:
+    """The JumpLoRA step on a right-padded batch of rows of varied length: one padded
+    forward against the loop's groups of like length (bench/train_step.py --padding)."""
+    st, by = doc["settings"], {r["variant"]: r for r in doc["rows"]}
+    padded, grouped = by["jumplora"], by["jumplora-grouped"]
+    rel = doc["ratios"]["jumplora_over_jumplora-grouped"]
+    lengths = st["row_lengths"]
+    return [
+        "### Rows of varied length: one padded batch vs groups of like length",
+        "",
+        provenance(doc),
+        "",
+        f"The JumpLoRA step as above, on a batch of {st['batch_size']} rows of "
+        f"{min(lengths)}-{max(lengths)} tokens ({sum(lengths)} real tokens of "
+        f"{len(lengths) * max(lengths)} padded), right-padded as the trainer pads: one "
+        f"forward of the padded batch against the loop's CPU path, the rows in groups of "
+        f"like length, each cut to its longest row (`trainer.step.grouped_loss`: the same "
+        f"loss and gradient).",
+        "",
+        "| step | wall s/step (median) | CPU s/step (median) | peak RSS MiB |",
+        "|---|---|---|---|",
+        f"| one padded batch | {padded['s_per_step_median']:.3f} | "
+        f"{padded['cpu_s_per_step_median']:.3f} | {padded['peak_rss_mib']:.0f} |",
+        f"| groups of like length | {grouped['s_per_step_median']:.3f} | "
+        f"{grouped['cpu_s_per_step_median']:.3f} | {grouped['peak_rss_mib']:.0f} |",
+        "",
+        f"- Padded over grouped: wall **{rel['step_time']:.2f}x** (median of per-round "
+        f"ratios {rel['step_time_per_round_median']:.2f}), CPU {rel['cpu_time']:.2f}x, peak "
+        f"RSS {rel['peak_rss']:.2f}x.",
+        "",
+    ]
 
 
 def summary(doc: dict[str, Any]) -> list[str]:
