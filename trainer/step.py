@@ -25,9 +25,9 @@ from trainer.config import AdapterConfig
 from trainer.data import IGNORE_INDEX
 
 # Groups of fewer rows cost more per token than the padding they save: on SmolLM2 (CPU,
-# fp32, 2 threads) a batch of 8 CL-benchmark rows took 0.97x the padded batch's time as
-# 8 single rows, 0.85x as 4 pairs and 0.77x as 2 groups of 4 (bench/train_step.py
-# --padding measures it).
+# fp32, 2 threads, load 4), four batches of 8 amazon rows of the CL benchmark took 0.97x
+# the padded batches' forward and backward time as single rows, 0.85x as pairs and 0.77x
+# as groups of 4 (measured once; bench/train_step.py --padding times the loop's step).
 MIN_GROUP_ROWS = 4
 
 
