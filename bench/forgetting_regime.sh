@@ -90,8 +90,9 @@ done
 so1_x4 1 ella ella+jump inflora inflora+jump incLoRA+jump-ref
 # The loop now trains on the CPU in groups of like length (trainer.step.grouped_loss: the
 # same loss and gradient up to float summation order). The default's seed 1 again on that
-# path: how far does float-order noise alone move a run? (Every run before seed 1's ella
-# trained on one padded batch; ELLA's and InfLoRA's on the groups.)
+# path: how far does float-order noise alone move a run? (Every run above trained on one
+# padded batch, seed 1's incLoRA+jump-ref too; seed 1's ELLA and InfLoRA rows and all
+# below on the groups: run.json's task_log says per task.)
 SUFFIX=-grouped so1_x4 1 incLoRA+jump
 # long_order_4 on 100 dev rows per task (the short orders' 200 would make the 58
 # evaluations of a variant about 2.4 h through vLLM here, against 20 min of training; a

@@ -25,7 +25,8 @@ Writes bench/results/train_step[_quick].json.
 `--padding`: what the loop gains on the CPU by computing a batch in groups of like length
 (`trainer.step.grouped_loss`) instead of one padded forward. Rows of lengths evenly spread
 from a quarter of the max length to all of it (the CL benchmark's rows vary about as much),
-right-padded, loss on each row's second half; the JumpLoRA step timed both ways as above. Writes bench/results/train_step_padding[_quick].json.
+right-padded, loss on each row's second half; the JumpLoRA step timed both ways as above.
+Writes bench/results/train_step_padding[_quick].json.
 """
 
 from __future__ import annotations
@@ -248,6 +249,8 @@ def main() -> None:
     )
     parser.add_argument("--memory-of", choices=[*VARIANTS, GROUPED], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.padding and args.variants:
+        parser.error("--padding times its own two steps; leave out --variants")
     require_model(args.model)
     if args.padding:  # 8 rows: room for two groups of trainer.step.MIN_GROUP_ROWS
         batch, length = args.batch_size or 8, args.max_length or (64 if args.quick else 256)

@@ -427,9 +427,11 @@ class Recipe:
         model = self.model
         if dist.is_initialized():
             model = data_parallel(model, adapter, self.device)
-        # On the CPU the padding costs its full compute (a GPU hides it): rows of like
-        # length go through in groups there (trainer.step.grouped_loss: the same loss and
-        # gradient). Under torchrun each rank's share is small already.
+        # On the CPU the padding costs its full compute: rows of like length go through in
+        # groups there (trainer.step.grouped_loss: the same loss and gradient). Not under
+        # torchrun: DDP expects one forward per backward, and the rank's loss
+        # (trainer.parallel) normalises by the global token count itself. Not measured on
+        # a GPU, so a GPU keeps one padded forward.
         by_length = self.device.type == "cpu" and not dist.is_initialized()
         model.train()
         log_every = max(1, total // 20)
@@ -486,6 +488,7 @@ class Recipe:
             "trained_tokens": tokens,  # this rank's (prompt and answer, padding left out)
             "train_seconds": seconds,
             "seconds_per_step": seconds / total,
+            "task_loss": "length groups" if by_length else "one padded batch",
             "final_loss": stats["loss"],
             "gate_density": adapter.density(),
             "theta": float(adapter.thresholds.values().mean()),

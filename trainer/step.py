@@ -63,7 +63,11 @@ def grouped_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     not change. Each group's sum is divided by the whole batch's target-token count, so
     the groups add up to the batch's mean (value and gradient; float summation order
     aside)."""
-    lengths = batch["attention_mask"].sum(dim=1)  # (B,)
+    mask = batch["attention_mask"]  # (B, L)
+    lengths = mask.sum(dim=1)  # (B,)
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask.bool(), columns < lengths[:, None]):
+        raise ValueError("grouped_loss needs a right-padded batch (ones, then zeros, per row)")
     count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the causal LM shifts by one
     total = torch.zeros((), device=lengths.device)
     for rows in length_groups(lengths.tolist()):

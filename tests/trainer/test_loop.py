@@ -66,6 +66,9 @@ def test_two_task_stream_writes_every_output_and_exact_deltas(
     on_gpu = torch.cuda.is_available()
     assert all(t["peak_rss_mib"] > 0 and ("peak_gpu_mib" in t) == on_gpu for t in metrics["tasks"])
     _assert_tensorboard_events(run / "tensorboard", info)
+    # The CPU trains in groups of like length (trainer.step.grouped_loss), a GPU padded.
+    path = "one padded batch" if on_gpu else "length groups"
+    assert all(t["task_loss"] == path for t in info["task_log"])
     # The held-out loss of every task, where the metric was evaluated, and its rise.
     loss = metrics["loss"]
     filled = [[v is not None for v in row] for row in loss["matrix"]]

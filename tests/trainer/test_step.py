@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.adapter import Adapter
 from trainer.config import AdapterConfig
-from trainer.data import Encoder, Task
+from trainer.data import IGNORE_INDEX, Encoder, Task
 from trainer.step import grouped_loss, length_groups
 
 
@@ -56,28 +56,64 @@ def test_length_groups_are_the_fewest_padded_tokens(min_rows: int) -> None:
         assert _padded_tokens(lengths, groups) == _fewest_padded_tokens(lengths, min_rows)
 
 
-def test_grouped_loss_is_the_padded_batch_loss(tiny_model_dir) -> None:
-    """Eight rows of very different lengths, right-padded by the trainer's collate: the
-    grouped loss and the adapter's gradients equal one padded forward's (float summation
-    order aside), and the groups really cut the batch (else the test would prove nothing)."""
+def _gated_model(model_dir) -> tuple[torch.nn.Module, Adapter]:
+    """The tiny model in train mode with a gated adapter whose dW is not zero (f = 1)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.requires_grad_(False)
+    model.train()
     adapter = Adapter(model, AdapterConfig(r=4, alpha=8, gate="jump"))
     with torch.no_grad():  # B = 0 at init: give dW something to differentiate
         for module in adapter.modules.values():
             module.lora_B.normal_(std=0.02)
     adapter.reinit_thresholds()
     adapter.set_f(1.0)
-    enc = Encoder(AutoTokenizer.from_pretrained(tiny_model_dir), max_length=96)
+    return model, adapter
+
+
+def _collated_batch(model_dir) -> dict[str, torch.Tensor]:
+    """Eight rows of very different lengths, right-padded by the trainer's collate."""
+    enc = Encoder(AutoTokenizer.from_pretrained(model_dir), max_length=96)
     rows = [
         {"sentence": "word " * n, "label": label}
         for n, label in zip([1, 40, 3, 55, 2, 30, 4, 60], ["Good", "Bad"] * 4, strict=True)
     ]
     task = Task(name="t", instruction="Pick one.", options=["Good", "Bad"], train=rows, dev=[])
-    batch = enc.collate(enc.train_examples(task))  # (8, L), right-padded
+    return enc.collate(enc.train_examples(task))  # (8, L)
+
+
+def _hand_batch(vocab: int) -> dict[str, torch.Tensor]:
+    """Eight right-padded rows of 5-40 tokens, random ids; labels on every real token of
+    the even rows (column 0 too, which the causal shift drops) and on the odd rows' last
+    three."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 40, 7, 33, 6, 38, 9, 12]
+    ids = torch.randint(3, vocab, (8, 40), generator=gen)
+    mask = (torch.arange(40) < torch.tensor(lengths)[:, None]).long()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, n in enumerate(lengths):
+        start = 0 if row % 2 == 0 else n - 3
+        labels[row, start:n] = ids[row, start:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("batch_of", ["collate", "hand"])
+def test_grouped_loss_is_the_padded_batch_loss(tiny_model_dir, batch_of: str) -> None:
+    """The grouped loss and the adapter's gradients equal one padded forward's (float
+    summation order aside); the groups really cut the batch and each runs at its own
+    width (else equality would prove nothing)."""
+    model, adapter = _gated_model(tiny_model_dir)
+    if batch_of == "collate":
+        batch = _collated_batch(tiny_model_dir)
+    else:
+        batch = _hand_batch(model.config.vocab_size)
     lengths = batch["attention_mask"].sum(1).tolist()
-    assert len(length_groups(lengths)) == 2 and max(lengths) > 1.5 * min(lengths)
+    groups = length_groups(lengths)
+    assert len(groups) == 2 and max(lengths) > 1.5 * min(lengths)
+    widths: list[int] = []
+    model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
 
     def loss_and_grads(loss_fn) -> tuple[float, list[torch.Tensor]]:
         adapter.begin_step(1.0)
@@ -93,8 +129,20 @@ def test_grouped_loss_is_the_padded_batch_loss(tiny_model_dir) -> None:
         return loss.item(), grads
 
     padded, padded_grads = loss_and_grads(lambda: model(**batch).loss)
+    assert widths == [max(lengths)]
+    widths.clear()
     grouped, grouped_grads = loss_and_grads(lambda: grouped_loss(model, batch))
+    assert widths == [max(lengths[i] for i in g) for g in groups] and widths[0] < max(lengths)
     assert grouped == pytest.approx(padded, rel=1e-5)
     for g, p in zip(grouped_grads, padded_grads, strict=True):
         torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-7)
     assert any(p.abs().max() > 0 for p in padded_grads)
+
+
+def test_grouped_loss_refuses_a_left_padded_batch(tiny_model_dir) -> None:
+    """Cut to its length, a left-padded row would lose its real tokens: refused."""
+    model, _ = _gated_model(tiny_model_dir)
+    batch = _hand_batch(model.config.vocab_size)
+    left = {key: value.flip(1) for key, value in batch.items()}  # the padding first
+    with pytest.raises(ValueError, match="right-padded"):
+        grouped_loss(model, left)
