@@ -38,6 +38,14 @@ from trainer.freeform import (
 from trainer.layout import INDEX, read_examples, read_index, read_rows, spec_problem
 
 IGNORE_INDEX = -100
+
+
+def scored_targets(labels: Tensor) -> Tensor:
+    """How many target tokens a causal LM's loss scores in `labels` (B, L): it predicts
+    token t + 1 from position t, so column 0 is never scored."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 _WS = re.compile(r"\s+")
 
 

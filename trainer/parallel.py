@@ -36,7 +36,7 @@ from torch.utils.data import BatchSampler, Dataset, RandomSampler, Sampler
 from torch.utils.hooks import RemovableHandle
 
 from trainer.adapter import Adapter
-from trainer.data import IGNORE_INDEX
+from trainer.data import scored_targets
 
 Example = tuple[list[int], list[int]]  # (prompt ids, target ids)
 
@@ -98,7 +98,7 @@ class _TokenMeanLoss(nn.Module):
 
     def forward(self, **batch: Tensor) -> Any:
         world_size = dist.get_world_size()
-        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        count = scored_targets(batch["labels"]).float()
         dist.all_reduce(count)  # the global target-token count (the causal LM shifts by one)
         out = self.model(**batch, num_items_in_batch=count / world_size)
         mean = out.loss.detach().clone()

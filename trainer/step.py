@@ -22,7 +22,7 @@ from torch import Tensor
 
 from trainer.adapter import Adapter
 from trainer.config import AdapterConfig
-from trainer.data import IGNORE_INDEX
+from trainer.data import scored_targets
 
 # Groups of fewer rows cost more per token than the padding they save: on SmolLM2 (CPU,
 # fp32, 2 threads, load 4), four batches of 8 amazon rows of the CL benchmark took 0.97x
@@ -68,7 +68,7 @@ def grouped_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     columns = torch.arange(mask.shape[1], device=mask.device)
     if not torch.equal(mask.bool(), columns < lengths[:, None]):
         raise ValueError("grouped_loss needs a right-padded batch (ones, then zeros, per row)")
-    count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the causal LM shifts by one
+    count = scored_targets(batch["labels"])
     total = torch.zeros((), device=lengths.device)
     for rows in length_groups(lengths.tolist()):
         index = torch.tensor(rows, device=lengths.device)
