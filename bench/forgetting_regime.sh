@@ -48,7 +48,7 @@ for seed in 1 2 3; do
 done
 # Point 4: the gated update's first merge hurts the first task more, and its energy gathers
 # in few input columns most in the blocks the global threshold leaves sparsest
-# (docs/trainer.md). One threshold per block (the reference's other granularity) lets each
+# (docs/forgetting.md). One threshold per block (the reference's other granularity) lets each
 # block find its own density: does the first merge then hurt less?
 SUFFIX=-per-block SETTING=adapter.granularity=per_block so1_x4 1 incLoRA+jump
 # Point 2's time per variant before and after, on whole 15-task variants at a small size
@@ -67,7 +67,7 @@ for seed in 1 2 3; do
   so1_x4 "$seed" incLoRA+topk@jump
 done
 # Seed 1's per-block run spared the first task at the first merge, not the stream
-# (docs/trainer.md): does the first-merge effect hold on the other seeds?
+# (docs/forgetting.md): does the first-merge effect hold on the other seeds?
 for seed in 2 3; do
   SUFFIX=-per-block SETTING=adapter.granularity=per_block so1_x4 "$seed" incLoRA+jump
 done
@@ -75,13 +75,13 @@ done
 # gate for the last fifth of a task's steps (13 of 64) after the blend; does re-fitting
 # longer (fully sparse from half way) spare the earlier tasks, and does none (trained dense,
 # cut once before the merge) hurt them more?
-# Seed 1's refit-long forgot less than the default (BWT -16.3 against -21.5; docs/trainer.md):
+# Seed 1's refit-long forgot less than the default (BWT -16.3 against -21.5; docs/forgetting.md):
 # seeds 2 and 3 before the no-refit contrast.
 for seed in 1 2 3; do
   SUFFIX=-refit-long SETTING='adapter.sparse_schedule=[0.2, 0.5]' so1_x4 "$seed" incLoRA+jump
 done
 # Seed 1's no-refit had BWT -0.2 by learning each task less (dbpedia 0.625 after its own
-# task against the default's 0.94; docs/trainer.md): does the trade repeat on seed 2?
+# task against the default's 0.94; docs/forgetting.md): does the trade repeat on seed 2?
 for seed in 1 2; do
   SUFFIX=-no-refit SETTING='adapter.sparse_schedule=[1, 1]' so1_x4 "$seed" incLoRA+jump
 done

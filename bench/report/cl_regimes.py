@@ -200,4 +200,6 @@ def section(_docs: dict[str, dict[str, Any]]) -> list[str]:
             out += [*regime_lines(prefix, about, sets), ""]
     if not out:
         return []
-    return ["### Forgetting regimes (issue 24, bench/forgetting_regime.sh)", "", *out]
+    title = "### Forgetting regimes (issue 24, bench/forgetting_regime.sh)"
+    analysis = "What each merge does to the earlier tasks, and the ablations: docs/forgetting.md."
+    return [title, "", analysis, "", *out]
