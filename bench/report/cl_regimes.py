@@ -35,6 +35,9 @@ ABLATIONS = {  # a result set's tag suffix -> what its runs change (bench/forget
     "no-refit": "trained dense and cut once before the merge, no re-fitting under the gate "
     "(`adapter.sparse_schedule=[1, 1]`); the threshold is only initialised (as many entries "
     "as the adapter has parameters) and never trained, a fixed-count cut",
+    "grouped": "nothing but the float summation order: the default again, trained on rows "
+    "grouped by length (`trainer.step.grouped_loss`, the same loss and gradient), where the "
+    "default's runs trained on one padded batch; how far numerical noise alone moves a run",
 }
 FORGETS_AT = -0.05  # BWT at or below this, in the mean over seeds: the stream forgets
 NAIVE_BASELINES = ("incLoRA", "seqLoRA")  # point 1 measures both; incLoRA decides
@@ -44,6 +47,8 @@ PAIRS = (
     ("incLoRA+jump", "incLoRA+topk"),
     ("incLoRA+jump", "incLoRA+topk@jump"),  # top-k at the same density
     ("incLoRA+jump", "incLoRA+jump-ref"),  # ours against the authors' threshold training
+    ("ella+jump", "ella"),  # the gate on the other CL methods (point 3)
+    ("inflora+jump", "inflora"),
 )
 
 
