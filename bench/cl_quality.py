@@ -168,7 +168,7 @@ def run_variant(
             server_dir = server_folder(run_dir)
             server = jlserve_server(
                 Path(cfg["model"]), server_dir / "state", server_dir / "server.log",
-                engine_args=(*ENGINE_ARGS, "--dtype", "float32"),
+                engine_args=(*ENGINE_ARGS, "--dtype", "float32"), env=eval_server_env(),
             )  # fmt: skip
             stack.enter_context(running(server))
             cmd += ["--publish", server.url, "--eval-via", server.url]
@@ -189,6 +189,16 @@ def run_variant(
             cmd.remove("--resume")
             _run_trainer(cmd, env)
     return row_of(name, json.loads((run_dir / "metrics.json").read_text()))
+
+
+def eval_server_env() -> dict[str, str]:
+    """The evaluating server's vLLM CPU worker bound to every core this process may use,
+    none reserved. The trainer waits while the server generates (one evaluation at a time),
+    so vLLM's default, one core kept for its scheduler, would leave half of a 2-core
+    machine idle. The greedy answers are the same (docs/trainer.md, 'Evaluating a long
+    stream'). A GPU server ignores both settings."""
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    return {"VLLM_CPU_OMP_THREADS_BIND": cpus, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def server_folder(run_dir: Path) -> Path:
@@ -369,6 +379,9 @@ def main() -> int:
         if "topk_density" in adapter:
             row["topk_density"] = adapter["topk_density"]
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
+        if args.eval_engine == "vllm" and fresh:  # not a setting: the answers do not depend
+            # on it; and a resumed variant's earlier servers may have run otherwise
+            row["eval_server_cpus"] = eval_server_env()["VLLM_CPU_OMP_THREADS_BIND"]
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))
         write_summary(args, tag, model, settings)  # after every variant: a long run is readable

@@ -1,5 +1,5 @@
 """bench/cl_quality.py: saved rows and partial variants, the matched-density top-k, the
-server folder and the variants' configs."""
+server folder, the variants' configs and the evaluating server's cores."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.cl_quality import eval_server_env
+from bench.common import ENGINE_ARGS, jlserve_server, running
 from tests.helpers.bench import REPO
 from trainer.config import default_data_root
 
@@ -172,3 +174,18 @@ def test_every_variant_is_a_valid_config_and_a_refused_override_stops_before_tra
     check_configs(["incLoRA", "incLoRA+jump"], base, ["adapter.l0_weight=5"])
     with pytest.raises(SystemExit, match=r"incLoRA\+jump-ref: .*reference sets l0_weight"):
         check_configs(list(VARIANTS), base, ["adapter.l0_weight=5"])
+
+
+def test_the_evaluating_server_computes_on_every_core(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The trainer waits while its evaluating server generates, so the server's CPU worker
+    takes every core this process may use and keeps none for vLLM's scheduler (vLLM's
+    default keeps one): the pinned vLLM must honour both settings, as its log says."""
+    cpus = sorted(os.sched_getaffinity(0))
+    server = jlserve_server(
+        tiny_model_dir, tmp_path / "state", tmp_path / "server.log",
+        engine_args=(*ENGINE_ARGS, "--dtype", "float32"), env=eval_server_env(),
+    )  # fmt: skip
+    with running(server):
+        log = (tmp_path / "server.log").read_text()
+    assert f"core ids={cpus}" in log
+    assert "reserved_cpus=[]" in log
