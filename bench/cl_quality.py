@@ -37,6 +37,7 @@ from bench.common import (
     ENGINE_ARGS,
     RESULTS,
     RUNS_ROOT,
+    Server,
     jlserve_server,
     machine_info,
     rows_machine_lines,
@@ -165,11 +166,7 @@ def run_variant(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with contextlib.ExitStack() as stack:
         if eval_engine == "vllm":
-            server_dir = server_folder(run_dir)
-            server = jlserve_server(
-                Path(cfg["model"]), server_dir / "state", server_dir / "server.log",
-                engine_args=(*ENGINE_ARGS, "--dtype", "float32"), env=eval_server_env(),
-            )  # fmt: skip
+            server = eval_server(Path(cfg["model"]), server_folder(run_dir))
             stack.enter_context(running(server))
             cmd += ["--publish", server.url, "--eval-via", server.url]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
@@ -191,14 +188,22 @@ def run_variant(
     return row_of(name, json.loads((run_dir / "metrics.json").read_text()))
 
 
-def eval_server_env() -> dict[str, str]:
-    """The evaluating server's vLLM CPU worker bound to every core this process may use,
-    none reserved. The trainer waits while the server generates (one evaluation at a time),
-    so vLLM's default, one core kept for its scheduler, would leave half of a 2-core
-    machine idle. The greedy answers are the same (docs/trainer.md, 'Evaluating a long
-    stream'). A GPU server ignores both settings."""
-    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    return {"VLLM_CPU_OMP_THREADS_BIND": cpus, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+def eval_server(model: Path, server_dir: Path) -> Server:
+    """The variant's evaluating `jlserve serve` (fp32; state and log in `server_dir`), its
+    vLLM CPU worker bound to every logical CPU this process may use (`eval_server_cpus`).
+    The trainer waits while the server generates (one evaluation at a time), so vLLM's x86
+    default, which keeps a core for its scheduler, left one of 2 vCPUs idle here (measured
+    on 2 vCPUs only, not on SMT or multi-NUMA hosts). A GPU server ignores the setting."""
+    return jlserve_server(
+        model, server_dir / "state", server_dir / "server.log",
+        engine_args=(*ENGINE_ARGS, "--dtype", "float32"),
+        env={"VLLM_CPU_OMP_THREADS_BIND": eval_server_cpus()},
+    )  # fmt: skip
+
+
+def eval_server_cpus() -> str:
+    """Every logical CPU this process may use, as vLLM's CPU list (e.g. "0,1")."""
+    return ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
 def server_folder(run_dir: Path) -> Path:
@@ -379,9 +384,11 @@ def main() -> int:
         if "topk_density" in adapter:
             row["topk_density"] = adapter["topk_density"]
         row.update(settings=settings, machine=machine_info(), load_average=os.getloadavg())
-        if args.eval_engine == "vllm" and fresh:  # not a setting: the answers do not depend
-            # on it; and a resumed variant's earlier servers may have run otherwise
-            row["eval_server_cpus"] = eval_server_env()["VLLM_CPU_OMP_THREADS_BIND"]
+        # a record, not a setting (rows differing in it are not refused); only for a CPU
+        # server and a variant run start to end (a resumed one's earlier servers, and the
+        # eval cache's entries, may have run on one core)
+        if args.eval_engine == "vllm" and fresh and "gpu" not in row["machine"]:
+            row["eval_server_cpus"] = eval_server_cpus()
         row["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         row_path.write_text(json.dumps(row, indent=2))
         write_summary(args, tag, model, settings)  # after every variant: a long run is readable

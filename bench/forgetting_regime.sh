@@ -105,7 +105,7 @@ done
 SUFFIX=-no-refit SETTING='adapter.sparse_schedule=[1, 1]' so1_x4 3 incLoRA+jump
 # The loop now trains on the CPU in groups of like length (trainer.step.grouped_loss: the
 # same loss and gradient up to float summation order). The default's seed 1 again on that
-# path: how far does float-order noise alone move a run? (Every run above trained on one
-# padded batch, seed 1's incLoRA+jump-ref too; seed 1's ELLA and InfLoRA rows and all
-# below on the groups: run.json's task_log says per task.)
+# path: how far does float-order noise alone move a run? (The so1-x4 runs finished before
+# the change trained on one padded batch, seed 1's incLoRA+jump-ref for its tasks 1-2;
+# every later run on the groups: run.json's task_log says per task.)
 SUFFIX=-grouped so1_x4 1 incLoRA+jump
