@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cl_quality import eval_server
+from bench.cl_quality import (
+    VARIANTS,
+    check_configs,
+    eval_server,
+    run_variant,
+    server_folder,
+    variant_adapter,
+)
 from bench.common import running
+from tests.conftest import TWO_TASKS
 from tests.helpers.bench import REPO
 from trainer.config import default_data_root
 
@@ -54,8 +62,6 @@ def test_a_partial_variant_from_another_config_is_kept_aside_and_run_again(
     """A variant left half-done by older code whose config defaults changed since cannot
     be resumed (the trainer refuses); the benchmark moves it aside and starts it over
     instead of stopping the whole regime script."""
-    from bench.cl_quality import run_variant
-    from tests.conftest import TWO_TASKS
 
     def config(lr: float) -> dict:
         data = {"root": str(cl_data_root), "tasks": list(TWO_TASKS), "train_rows": 8}
@@ -80,9 +86,6 @@ def test_the_matched_density_top_k_keeps_its_twins_measured_density(
 ) -> None:
     """incLoRA+topk@jump reads the mean density incLoRA+jump measured in the same result
     set with the same settings, and refuses to start before that row exists."""
-    from bench.cl_quality import run_variant, variant_adapter
-    from tests.conftest import TWO_TASKS
-
     data = {"root": str(cl_data_root), "tasks": list(TWO_TASKS), "train_rows": 8}
     data |= {"eval_rows": 4, "max_length": 96}
     cfg = {"model": str(tiny_model_dir), "data": data, "adapter": {"r": 4}}
@@ -154,8 +157,6 @@ def test_a_variant_that_starts_over_gets_an_empty_server_folder_and_a_resumed_on
     """A variant's server replays the versions in its state: a run that starts (after
     --force, or its folder removed by hand) must find the base model served, so its
     server folder is emptied; a resumed run's server comes back at its last version."""
-    from bench.cl_quality import server_folder
-
     run_dir = tmp_path / "incLoRA"
     old = tmp_path / "incLoRA-server" / "state" / "versions.json"
     old.parent.mkdir(parents=True)
@@ -168,8 +169,6 @@ def test_a_variant_that_starts_over_gets_an_empty_server_folder_and_a_resumed_on
 
 
 def test_every_variant_is_a_valid_config_and_a_refused_override_stops_before_training() -> None:
-    from bench.cl_quality import VARIANTS, check_configs
-
     base = {"model": "m", "data": {"order": "short_order_1"}, "adapter": {"r": 8}, "train": {}}
     check_configs(list(VARIANTS), base, [])
     check_configs(["incLoRA", "incLoRA+jump"], base, ["adapter.l0_weight=5"])

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from bench.common import percentile, sparse_update, target_names, write_lora_adapter
+from bench.common import (
+    machine_line,
+    percentile,
+    rows_machine_lines,
+    sparse_update,
+    target_names,
+    write_lora_adapter,
+)
 from jlserve.checkpoint import load_tensors
 
 
@@ -31,8 +39,6 @@ def test_sparse_update_changes_exactly_the_requested_fraction(tiny_model_dir: Pa
 
 def test_lora_adapter_loads_in_peft(tiny_model_dir: Path, tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-
     adapter = write_lora_adapter(tiny_model_dir, tmp_path / "lora", r=8, seed=0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     wrapped = peft.PeftModel.from_pretrained(model, adapter)
@@ -42,8 +48,6 @@ def test_lora_adapter_loads_in_peft(tiny_model_dir: Path, tmp_path: Path) -> Non
 
 
 def test_machine_line_names_the_gpu_only_where_there_is_one() -> None:
-    from bench.common import machine_line
-
     cpu = {"cpu_model": "Xeon", "cpu_count": 2, "torch": "2.13.0", "transformers": "5.19.0"}
     assert "CUDA" not in machine_line(cpu)
     line = machine_line({**cpu, "gpu": "NVIDIA H200", "cuda": "13.0"})
@@ -51,8 +55,6 @@ def test_machine_line_names_the_gpu_only_where_there_is_one() -> None:
 
 
 def test_a_result_file_names_the_machine_of_each_row_not_of_its_render() -> None:
-    from bench.common import machine_line, rows_machine_lines
-
     amd = {"cpu_model": "AMD EPYC", "cpu_count": 2, "torch": "2.13.0"}
     xeon = {**amd, "cpu_model": "Xeon"}
     same = [{"variant": "incLoRA", "machine": amd}, {"variant": "seqLoRA", "machine": amd}]

@@ -3,10 +3,13 @@ comparison."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from jlserve.checkpoint import TensorDigests, load_tensors
-from jlserve.delta import plan_update
+from bench.gpu_check import build_chain, compare, settings_for, write_synthetic_tasks
+from jlserve.checkpoint import TensorDigests, fingerprint, load_tensors
+from jlserve.delta import plan_update, read_delta
+from trainer.layout import check_root
 
 
 def test_gpu_check_chain_stand_in_tasks_and_comparison(
@@ -15,13 +18,6 @@ def test_gpu_check_chain_stand_in_tasks_and_comparison(
     """bench/gpu_check.py without a server: its delta chain replays onto the merged
     checkpoints, its stand-in tasks pass `jlserve data check`, and the answer comparison
     tells equal from different."""
-    import argparse
-
-    from bench.gpu_check import build_chain, compare, settings_for, write_synthetic_tasks
-    from jlserve.checkpoint import fingerprint
-    from jlserve.delta import read_delta
-    from trainer.layout import check_root
-
     args = argparse.Namespace(
         device="cpu", quick=True, model=tiny_model_dir, data=None, out=tmp_path / "out"
     )

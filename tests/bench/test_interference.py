@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.cl_quality import run_variant
+from bench.interference import _top_mask, loss_summary, output_change, update_stats
 from tests.helpers.bench import REPO, run_bench_module
 
 
 def test_interference_stats_see_overlap_and_undoing() -> None:
     """An update on the earlier task's coordinates in the opposite direction reads as full
     overlap and cosine -1; one on fresh coordinates as no overlap and cosine 0."""
-    from bench.interference import update_stats
-
     q, v = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"
     base = {q: torch.zeros(4, 4), v: torch.zeros(2, 4)}
     first = {q: base[q].clone(), v: base[v].clone()}
@@ -55,8 +55,6 @@ def test_interference_stats_see_overlap_and_undoing() -> None:
 def test_interference_top_masks_never_count_zero_entries_as_overlap() -> None:
     """A sparse block has fewer non-zero entries than the top share asks for: the masks
     hold only the non-zero ones, so two updates on different coordinates never overlap."""
-    from bench.interference import _top_mask
-
     a, b = torch.zeros(1000), torch.zeros(1000)
     a[3], b[7] = 1.0, 2.0
     assert (
@@ -66,8 +64,6 @@ def test_interference_top_masks_never_count_zero_entries_as_overlap() -> None:
 
 
 def test_interference_output_change_is_relative_and_sees_input_directions() -> None:
-    from bench.interference import output_change
-
     name = "model.layers.0.self_attn.q_proj.weight"
     before = {name: torch.eye(3)}
     x = torch.randn(5, 3)
@@ -81,8 +77,6 @@ def test_interference_output_change_is_relative_and_sees_input_directions() -> N
 
 
 def test_interference_loss_summary_reads_forgetting_and_rise_per_merge() -> None:
-    from bench.interference import loss_summary
-
     matrix = [
         [3.0, 3.0, 3.0],  # base
         [1.0, 2.5, 2.9],  # after task 0
@@ -168,8 +162,6 @@ def test_interference_measures_another_benchmarks_finished_runs_from_their_delta
 ) -> None:
     """--measure-only trains nothing: it measures a cl_quality-style run that kept only its
     last merged checkpoint, every version rebuilt from the base and the run's deltas."""
-    from bench.cl_quality import run_variant
-
     data = {"root": str(cl_data_root), "train_rows": 8, "eval_rows": 4, "max_length": 96}
     data["tasks"] = ["bbc_topic", "movie_sentiment", "tweet_sentiment"]
     cfg = {"model": str(tiny_model_dir), "data": data, "adapter": {"r": 4}}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import LlamaForCausalLM
+
 from bench.common import target_names
 from bench.scale import param_count, shape_for, write_chain, write_random_llama
 from jlserve.checkpoint import TensorDigests, load_tensors, weight_files
@@ -19,8 +21,6 @@ def _random_llama(tokenizer_dir: Path, out: Path) -> tuple[Path, int]:
 
 
 def test_scale_checkpoint_is_sharded_and_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from transformers import LlamaForCausalLM
-
     model, expected = _random_llama(tiny_model_dir, tmp_path / "model")
     assert len(weight_files(model)) >= 4 and (model / "tokenizer.json").is_file()
     assert sum(t.numel() for t in load_tensors(model).values()) == expected
