@@ -113,19 +113,20 @@ class LocalServer:
             f"server not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}"
         )
 
-    def stop(self) -> None:
-        """SIGTERM the group and wait; SIGKILL what is left after 30 s."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the group and wait until none of it is left (the engine processes can
+        outlive the API server by a moment, holding memory and their port); SIGKILL
+        what is left after `timeout_s`."""
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout_s)
+            if _group_gone(self.proc.pid, 0, timeout_s):
+                self.proc = None
+                return
+        self.kill(timeout_s)
 
     def kill(self, timeout_s: float = 30.0) -> None:
         """SIGKILL the whole group (API server, engine core, workers), as a crash of the
@@ -135,14 +136,21 @@ class LocalServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
+        _group_gone(self.proc.pid, signal.SIGKILL, timeout_s)
         self.proc = None
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _group_gone(pgid: int, sig: int, timeout_s: float) -> bool:
+    """Send `sig` (0: only look) to process group `pgid` until none of it is left (True)
+    or `timeout_s` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

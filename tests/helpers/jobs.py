@@ -5,14 +5,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import openai
 
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers
+from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, until
 
 
 class Worker:
@@ -38,22 +35,6 @@ class Worker:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
-
-
-def served(server: ServerProcess) -> dict:
-    r = httpx.get(f"{server.url}/admin/status", headers=admin_headers(), timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def until(check: Callable[[], object], timeout: float = 300, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 def job_in(client: openai.OpenAI, job_id: str, *statuses: str, timeout: float = 300):

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,3 +242,27 @@ def capital_of_france(base_url: str, model: str) -> str:
         temperature=0,
     )
     return reply.choices[0].message.content or ""
+
+
+def until(check: Callable[[], object], timeout: float = 300, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def watch_outcome(status: dict, name: str) -> str | None:
+    """What the `--watch` folder's report in an /admin/status answer says of file `name`
+    (None: not recorded yet). The watcher records a file once its update returned, a
+    moment after the new model serves."""
+    return status["watch"]["files"].get(name, {}).get("outcome")
+
+
+def admin_status(server: ServerProcess) -> dict:
+    """`GET /admin/status` (with the admin token), which must answer 200."""
+    r = httpx.get(f"{server.url}/admin/status", headers=admin_headers(), timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()

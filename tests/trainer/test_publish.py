@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jlserve.cli import main as jlserve_main
 from jlserve.delta import diff_tensors
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
+from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_status, start_all
 from trainer.cli import main as trainer_main
 from trainer.config import load_config
 from trainer.data import Encoder, generate_greedy, greedy_tokens, load_stream, score
@@ -73,10 +72,6 @@ def accuracy(run: Path) -> dict:
     return {"exact": acc["matrix"], "prefix": acc["prefix_matrix"]}
 
 
-def status(server: ServerProcess) -> dict:
-    return httpx.get(f"{server.url}/admin/status", headers=admin_headers()).json()
-
-
 def final_fingerprint(run: Path) -> str:
     return json.loads((run / "run.json").read_text())["versions"][-1]["fingerprint"]
 
@@ -95,9 +90,11 @@ def test_publish_and_eval_via_the_server_match_in_process(setup, tmp_path, capsy
         and "published tweet_sentiment" in err
         and "as version 2" in err
     )
-    assert status(server)["version"] == 2
+    assert admin_status(server)["version"] == 2
     assert (
-        status(server)["fingerprint"] == final_fingerprint(run) == final_fingerprint(setup["ref"])
+        admin_status(server)["fingerprint"]
+        == final_fingerprint(run)
+        == final_fingerprint(setup["ref"])
     )
     assert accuracy(run) == accuracy(setup["ref"])
     # what the server answered is kept apart from what generation in process gives
@@ -175,7 +172,7 @@ def test_publish_dir_feeds_a_watching_server(setup, tmp_path):
          "--eval-via", server.url]
     )  # fmt: skip
     assert code == 0
-    assert status(server)["fingerprint"] == final_fingerprint(run)
+    assert admin_status(server)["fingerprint"] == final_fingerprint(run)
     assert accuracy(run) == accuracy(setup["ref"])
     # readable by a server that runs as another user (a container's)
     assert {p.stat().st_mode & 0o777 for p in setup["watch"].glob("*.safetensors")} == {0o644}
@@ -185,7 +182,7 @@ def test_republishing_an_applied_delta_is_skipped(setup, tmp_path, capsys):
     """A resumed run re-publishes what a crash left unrecorded: the server already has it.
     The watched folder does not re-apply its files after the rollback (its bookkeeping)."""
     server = setup["dir"]
-    first = status(server)["chain"][0]
+    first = admin_status(server)["chain"][0]
     assert jlserve_main(["rollback", "--to", first["fingerprint"], "--url", server.url]) == 0
     run = tmp_path / "run"
     assert (
@@ -194,8 +191,8 @@ def test_republishing_an_applied_delta_is_skipped(setup, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "movie_sentiment already served" in err and "published tweet_sentiment" in err
-    assert status(server)["fingerprint"] == final_fingerprint(run)
-    assert status(server)["version"] == 3  # a new number: 2 named it before the rollback
+    assert admin_status(server)["fingerprint"] == final_fingerprint(run)
+    assert admin_status(server)["version"] == 3  # a new number: 2 named it before the rollback
 
 
 def test_a_refusal_stops_the_run_with_the_servers_message(setup, tmp_path, capsys):
@@ -206,7 +203,7 @@ def test_a_refusal_stops_the_run_with_the_servers_message(setup, tmp_path, capsy
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "refused (409)" in err and "Traceback" not in err
-    assert status(server)["version"] == 2
+    assert admin_status(server)["version"] == 2
 
 
 def test_unreachable_server_is_retried_then_reported():
@@ -226,7 +223,7 @@ def test_an_appended_task_is_evaluated_through_the_server_serving_its_run(
     matrix equals the same append evaluated in process."""
     server, ref = setup["url"], setup["ref"]
     auth = ["--admin-token-file", str(setup["token"])]
-    if status(server)["fingerprint"] != final_fingerprint(ref):  # run alone: catch up
+    if admin_status(server)["fingerprint"] != final_fingerprint(ref):  # run alone: catch up
         for delta in sorted((ref / "deltas").iterdir()):
             assert jlserve_main(["update", "--delta", str(delta), "--url", server.url, *auth]) == 0
     asked: list[tuple[str, str]] = []
@@ -246,5 +243,7 @@ def test_an_appended_task_is_evaluated_through_the_server_serving_its_run(
     via = ["--publish", server.url, *auth, "--eval-via", server.url]
     assert trainer_main(["--out", str(remote), *third, *via]) == 0
     assert ("bbc_topic", final_fingerprint(ref)) in asked  # the entry before it trains
-    assert status(server)["fingerprint"] == final_fingerprint(remote) == final_fingerprint(local)
+    assert (
+        admin_status(server)["fingerprint"] == final_fingerprint(remote) == final_fingerprint(local)
+    )
     assert accuracy(remote) == accuracy(local)

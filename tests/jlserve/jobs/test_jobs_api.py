@@ -21,13 +21,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jlserve.delta import read_delta
-from tests.helpers.jobs import Worker, first_metrics, job_in, served, upload
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers
+from tests.helpers.jobs import Worker, first_metrics, job_in, upload
+from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, admin_status
 from tests.helpers.taskfiles import chat_sentiment, completion, good_file, with_bad_line, with_turn
 
 pytestmark = pytest.mark.slow
 
-LEASE_S = 4.0
+LEASE_S = 10.0
 MAX_FILE_BYTES = 400_000
 
 
@@ -112,7 +112,7 @@ def test_files_upload_list_read_and_delete(client, task_file, server):
         stranger.files.list()
     r = httpx.get(f"{server.url}/v1/fine_tuning/jobs")  # no token at all
     assert r.status_code == 401 and r.json()["error"]["message"]
-    assert served(server)["version"] == 0
+    assert admin_status(server)["version"] == 0
 
 
 def test_job_requests_that_cannot_run_are_refused_with_the_field_named(client, task_file, server):
@@ -134,7 +134,7 @@ def test_job_requests_that_cannot_run_are_refused_with_the_field_named(client, t
             model=name, training_file=f.id, hyperparameters={"n_epochs": 0}
         )
     assert "n_epochs" in caught.value.message
-    assert served(server)["version"] == 0
+    assert admin_status(server)["version"] == 0
 
 
 def test_a_malformed_file_fails_its_job_naming_the_line(client, tmp_path, server):
@@ -164,7 +164,7 @@ def test_a_malformed_file_fails_its_job_naming_the_line(client, tmp_path, server
         failed.error.code == "invalid_validation_file" and failed.error.param == "validation_file"
     )
     assert "completion format, but the training file is in chat format" in failed.error.message
-    assert served(server)["version"] == 0
+    assert admin_status(server)["version"] == 0
 
 
 def test_a_queued_job_is_cancelled_at_once(client, files, server):
@@ -201,7 +201,7 @@ def test_jobs_train_in_order_and_the_same_model_serves_each(
     done2 = job_in(client, second.id, "succeeded", "failed")
     assert done2.status == "succeeded", (done2.error, worker.log.read_text()[-3000:])
     assert worker.wait() == 0
-    status = served(server)
+    status = admin_status(server)
     info = run_info(run_dir)
     # the served model is exactly the run's last version, numbered as the jobs say
     assert status["version"] == done2.version == 2
@@ -242,7 +242,7 @@ def test_jobs_train_in_order_and_the_same_model_serves_each(
 def test_cancel_reaches_a_running_worker_and_the_run_is_left_as_it_was(
     client, files, server, run_dir
 ):
-    before, tasks = served(server), run_info(run_dir)["tasks"]
+    before, tasks = admin_status(server), run_info(run_dir)["tasks"]
     job = client.fine_tuning.jobs.create(
         model=server.model_name,
         **files,
@@ -254,12 +254,12 @@ def test_cancel_reaches_a_running_worker_and_the_run_is_left_as_it_was(
     ended = job_in(client, job.id, "cancelled", "failed", "succeeded", timeout=60)
     assert ended.status == "cancelled"
     assert worker.wait() == 0
-    assert served(server)["fingerprint"] == before["fingerprint"]
+    assert admin_status(server)["fingerprint"] == before["fingerprint"]
     assert run_info(run_dir)["tasks"] == tasks  # taken back out of the run
 
 
 def test_a_killed_worker_loses_its_job_and_the_next_one_goes_on(client, files, server, run_dir):
-    before, tasks = served(server), run_info(run_dir)["tasks"]
+    before, tasks = admin_status(server), run_info(run_dir)["tasks"]
     job = client.fine_tuning.jobs.create(
         model=server.model_name,
         **files,
@@ -270,7 +270,7 @@ def test_a_killed_worker_loses_its_job_and_the_next_one_goes_on(client, files, s
     worker.kill()
     lost = job_in(client, job.id, "failed", timeout=LEASE_S * 5)
     assert lost.error.code == "worker_lost" and "unchanged" in lost.error.message
-    assert served(server)["fingerprint"] == before["fingerprint"]
+    assert admin_status(server)["fingerprint"] == before["fingerprint"]
     assert run_info(run_dir)["tasks"] != tasks  # the dead worker left its task appended
     nxt = client.fine_tuning.jobs.create(model=server.model_name, **files, suffix="after")
     Worker(server, run_dir, "--max-jobs", "1").wait()
@@ -281,7 +281,7 @@ def test_a_killed_worker_loses_its_job_and_the_next_one_goes_on(client, files, s
 def test_a_model_changed_under_a_job_fails_it_and_the_worker_refuses_until_in_step(
     client, files, server, run_dir
 ):
-    start = served(server)
+    start = admin_status(server)
     job = client.fine_tuning.jobs.create(
         model=server.model_name,
         **files,
@@ -298,13 +298,13 @@ def test_a_model_changed_under_a_job_fails_it_and_the_worker_refuses_until_in_st
     assert r.status_code == 200, r.text
     failed = job_in(client, job.id, "failed", "succeeded")
     assert failed.status == "failed" and failed.error.code == "parent_changed"
-    rolled = served(server)
+    rolled = admin_status(server)
     assert rolled["version"] == start["version"] - 1
     nxt = client.fine_tuning.jobs.create(model=server.model_name, **files)
     out_of_step = job_in(client, nxt.id, "failed", "succeeded")
     assert out_of_step.error.code == "model_out_of_sync"
     assert worker.wait() == 0
-    assert served(server)["fingerprint"] == rolled["fingerprint"]
+    assert admin_status(server)["fingerprint"] == rolled["fingerprint"]
     # docs/jobs.md: bring them together by serving the run's last version again (its delta)
     last = run_info(run_dir)["versions"][-1]
     r = httpx.post(
@@ -346,7 +346,7 @@ def test_prometheus_metrics_count_the_jobs_as_the_api_lists_them(client, server)
 
 
 def test_a_server_killed_mid_job_comes_back_and_the_job_finishes(client, files, server, run_dir):
-    before = served(server)
+    before = admin_status(server)
     job = client.fine_tuning.jobs.create(
         model=server.model_name,
         **files,
@@ -359,7 +359,7 @@ def test_a_server_killed_mid_job_comes_back_and_the_job_finishes(client, files, 
     done = job_in(client, job.id, "succeeded", "failed", "cancelled")
     assert done.status == "succeeded", (done.error, worker.log.read_text()[-3000:])
     assert worker.wait() == 0
-    after = served(server)
+    after = admin_status(server)
     assert after["version"] == before["version"] + 1 == done.version
     assert after["fingerprint"] == run_info(run_dir)["versions"][-1]["fingerprint"]
     assert os.path.isfile(server.log_path)

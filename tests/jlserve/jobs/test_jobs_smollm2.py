@@ -11,8 +11,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers.jobs import Worker, job_in, served, upload
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess
+from tests.helpers.jobs import Worker, job_in, upload
+from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_status
 from tests.helpers.taskfiles import chat_sentiment, cl_rows, smallest_job_files, write_jsonl
 from trainer.append import appended_tasks
 from trainer.config import RunConfig
@@ -78,7 +78,7 @@ def test_two_chat_jobs_are_served_under_the_same_name_and_score_as_the_worker_sa
         # the first job's seed is the run's, the second's that task's own
         assert info["config"]["train"]["seed"] == 11
         assert [a["settings"] for a in info["appended"]] == [{}, {"train.seed": 12}]
-        assert served(server)["fingerprint"] == info["versions"][-1]["fingerprint"]
+        assert admin_status(server)["fingerprint"] == info["versions"][-1]["fingerprint"]
         # every task's held-out rows asked through the server, scored as the worker scores
         cfg = RunConfig.model_validate(info["config"])
         enc = Encoder(AutoTokenizer.from_pretrained(smollm2_dir), cfg.data.max_length, "chat")

@@ -23,6 +23,7 @@ from tests.helpers.serving import (
     ADMIN_TOKEN,
     ServerProcess,
     admin_headers,
+    admin_status,
     greedy,
     metric_samples,
     server_processes,
@@ -62,12 +63,6 @@ def server(delta_chain, tmp_path_factory) -> Iterator[tuple[ServerProcess, list[
 @pytest.fixture
 def shared(server) -> Shared:
     return Shared(server[0], server[1], admin_status(server[0]))
-
-
-def admin_status(server: ServerProcess) -> dict:
-    r = httpx.get(f"{server.url}/admin/status", headers=admin_headers(), timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def assert_unchanged(shared: Shared) -> None:
@@ -148,7 +143,7 @@ def test_refused_updates_are_counted_on_metrics_by_reason(shared, bad_bodies, de
             f"{url}/admin/deltas", content=body, headers=admin_headers() | headers, timeout=60
         )
         assert r.status_code == status, r.text
-    assert httpx.post(f"{url}/admin/deltas", content=b"x" * 64).status_code == 401
+    assert httpx.post(f"{url}/admin/deltas", content=b"x" * 64, timeout=120).status_code == 401
     oversized = (
         "POST /admin/deltas HTTP/1.1\r\nHost: x\r\n"
         f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: {MAX_DELTA_BYTES + 1}\r\n"
@@ -400,7 +395,9 @@ def test_no_path_from_a_request_is_ever_opened(shared, delta_chain):
     evil.metadata.task = "../../../../tmp/jlserve-traversal"
     evil.metadata.extra["file"] = "/etc/passwd"
     url = shared.server.url
-    r = httpx.post(f"{url}/admin/deltas", content=evil.to_bytes(), headers=admin_headers())
+    r = httpx.post(
+        f"{url}/admin/deltas", content=evil.to_bytes(), headers=admin_headers(), timeout=120
+    )
     assert r.status_code == 200, r.text
     try:
         entry = admin_status(shared.server)["chain"][-1]
@@ -411,7 +408,9 @@ def test_no_path_from_a_request_is_ever_opened(shared, delta_chain):
         assert read_delta(stored).metadata.task == (evil.metadata.task)
         assert not Path("/tmp/jlserve-traversal").exists()
     finally:
-        r = httpx.post(f"{url}/admin/rollback", json={"to_version": 0}, headers=admin_headers())
+        r = httpx.post(
+            f"{url}/admin/rollback", json={"to_version": 0}, headers=admin_headers(), timeout=120
+        )
         assert r.status_code == 200, r.text
     assert greedy(shared.server) == shared.outputs
 

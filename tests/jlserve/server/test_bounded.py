@@ -24,6 +24,7 @@ from tests.helpers.serving import (
     ADMIN_TOKEN,
     ServerProcess,
     admin_headers,
+    admin_status,
     greedy,
     stalled_stream,
     start_all,
@@ -54,14 +55,8 @@ def server(delta_chain, tmp_path_factory):
     server.kill()
 
 
-def status(server: ServerProcess) -> dict:
-    r = httpx.get(f"{server.url}/admin/status", headers=admin_headers(), timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def test_drain_timeout_with_a_stalled_streaming_reader_refuses_the_update(server, delta_chain):
-    before, outputs = status(server), greedy(server)
+    before, outputs = admin_status(server), greedy(server)
     data = delta_chain.deltas[0].read_bytes()
     reader = stalled_stream(server)
     try:
@@ -85,7 +80,7 @@ def test_drain_timeout_with_a_stalled_streaming_reader_refuses_the_update(server
     assert r.json()["error"]["type"] == "drain_timeout"
     assert "still running after the drain timeout of 2 s" in r.json()["error"]["message"]
     assert DRAIN_TIMEOUT_S <= waited < 30  # bounded, not "until the reader reads"
-    after = status(server)
+    after = admin_status(server)
     assert (after["version"], after["fingerprint"], after["chain"]) == (
         before["version"],
         before["fingerprint"],
@@ -112,7 +107,7 @@ def test_a_hung_engine_times_out_and_the_server_degrades(server, delta_chain):
     health = httpx.get(f"{server.url}/health", timeout=10)
     assert health.status_code == 503
     assert health.json()["error"]["type"] == "degraded"
-    st = status(server)
+    st = admin_status(server)
     assert st["degraded"] and "restoring version 0 failed" in st["degraded"]
     assert st["version"] == 0 and st["chain"] == []
     refused = httpx.post(

@@ -37,6 +37,7 @@ from tests.helpers.serving import (
     ADMIN_TOKEN,
     ServerProcess,
     admin_headers,
+    admin_status,
     greedy,
     outputs_only,
     start_all,
@@ -96,12 +97,6 @@ class Faults:
     mount_error: str  # why no tmpfs could be mounted ("" when one was)
 
 
-def status(server: ServerProcess) -> dict:
-    r = httpx.get(f"{server.url}/admin/status", headers=admin_headers(), timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def post_delta(server: ServerProcess, data: bytes, timeout_s: float = 120) -> httpx.Response:
     return httpx.post(
         f"{server.url}/admin/deltas", content=data, headers=admin_headers(), timeout=timeout_s
@@ -136,10 +131,10 @@ def _degrade(server: ServerProcess, data: bytes) -> DegradedOutcome:
     """Post `data` (a delta that fits) to a server armed with `mid_apply:raise,
     restore_apply:raise`, and record everything the failure left behind."""
     state_file = server.state_dir / "state.json"
-    state_before, status_before = state_file.read_bytes(), status(server)
+    state_before, status_before = state_file.read_bytes(), admin_status(server)
     update = post_delta(server, data)
     health = httpx.get(f"{server.url}/health", timeout=30)
-    after = status(server)
+    after = admin_status(server)
     refused_update = post_delta(server, data, timeout_s=30)
     refused_rollback = httpx.post(
         f"{server.url}/admin/rollback",
@@ -191,7 +186,7 @@ def _kill_round(
     for name, server in servers.items():
         answer, fired = answers[name]
         outcomes[steps[name]] = KillOutcome(
-            answer, fired, status(server), greedy(server), server.log_path.read_text()
+            answer, fired, admin_status(server), greedy(server), server.log_path.read_text()
         )
     return outcomes
 
@@ -227,8 +222,8 @@ def faults(delta_chain, tmp_path_factory) -> Faults:
     try:
         start_all([*servers.values(), reference])
         references = {
-            0: Reference(greedy(servers["a"]), status(servers["a"])["fingerprint"]),
-            1: Reference(greedy(reference), status(reference)["fingerprint"]),
+            0: Reference(greedy(servers["a"]), admin_status(servers["a"])["fingerprint"]),
+            1: Reference(greedy(reference), admin_status(reference)["fingerprint"]),
         }
         degraded = _degrade(reference, delta_chain.deltas[1].read_bytes())
         reference.stop()
@@ -272,14 +267,14 @@ def test_sigkill_during_a_swap_restarts_on_one_consistent_version(faults, step):
 
 def test_update_failing_inside_the_engine_is_rolled_back_exactly(faults, delta_chain):
     server = faults.a
-    before = status(server)
+    before = admin_status(server)
     assert before["version"] == 0
     r = post_delta(server, delta_chain.deltas[0].read_bytes())
     assert r.status_code == 500, r.text
     assert r.json()["error"]["type"] == "engine_error"
     assert "injected fault at mid_apply" in r.json()["error"]["message"]
     assert "fault injection: mid_apply:raise" in server.log_tail(400)
-    after = status(server)
+    after = admin_status(server)
     assert (after["version"], after["fingerprint"], after["chain"], after["degraded"]) == (
         0,
         before["fingerprint"],
@@ -297,7 +292,7 @@ def test_update_failing_inside_the_engine_is_rolled_back_exactly(faults, delta_c
 
 def test_state_write_failure_restores_the_previous_weights(faults, delta_chain):
     server = faults.b
-    before = status(server)
+    before = admin_status(server)
     assert before["version"] == 1
     state_file = server.state_dir / "state.json"
     on_disk = state_file.read_bytes()
@@ -305,8 +300,8 @@ def test_state_write_failure_restores_the_previous_weights(faults, delta_chain):
     assert r.status_code == 500, r.text
     assert r.json()["error"]["type"] == "state_error"
     assert "No space left on device" in r.json()["error"]["message"]
-    assert status(server)["version"] == 1
-    assert status(server)["fingerprint"] == before["fingerprint"]
+    assert admin_status(server)["version"] == 1
+    assert admin_status(server)["fingerprint"] == before["fingerprint"]
     assert state_file.read_bytes() == on_disk
     assert outputs_only(greedy(server)) == outputs_only(faults.references[1].outputs)
     r = post_delta(server, delta_chain.deltas[1].read_bytes())  # the fault fired once
@@ -420,13 +415,13 @@ def _unwritable(faults: Faults, condition: str):
 def test_full_or_read_only_state_dir_refuses_the_update(faults, delta_chain, condition):
     server = faults.a
     unwritable, message = _unwritable(faults, condition)
-    before = status(server)
+    before = admin_status(server)
     deltas_before = sorted(os.listdir(server.state_dir / "deltas"))
     with unwritable:
         r = post_delta(server, delta_chain.deltas[0].read_bytes())
     assert r.status_code == 500, r.text
     assert r.json()["error"]["type"] == "state_error"
     assert message in r.json()["error"]["message"]
-    assert status(server) == before
+    assert admin_status(server) == before
     assert sorted(os.listdir(server.state_dir / "deltas")) == deltas_before  # no partial file
     assert greedy(server) == faults.references[0].outputs

@@ -11,7 +11,15 @@ from jlserve.cli import main
 from jlserve.delta import read_delta
 from jlserve.local_server import free_port
 from tests.helpers.bad_deltas import good_delta, model_errors
-from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, admin_headers, start_all
+from tests.helpers.serving import (
+    ADMIN_TOKEN,
+    ServerProcess,
+    admin_headers,
+    admin_status,
+    start_all,
+    until,
+    watch_outcome,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +43,7 @@ def replicas(delta_chain, tmp_path_factory):
 
 
 def fingerprint(server: ServerProcess) -> str:
-    return httpx.get(f"{server.url}/admin/status", headers=admin_headers()).json()["fingerprint"]
+    return admin_status(server)["fingerprint"]
 
 
 def child(delta) -> str:
@@ -97,7 +105,9 @@ def test_rollout_through_the_feed_follows_every_replica_and_names_refusals(
     urls = [s.url for s in servers]
     v1, v2 = child(delta_chain.deltas[0]), child(delta_chain.deltas[1])
     # the previous test left [v2, v1]: the first replica goes back to v1
-    r = httpx.post(f"{urls[0]}/admin/rollback", json={"to_version": 1}, headers=admin_headers())
+    r = httpx.post(
+        f"{urls[0]}/admin/rollback", json={"to_version": 1}, headers=admin_headers(), timeout=120
+    )
     assert r.status_code == 200, r.text
     assert [fingerprint(s) for s in servers] == [v1, v1]
 
@@ -111,8 +121,7 @@ def test_rollout_through_the_feed_follows_every_replica_and_names_refusals(
     assert f"rollout done: all 2 replicas serve {v2}" in out and "they disagreed for" in out
     assert all(f"{url}: serves it since +" in out for url in urls)
     assert [fingerprint(s) for s in servers] == [v2, v2]
-    watch = httpx.get(f"{urls[0]}/admin/status", headers=admin_headers()).json()["watch"]
-    assert watch["files"]["task2.safetensors"]["outcome"] == "applied"
+    until(lambda: watch_outcome(admin_status(servers[0]), "task2.safetensors") == "applied", 60)
     # again: already in the feed, already served
     code, out, err = run_cli(
         capsys, token_file, delta_chain.deltas[1], urls, "--feed", str(feed), command="rollout"
