@@ -285,7 +285,7 @@ def test_a_model_changed_under_a_job_fails_it_and_the_worker_refuses_until_in_st
     job = client.fine_tuning.jobs.create(
         model=server.model_name,
         **files,
-        hyperparameters={"n_epochs": 8},
+        hyperparameters={"n_epochs": 24},  # the rollback must come before its publish
     )
     worker = Worker(server, run_dir, "--max-jobs", "2")
     job_in(client, job.id, "running")
