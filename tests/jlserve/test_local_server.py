@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,10 +53,9 @@ def test_sigterm_to_the_owner_stops_its_server(tiny_model_dir, tmp_path):
             server_pid = int(line)
             assert _group_alive(server_pid)
             owner.send_signal(signal.SIGTERM)
-            assert owner.wait(timeout=60) == 128 + signal.SIGTERM  # exited through `finally`
-            deadline = time.monotonic() + 30  # the engine processes end after the API server
-            while _group_alive(server_pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            assert owner.wait(timeout=90) == 128 + signal.SIGTERM  # exited through `finally`
+            # stop() returns once the whole group is gone (the engine processes end after
+            # the API server)
             assert not _group_alive(server_pid), "the server outlived its owner"
         finally:
             owner.kill()
