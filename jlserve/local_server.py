@@ -115,15 +115,16 @@ class LocalServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the group and wait until none of it is left (the engine processes can
-        outlive the API server by a moment, holding memory and their port); SIGKILL
-        what is left after `timeout_s`."""
+        outlive the API server by a moment, holding memory); SIGKILL what is left once
+        `timeout_s` passed."""
         if self.proc is None:
             return
+        deadline = time.monotonic() + timeout_s
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout_s)
-            if _group_gone(self.proc.pid, 0, timeout_s):
+            if _wait_group_gone(self.proc.pid, deadline):
                 self.proc = None
                 return
         self.kill(timeout_s)
@@ -136,21 +137,45 @@ class LocalServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=timeout_s)
-        _group_gone(self.proc.pid, signal.SIGKILL, timeout_s)
+        _wait_group_gone(self.proc.pid, time.monotonic() + timeout_s, signal.SIGKILL)
         self.proc = None
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def _group_gone(pgid: int, sig: int, timeout_s: float) -> bool:
-    """Send `sig` (0: only look) to process group `pgid` until none of it is left (True)
-    or `timeout_s` passed (False)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
+def _wait_group_gone(pgid: int, deadline: float, resend: int | None = None) -> bool:
+    """Wait until no live process of group `pgid` is left (True) or `deadline` (monotonic
+    clock) passed (False), sending `resend` to the group on each look. A zombie counts as
+    gone: once the API server exited, its children's zombies wait for PID 1 to reap them,
+    which a container without an init process never does."""
+    while True:
+        if resend is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, resend)
+        if not _live_members(pgid):
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
+
+
+def _live_members(pgid: int) -> bool:
+    """Whether group `pgid` has a process that is not a zombie (Linux /proc; elsewhere,
+    any process)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        if int(pgrp) == pgid and state != "Z":
+            return True
     return False

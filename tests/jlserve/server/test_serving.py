@@ -350,92 +350,93 @@ STREAM_PROMPTS = [
 
 @dataclass(frozen=True)
 class Streamed:
-    """One streamed completion: its prompt, the model it was admitted under, its text."""
+    """One streamed completion: its prompt, the model it was admitted under, its text,
+    when its last chunk was read (client clock)."""
 
     prompt: str
     status: int
     fingerprint: str
     text: str
+    ended: float
 
 
 async def _stream(
     client: openai.AsyncOpenAI,
     model: str,
     prompt: str,
-    delay: float,
-    max_tokens: int = STREAM_TOKENS,
+    delay: float = 0.0,
     admitted: asyncio.Event | None = None,
 ) -> Streamed:
-    """Stream one completion after `delay` s; set `admitted` once its headers came (the
-    server admitted it and named the model serving it)."""
+    """Stream one completion of STREAM_TOKENS after `delay` s; set `admitted` once its
+    headers came (the server admitted it and named the model serving it), or it failed."""
     await asyncio.sleep(delay)
-    raw = await client.completions.with_raw_response.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    if admitted is not None:
-        admitted.set()
+    try:
+        raw = await client.completions.with_raw_response.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=STREAM_TOKENS,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    finally:
+        if admitted is not None:
+            admitted.set()
     text = "".join([chunk.choices[0].text async for chunk in raw.parse() if chunk.choices])
     fingerprint = raw.headers["x-jlserve-model-fingerprint"]
-    return Streamed(prompt, raw.http_response.status_code, fingerprint, text)
+    return Streamed(prompt, raw.http_response.status_code, fingerprint, text, time.monotonic())
 
 
 STREAMS_PER_STEP = 4
 
 
-async def _streams_during_updates(
-    server: ServerProcess, deltas, max_tokens: int = STREAM_TOKENS
-) -> list[Streamed]:
+@dataclass(frozen=True)
+class StreamsDuringUpdates:
+    """What `_streams_during_updates` saw: the responses in launch order, and when the
+    first update was posted (client clock)."""
+
+    results: list[Streamed]
+    first_posted: float
+
+
+async def _streams_during_updates(server: ServerProcess, deltas) -> StreamsDuringUpdates:
     """Post `deltas` one after another while streams run, in a fixed order rather than on
     timers (a client or server that lags must not let every request land on one model):
-    4 streams admitted under the starting model before the first update is posted, then
-    4 more launched (50 ms apart) beside each update's POST. The first 4 are served by
-    the starting model and every stream launched after the first update's answer by a
-    later one, so the responses always span at least two models."""
+    STREAMS_PER_STEP streams admitted under the starting model before the first update is
+    posted, then as many launched (50 ms apart) beside each update's POST. The first ones
+    are served by the starting model and every stream launched after the first update's
+    answer by a later one, so the responses always span at least two models."""
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-    def launch(delays: list[float], admitted: list[asyncio.Event] | None = None):
-        return [
-            asyncio.create_task(
-                _stream(
-                    client,
-                    server.model_name,
-                    STREAM_PROMPTS[(len(requests) + j) % len(STREAM_PROMPTS)],
-                    delay,
-                    max_tokens,
-                    admitted[j] if admitted else None,
-                )
-            )
-            for j, delay in enumerate(delays)
-        ]
-
     requests: list[asyncio.Task[Streamed]] = []
+
+    def launch(delays: list[float], admitted: list[asyncio.Event] | None = None) -> None:
+        start = len(requests)
+        for j, delay in enumerate(delays):
+            prompt = STREAM_PROMPTS[(start + j) % len(STREAM_PROMPTS)]
+            event = admitted[j] if admitted else None
+            requests.append(
+                asyncio.create_task(_stream(client, server.model_name, prompt, delay, event))
+            )
+
     first = [asyncio.Event() for _ in range(STREAMS_PER_STEP)]
-    requests += launch([0.0] * STREAMS_PER_STEP, first)
+    launch([0.0] * STREAMS_PER_STEP, first)
     await asyncio.wait_for(asyncio.gather(*(event.wait() for event in first)), 120)
+    first_posted = time.monotonic()
     async with httpx.AsyncClient(timeout=120) as http:
         for delta in deltas:
-            requests += launch([0.05 * j for j in range(STREAMS_PER_STEP)])
+            launch([0.05 * j for j in range(STREAMS_PER_STEP)])
             r = await http.post(
                 f"{server.url}/admin/deltas", content=delta.read_bytes(), headers=admin_headers()
             )
             assert r.status_code == 200, r.text
     results = await asyncio.gather(*requests)
     await client.close()
-    return results
+    return StreamsDuringUpdates(results, first_posted)
 
 
-async def _reference_texts(
-    server: ServerProcess, max_tokens: int = STREAM_TOKENS
-) -> dict[str, str]:
+async def _reference_texts(server: ServerProcess) -> dict[str, str]:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    done = await asyncio.gather(
-        *(_stream(client, server.model_name, p, 0, max_tokens) for p in STREAM_PROMPTS)
-    )
+    done = await asyncio.gather(*(_stream(client, server.model_name, p) for p in STREAM_PROMPTS))
     await client.close()
     return {p: r.text for p, r in zip(STREAM_PROMPTS, done, strict=True)}
 
@@ -449,12 +450,16 @@ def test_concurrent_streams_during_three_updates_all_complete_on_one_version(at_
     assert len({tuple(e.values()) for e in expected.values()}) == 4  # models differ
     assert rollback(at_base, to_version=0).status_code == 200
 
-    results = asyncio.run(_streams_during_updates(at_base, delta_chain.deltas))
+    seen = asyncio.run(_streams_during_updates(at_base, delta_chain.deltas))
+    results = seen.results
 
-    assert [r.status for r in results] == [200] * 16
+    assert [r.status for r in results] == [200] * STREAMS_PER_STEP * (1 + len(delta_chain.deltas))
     starting = next(iter(expected))
     assert {r.fingerprint for r in results[:STREAMS_PER_STEP]} == {starting}
     assert starting not in {r.fingerprint for r in results[2 * STREAMS_PER_STEP :]}
+    # the first update was posted while streams of the starting model still ran (a lagging
+    # client only reads their ends later)
+    assert any(r.ended > seen.first_posted for r in results[:STREAMS_PER_STEP])
     # drain: every response is the text of the model it was admitted under; one that ran
     # across a swap (frozen, resumed on the new weights) is not (test_watch_restart's
     # preempt test sees such texts)
