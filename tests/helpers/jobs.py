@@ -11,9 +11,12 @@ import openai
 
 from tests.helpers.serving import ADMIN_TOKEN, ServerProcess, until
 
+_STARTED: list[Worker] = []  # every worker this test process started
+
 
 class Worker:
-    """A `jlserve worker` process on RUN_ROOT/run, configured by RUN_ROOT/cfg.yaml."""
+    """A `jlserve worker` process on RUN_ROOT/run, configured by RUN_ROOT/cfg.yaml.
+    `kill_leftover_workers` (after each jobs test) ends one a failed test left running."""
 
     def __init__(self, server: ServerProcess, run_root: Path, *extra: str) -> None:
         token = run_root / "admin.token"
@@ -24,6 +27,7 @@ class Worker:
         cmd += ["--admin-token-file", str(token), "--poll", "0.5", "--name", "test", *extra]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _STARTED.append(self)
 
     def wait(self, timeout: float = 300) -> int:
         try:
@@ -35,6 +39,15 @@ class Worker:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+
+def kill_leftover_workers() -> None:
+    """SIGKILL every worker still running (a test that failed before its worker ended
+    would leave it polling, for good, a server that is gone)."""
+    while _STARTED:
+        worker = _STARTED.pop()
+        if worker.proc.poll() is None:
+            worker.kill()
 
 
 def job_in(client: openai.OpenAI, job_id: str, *statuses: str, timeout: float = 300):

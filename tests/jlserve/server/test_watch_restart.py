@@ -286,7 +286,7 @@ def _crossing_streams(server, delta_chain, references, logged: str = "") -> Cros
         )
         assert r.status_code == 200, r.text
         before = _preemptions(server)
-        results = asyncio.run(_streams_during_updates(server, delta_chain.deltas)).results
+        results = asyncio.run(_streams_during_updates(server, delta_chain.deltas))
         assert all(r.status == 200 for r in results)  # no request dropped or failed
         assert all(len(r.text) > 0 for r in results)
         assert admin_status(server)["fingerprint"] == child(delta_chain.deltas[2])
