@@ -114,9 +114,9 @@ class LocalServer:
         )
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM the group and wait until none of it is left (the engine processes can
-        outlive the API server by a moment, holding memory); SIGKILL what is left once
-        `timeout_s` passed."""
+        """SIGTERM the group and wait until no process of it runs (vLLM ends its engine
+        processes before the API server exits; the wait guards the case where one does
+        not); SIGKILL what is left once `timeout_s` passed."""
         if self.proc is None:
             return
         deadline = time.monotonic() + timeout_s
