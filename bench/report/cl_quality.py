@@ -173,4 +173,4 @@ def _settings(doc: dict[str, Any]) -> dict[str, Any]:
 def _missing_variants(doc: dict[str, Any]) -> str:
     have = {r["variant"] for r in doc["rows"]}
     missing = [v for v in CL_VARIANTS if v not in have]
-    return f" Not run yet: {', '.join(missing)}." if missing else ""
+    return f" Not run yet at this budget: {', '.join(missing)}." if missing else ""
