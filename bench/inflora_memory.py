@@ -30,9 +30,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from bench.common import RESULTS, machine_info
+from jlserve.fsutil import atomic_write_bytes
 from trainer.config import load_config
 from trainer.data import Encoder, load_stream
 from trainer.errors import TrainerError
+from trainer.layout import read_json
 from trainer.methods import InfLoRA
 from trainer.subspace import input_covariances
 
@@ -52,11 +54,13 @@ def _spread(values: tuple[float, ...]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
 
 
-def _last(folder: Path, pattern: str) -> Path:
-    found = sorted(folder.glob(pattern))
-    if not found:
-        raise TrainerError(f"{folder}: nothing matches {pattern}")
-    return found[-1]
+def _last_version(run_dir: Path) -> dict[str, str]:
+    """The last version run.json commits (its merged folder and method-state file): files
+    of a task that was being written when the run stopped are not read."""
+    versions = read_json(run_dir / "run.json")["versions"]
+    if len(versions) < 2 or not versions[-1].get("merged"):
+        raise TrainerError(f"{run_dir}: no finished task with a merged checkpoint")
+    return versions[-1]
 
 
 def measure(run_dir: Path, rows: int) -> dict[str, dict[str, dict[str, float]]]:
@@ -66,11 +70,12 @@ def measure(run_dir: Path, rows: int) -> dict[str, dict[str, dict[str, float]]]:
     cfg = load_config(run_dir / "config.yaml")
     if cfg.method.name != "inflora":
         raise TrainerError(f"{run_dir}: method {cfg.method.name}, not inflora")
-    memory = load_file(_last(run_dir / "state", "method-v*.safetensors"))
+    last = _last_version(run_dir)
+    memory = load_file(run_dir / "state" / last["state"])
     suffix = "." + InfLoRA.STATE_KEY
     names = [k.removesuffix(suffix) for k in memory if k.endswith(suffix)]
     model = AutoModelForCausalLM.from_pretrained(
-        _last(run_dir / "merged", "v*"), dtype=torch.float32
+        run_dir / "merged" / last["merged"], dtype=torch.float32
     ).eval()
     enc = Encoder(AutoTokenizer.from_pretrained(cfg.model), cfg.data.max_length,
                   cfg.data.prompt_format)  # fmt: skip
@@ -103,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         parser.exit(2, f"inflora_memory: {exc}\n")
     out = RESULTS / f"inflora_memory_{args.tag}.json"
-    out.write_text(json.dumps({"run": args.run.name, "rows": args.rows, "tasks": tasks,
-                               "machine": machine_info()}, indent=1) + "\n")  # fmt: skip
+    doc = {"run": args.run.name, "rows": args.rows, "tasks": tasks, "machine": machine_info()}
+    atomic_write_bytes(out, (json.dumps(doc, indent=1) + "\n").encode())
     for name, stats in tasks.items():
         print(f"{name}: in memory {100 * stats['in_memory']['mean']:.1f} % "
               f"({100 * stats['in_memory']['min']:.1f}-{100 * stats['in_memory']['max']:.1f}), "
