@@ -190,12 +190,16 @@ def test_cl_regimes_pool_seeds_and_decide_the_regime_only_at_three(
     write(3, [row("incLoRA", 0.51, -0.02), row("incLoRA+jump", 0.50, -0.01)])
     text = "\n".join(regimes.section({}))
     assert "over 3 seed(s): **a forgetting regime**" in text  # mean -6.0 <= -5
+    assert "seeds; the mean is within one standard error of it)" in text  # -6.0 ± 2.3
     assert "seqLoRA" not in text  # not run: no line
     for seed, bwt in ((1, -0.30), (2, -0.40), (3, -0.35)):
         doc = json.loads((tmp_path / f"cl_quality_so1-x4-seed{seed}.json").read_text())
         write(seed, [*doc["rows"], row("seqLoRA", 0.40, bwt)])
     text = "\n".join(regimes.section({}))
-    assert "seqLoRA (dense) BWT -35.0 ± 2.9 over 3 seed(s): forgets" in text
+    assert (
+        "seqLoRA (dense) BWT -35.0 ± 2.9 over 3 seed(s): forgets (the bar: <= -5 in the mean over >= 3 seeds)."
+        in text
+    )
     assert "incLoRA+jump minus incLoRA on seeds 1, 3: BWT -1.5 ± 2.5; OA -1.5 ± 0.5." in text
     write(2, [row("incLoRA", 0.52, 0.06)])  # mean -2.0
     assert "not a forgetting regime" in "\n".join(regimes.section({}))
